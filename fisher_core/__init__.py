@@ -1,0 +1,29 @@
+"""fisher-lora: initialize LoRA adapters from the Fisher information of the downstream data.
+
+Data flows one way: batches → `estimate` (K-FAC statistics) → `select` (rank-r directions per
+layer) → `apply` (written into a PEFT LoRA model); `initialize` runs all three, `export_adapter`
+saves an adapter that loads on the original base model.
+"""
+
+__version__ = "0.1.0"
+
+from fisher_core.api import InitReport, initialize
+from fisher_core.config import FisherConfig
+from fisher_core.estimate import FisherStats, LayerStats, estimate
+from fisher_core.select import Directions, LayerDirections, select
+from fisher_core.write import apply, export_adapter
+
+__all__ = [
+    "Directions",
+    "FisherConfig",
+    "FisherStats",
+    "InitReport",
+    "LayerDirections",
+    "LayerStats",
+    "__version__",
+    "apply",
+    "estimate",
+    "export_adapter",
+    "initialize",
+    "select",
+]

@@ -1,0 +1,82 @@
+"""`FisherConfig`: every knob of the Fisher initializer, validated at construction.
+
+The same model backs the Python API, the Axolotl keys (`fisher_<field>`), the TRL callback's keyword
+arguments and the CLI flags, so a bad value fails in one place with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Selector = Literal["select", "fwsvd", "natural", "subspace"]
+FisherType = Literal["empirical", "true"]
+Policy = Literal["preserve", "zero"]
+Positions = Literal["attention", "supervised"]
+
+
+class FisherConfig(BaseModel):
+    """How statistics are collected and turned into LoRA directions (DESIGN §2–§3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    selector: Selector = Field(
+        "natural",
+        description="How directions are chosen: `select` (Fisher-scored singular triplets of W), "
+        "`fwsvd` (Fisher-weighted SVD of W), `natural` (whitened mean gradient), `subspace` "
+        "(top eigenvectors of S_G and S_A).",
+    )
+    fisher_type: FisherType = Field(
+        "empirical",
+        description="`empirical`: gradients of the training objective with the data's labels; "
+        "`true`: labels sampled from the model's own predictive distribution.",
+    )
+    mc_samples: int = Field(1, ge=1, description="Sampled labels per position for `true` Fisher.")
+    policy: Policy = Field(
+        "preserve",
+        description="Step-0 policy. `preserve`: W_base ← W − s·B·A so outputs are unchanged; "
+        "`zero`: B = 0, base untouched (the only choice for quantized bases).",
+    )
+    num_batches: int = Field(16, ge=1, description="Calibration batches read from the data.")
+    positions: Positions = Field(
+        "attention",
+        description="Which positions count as samples: every non-padding position "
+        "(`attention`) or only those that carry a label (`supervised`).",
+    )
+    damping: float = Field(
+        1e-3, ge=0.0, description="λ: factors become S + λ·mean(diag S)·I before any inverse or root."
+    )
+    stable_gamma: float = Field(
+        16.0,
+        gt=0.0,
+        description="Scale of data-only directions (`natural`, `subspace`): each column of B and "
+        "row of A gets norm d_out^{1/4}/√γ, as in LoRA-GA.",
+    )
+    rank_budget: int | None = Field(
+        None,
+        ge=1,
+        description="Total LoRA rank shared by all adapted layers; ranks go where the Fisher "
+        "scores are largest. None keeps the configured rank everywhere.",
+    )
+    rank_cap: float = Field(2.0, ge=1.0, description="ρ: no layer gets more than ρ·r under `rank_budget`.")
+    cache_path: Path | None = Field(
+        None, description="safetensors file for the statistics: reused when it matches, written otherwise."
+    )
+    seed: int = Field(0, description="Seeds label sampling and every random choice.")
+    force: bool = Field(False, description="Re-initialize adapters that are no longer at their initial values.")
+    progress: bool = Field(True, description="Show a progress bar while collecting statistics.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> FisherConfig:
+        if self.mc_samples > 1 and self.fisher_type != "true":
+            raise ValueError(
+                "mc_samples > 1 only applies to fisher_type='true'; set fisher_type='true' or mc_samples=1"
+            )
+        return self
+
+    @property
+    def needs_mean_grad(self) -> bool:
+        """Whether the selector needs Ḡ = (1/N) Σ_t g_t x_tᵀ besides the two factors."""
+        return self.selector == "natural"

@@ -1,0 +1,190 @@
+"""`estimate`: stream calibration batches through the frozen model and return `FisherStats`.
+
+Per batch: one forward (inputs recorded by hooks), then one input-gradient backward of the summed
+loss (`empirical`) or `mc_samples` backwards of losses with labels sampled from the model (`true`).
+The backward targets the input embeddings' output, so no parameter ever receives a `.grad`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from itertools import islice
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fisher_core.config import FisherConfig
+from fisher_core.estimate.factors import FisherStats, StatsAccumulator
+from fisher_core.estimate.hooks import PassState, estimation_mode, input_embeddings, recording
+from fisher_core.estimate.objective import (
+    Batch,
+    LogitsFn,
+    LossFn,
+    position_mask,
+    sample_labels,
+    summed_cross_entropy,
+    supervised_logits,
+)
+from fisher_core.layers import base_layer, find_targets, layer_kind
+
+logger = logging.getLogger("fisher_core")
+
+
+def estimate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    target_modules: str | list[str] | Mapping[str, nn.Module],
+    loss_fn: LossFn | None = None,
+    logits_fn: LogitsFn | None = None,
+    config: FisherConfig | None = None,
+) -> FisherStats:
+    """K-FAC statistics (`S_A`, `S_G`, optionally `Ḡ`) of the objective over `config.num_batches` batches.
+
+    `batches` yields dicts for `model(**batch)`. The objective is `loss_fn` (summed loss) when given,
+    else cross-entropy of the batch `labels` (-100 ignored). `true` Fisher samples labels from
+    `logits_fn` (default: the model's logits at supervised positions). The model's weights,
+    `requires_grad` flags, train/eval mode and gradient checkpointing are as before on return, and
+    no parameter has a `.grad` from this pass.
+    """
+    config = config or FisherConfig()
+    modules = dict(target_modules) if isinstance(target_modules, Mapping) else find_targets(model, target_modules)
+    if config.cache_path is not None:
+        from fisher_core.estimate.cache import load_matching
+
+        cached = load_matching(config.cache_path, model, modules, config)
+        if cached is not None:
+            return cached
+    shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
+    acc = StatsAccumulator(shapes, with_mean_grad=config.needs_mean_grad)
+    state = PassState()
+    generator = torch.Generator(device=_device(model)).manual_seed(config.seed)
+    started, used = time.perf_counter(), 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with estimation_mode(model), recording(model, modules, acc, state):
+        progress = tqdm(
+            islice(batches, config.num_batches),
+            total=config.num_batches,
+            desc="fisher-lora statistics",
+            unit="batch",
+            disable=not config.progress,
+        )
+        for batch in progress:
+            _accumulate_batch(model, _to_device(batch, _device(model)), state, config, loss_fn, logits_fn, generator)
+            state.grouped = True
+            state.seen_inputs.clear()
+            used += 1
+            progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
+    if used == 0:
+        raise ValueError("the batches yielded nothing: pass a non-empty dataloader or iterable of dicts")
+    if used < config.num_batches:
+        warnings.warn(
+            f"only {used} of num_batches={config.num_batches} batches were available; using {used}", stacklevel=2
+        )
+    if state.unmasked:
+        warnings.warn(
+            "layer inputs did not match the attention mask's shape, every position counted: "
+            f"{sorted(state.unmasked)[:3]}",
+            stacklevel=2,
+        )
+    stats = acc.finalize(config.fisher_type, used)
+    _check_finite(stats)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "fisher-lora: %s Fisher over %d batches, %d tokens, %d layers in %.1fs%s",
+        config.fisher_type,
+        used,
+        stats.num_tokens,
+        len(stats),
+        seconds,
+        f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "",
+    )
+    stats.meta["seconds"] = f"{seconds:.3f}"
+    if config.cache_path is not None:
+        from fisher_core.estimate.cache import save
+
+        save(stats, config.cache_path, model, modules, config)
+    return stats
+
+
+def _accumulate_batch(
+    model: nn.Module,
+    batch: Batch,
+    state: PassState,
+    config: FisherConfig,
+    loss_fn: LossFn | None,
+    logits_fn: LogitsFn | None,
+    generator: torch.Generator,
+) -> None:
+    state.mask = position_mask(model, batch, config.positions)
+    batch, leaves = _float_inputs_require_grad(model, batch)
+    state.leaves = leaves
+    state.record_input, state.record_grad_cov, state.grad_weight = True, True, 1.0
+    state.record_mean_grad = config.needs_mean_grad
+    with torch.enable_grad():
+        if config.fisher_type == "empirical":
+            loss = (
+                loss_fn(model, batch) if loss_fn is not None else summed_cross_entropy(*supervised_logits(model, batch))
+            )
+            _backward(loss, state, retain=False)
+            return
+        logits, labels = (logits_fn or supervised_logits)(model, batch)
+        state.record_input = False
+        if config.needs_mean_grad:  # Ḡ always comes from the data's labels
+            state.record_grad_cov = False
+            _backward(summed_cross_entropy(logits, labels), state, retain=True)
+            state.record_grad_cov, state.record_mean_grad = True, False
+        state.grad_weight = 1.0 / config.mc_samples
+        for i in range(config.mc_samples):
+            sampled = summed_cross_entropy(logits, sample_labels(logits, generator))
+            _backward(sampled, state, retain=i < config.mc_samples - 1)
+
+
+def _backward(loss: Tensor, state: PassState, retain: bool) -> None:
+    """Input-gradient backward: the hooks see every g_t; no parameter gets a `.grad`."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}: check the model's dtype (fp16 overflow?) and the data")
+    if not state.leaves:
+        raise RuntimeError(
+            "no input tensor requires grad: the model has no get_input_embeddings() and the batch no float "
+            "inputs; pass a model with input embeddings or float inputs"
+        )
+    torch.autograd.grad(loss, state.leaves, retain_graph=retain, allow_unused=True)
+
+
+def _float_inputs_require_grad(model: nn.Module, batch: Batch) -> tuple[Batch, list[Tensor]]:
+    """Models without input embeddings: let float inputs carry the graph instead."""
+    if input_embeddings(model) is not None:
+        return batch, []
+    out, leaves = dict(batch), []
+    for k, v in batch.items():
+        if isinstance(v, Tensor) and v.is_floating_point():
+            out[k] = v.detach().requires_grad_(True)
+            leaves.append(out[k])
+    return out, leaves
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _check_finite(stats: FisherStats) -> None:
+    for name, s in stats.items():
+        for what, t in (("S_A", s.input_cov), ("S_G", s.grad_cov), ("mean gradient", s.mean_grad)):
+            if t is not None and not torch.isfinite(t).all():
+                raise FloatingPointError(
+                    f"non-finite {what} at layer {name!r} (the first bad layer): check the model's dtype "
+                    "(fp16 overflow?) and the data; nothing was written"
+                )

@@ -1,0 +1,155 @@
+"""Directions: turn statistics into rank-r LoRA factors per layer (DESIGN §3).
+
+`select` reads W and the LoRA scale `s` of each layer, asks the configured selector for candidate
+components, allocates ranks (uniform, or under `rank_budget`), and applies the step-0 policy:
+
+- `preserve`: `B, A` as the selector gives them; the base keeps `W − s·B·A` (written by `apply`).
+- `zero`: `B = 0`, `A`'s rows rescaled to PEFT's default row norm; the base is untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fisher_core.config import FisherConfig
+from fisher_core.estimate.factors import FisherStats
+from fisher_core.layers import base_layer, canonical_name, layer_kind
+from fisher_core.select.base import Candidates, Selector
+from fisher_core.select.fwsvd import select_fwsvd
+from fisher_core.select.linalg import DEFAULT_ROW_NORM, fix_signs, with_norm
+from fisher_core.select.natural import select_natural
+from fisher_core.select.ranks import allocate_ranks
+from fisher_core.select.sensitivity import select_sensitive
+from fisher_core.select.subspace import select_subspace
+
+SELECTORS: dict[str, Selector] = {
+    "select": select_sensitive,
+    "fwsvd": select_fwsvd,
+    "natural": select_natural,
+    "subspace": select_subspace,
+}
+
+
+@dataclass
+class LayerDirections:
+    """The factors for one layer: the adapter starts at `s·B·A`; `residual` is what leaves W."""
+
+    B: Tensor  # m×r, fp32
+    A: Tensor  # r×n, fp32
+    scaling: float
+    scores: Tensor  # the selector's component scores, descending
+    policy: str
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def captured(self) -> float:
+        """Fraction of the layer's scored Fisher mass in the chosen components."""
+        total = float(self.scores.sum())
+        return float(self.scores[: self.rank].sum()) / total if total > 0 else 0.0
+
+    def residual(self) -> Tensor:
+        """`R = s·B·A` (m×n): subtracted from the base under `preserve`, zero under `zero`."""
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass
+class Directions(Mapping[str, LayerDirections]):
+    """Per-layer factors plus the PEFT patterns that carry non-uniform ranks."""
+
+    layers: dict[str, LayerDirections]
+    selector: str
+    policy: str
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> LayerDirections:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def select(
+    stats: FisherStats,
+    model: nn.Module,
+    *,
+    rank: int | None = None,
+    config: FisherConfig | None = None,
+    adapter_name: str = "default",
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+) -> Directions:
+    """Rank-r factors for every layer in `stats`.
+
+    On a PEFT model, each layer's rank and scale `s` come from its LoRA adapter `adapter_name`; on a
+    plain model pass `rank` (and `lora_alpha`, default `rank`, so `s = α/r` or `α/√r` with rsLoRA).
+    """
+    config = config or FisherConfig()
+    modules = {canonical_name(n): m for n, m in model.named_modules()}
+    plans: dict[str, tuple[Tensor, int, float, bool]] = {}
+    for name in stats:
+        if name not in modules:
+            raise KeyError(f"statistics name layer {name!r}, which this model does not have; estimate on this model")
+        module = modules[name]
+        r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
+        weight = layer_kind(module).weight(base_layer(module))
+        limit = min(weight.shape)
+        if r > limit:
+            raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
+        plans[name] = (weight, r, scaling, rslora)
+    ranks = {name: plan[1] for name, plan in plans.items()}
+    if config.rank_budget is not None:
+        caps = {name: min(math.ceil(config.rank_cap * r), min(w.shape)) for name, (w, r, _, _) in plans.items()}
+    else:
+        caps = ranks
+    fn = SELECTORS[config.selector]
+    cands: dict[str, Candidates] = {
+        name: fn(weight, stats[name], caps[name], scaling, config) for name, (weight, _, scaling, _) in plans.items()
+    }
+    if config.rank_budget is not None:
+        ranks = allocate_ranks({n: c.scores for n, c in cands.items()}, config.rank_budget, caps)
+    layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
+    directions = Directions(layers, selector=config.selector, policy=config.policy)
+    if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
+        for name, (_, _, scaling, rslora) in plans.items():
+            directions.rank_pattern[name] = ranks[name]
+            directions.alpha_pattern[name] = scaling * (math.sqrt(ranks[name]) if rslora else ranks[name])
+    return directions
+
+
+def _finish(c: Candidates, r: int, scaling: float, policy: str) -> LayerDirections:
+    b, a = fix_signs(c.B[:, :r].contiguous(), c.A[:r].contiguous())
+    if policy == "zero":
+        _, a = with_norm(b, a, DEFAULT_ROW_NORM)
+        b = torch.zeros_like(b)
+    return LayerDirections(B=b, A=a, scaling=scaling, scores=c.scores, policy=policy)
+
+
+def _lora_settings(
+    module: nn.Module, adapter_name: str, rank: int | None, lora_alpha: float | None, use_rslora: bool, name: str
+) -> tuple[int, float, bool]:
+    """(r, s, rsLoRA) from the layer's LoRA adapter, else from the arguments."""
+    r_by_adapter = getattr(module, "r", None)
+    if isinstance(r_by_adapter, dict):
+        if adapter_name not in r_by_adapter:
+            raise KeyError(
+                f"layer {name!r} has no LoRA adapter {adapter_name!r} (it has {sorted(r_by_adapter)}); "
+                "pass adapter_name=..."
+            )
+        r, scaling = r_by_adapter[adapter_name], module.scaling[adapter_name]
+        return r, scaling, not math.isclose(scaling, module.lora_alpha[adapter_name] / r)
+    if rank is None:
+        raise ValueError(f"layer {name!r} has no LoRA adapter: pass rank=... (and lora_alpha=...)")
+    alpha = float(lora_alpha if lora_alpha is not None else rank)
+    return rank, alpha / math.sqrt(rank) if use_rslora else alpha / rank, use_rslora

@@ -1,0 +1,53 @@
+"""Small linear-algebra helpers shared by the selectors (pure functions on tensors)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# PEFT's default `lora_A` (kaiming-uniform, a=√5) has rows of expected norm 1/√3; data-independent
+# factors under the `zero` policy get the same norm so training dynamics match default LoRA's.
+DEFAULT_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+def damped(s: Tensor, damping: float) -> Tensor:
+    """S + λ·mean(diag S)·I (a small absolute floor keeps an all-zero factor invertible)."""
+    shift = damping * float(s.diagonal().mean()) if damping > 0 else 0.0
+    shift = max(shift, 1e-12)
+    return s + shift * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+
+
+def sym_eigh(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
+    vals, vecs = torch.linalg.eigh(0.5 * (s + s.T))
+    return vals.flip(0).clamp_min(0.0), vecs.flip(1)
+
+
+def sqrt_and_inv_sqrt(s: Tensor) -> tuple[Tensor, Tensor]:
+    """S^{1/2} and S^{-1/2} of a (damped, positive definite) symmetric matrix."""
+    vals, vecs = sym_eigh(s)
+    vals = vals.clamp_min(float(vals.max()) * 1e-12 if vals.numel() else 0.0)
+    root = vals.sqrt()
+    return (vecs * root) @ vecs.T, (vecs / root) @ vecs.T
+
+
+def fix_signs(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip component i of (B[:, i], A[i]) together so that A[i]'s largest-magnitude entry is > 0."""
+    idx = a.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(a.gather(1, idx)).squeeze(1)
+    sign[sign == 0] = 1.0
+    return b * sign, a * sign[:, None]
+
+
+def with_norm(b: Tensor, a: Tensor, norm: float) -> tuple[Tensor, Tensor]:
+    """Scale every column of B and every row of A to the given Euclidean norm."""
+    b = b / b.norm(dim=0, keepdim=True).clamp_min(1e-30) * norm
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30) * norm
+    return b, a
+
+
+def data_scale(out_features: int, stable_gamma: float) -> float:
+    """LoRA-GA's factor norm for data-only directions: d_out^{1/4}/√γ."""
+    return out_features**0.25 / math.sqrt(stable_gamma)

@@ -1,0 +1,114 @@
+"""`export_adapter`: save an adapter that loads with plain `PeftModel.from_pretrained` on the
+*original* base model and reproduces the trained model (DESIGN §4).
+
+The trained model is `W_now + s·B·A` with `W_now = W_original − Σ_j s_j·B_j·A_j` (the recorded
+offsets), so the adapter to ship is `Δ = s·B·A − Σ_j s_j·B_j·A_j`: the stacked factors
+`[s·B | −s_1·B_1 | …]`, `[A; A_1; …]`, compressed to their exact numerical rank (rank 2r after one
+`preserve` init, like PEFT's PiSSA conversion). Exported layers carry scale 1 (`lora_alpha = r` per
+layer, no rsLoRA) so any layer's rank can differ. The write goes to a temporary directory that is
+renamed into place; an existing adapter is never overwritten unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fisher_core.write.peft import check_peft_model, lora_layers
+from fisher_core.write.record import get_record, stacked
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def export_adapter(
+    peft_model: nn.Module, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False
+) -> Path:
+    """Save `adapter_name` so that it applies to the original (unmodified) base model."""
+    check_peft_model(peft_model, adapter_name)
+    path = Path(path)
+    if not overwrite and any((path / f).exists() for f in ADAPTER_FILES):
+        raise FileExistsError(f"{path} already holds an adapter; pass overwrite=True or choose another directory")
+    record = get_record(peft_model, adapter_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    try:
+        if record is None or not record.changes_base:
+            peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+            if adapter_name != "default":  # save_pretrained nests non-default adapters in a subfolder
+                for f in (tmp / adapter_name).iterdir():
+                    f.rename(tmp / f.name)
+                (tmp / adapter_name).rmdir()
+        else:
+            _save_converted(peft_model, tmp, adapter_name, record)
+        if path.exists():
+            for f in ADAPTER_FILES:
+                (path / f).unlink(missing_ok=True)
+            for f in tmp.iterdir():
+                os.replace(f, path / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def _save_converted(peft_model: nn.Module, directory: Path, adapter_name: str, record) -> None:
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    rank_pattern: dict[str, int] = {}
+    for name, module in lora_layers(peft_model, adapter_name).items():
+        a = module.lora_A[adapter_name].weight.detach().float()
+        b = module.lora_B[adapter_name].weight.detach().float() * module.scaling[adapter_name]
+        parts = [(b, a)]
+        offsets = stacked(record.offsets.get(name, []))
+        if offsets is not None:
+            parts.append((-offsets[0].to(b.device), offsets[1].to(a.device)))
+        b_out, a_out = compress(torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=0))
+        dtype = module.lora_A[adapter_name].weight.dtype
+        prefix = _state_prefix(state, name)
+        state[f"{prefix}.lora_A.weight"] = a_out.to(dtype).contiguous().cpu()
+        state[f"{prefix}.lora_B.weight"] = b_out.to(dtype).contiguous().cpu()
+        rank_pattern[name] = a_out.shape[0]
+    config.r = max(rank_pattern.values())
+    config.lora_alpha = config.r
+    config.use_rslora = False
+    config.rank_pattern = rank_pattern
+    config.alpha_pattern = {n: float(r) for n, r in rank_pattern.items()}
+    config.init_lora_weights = True
+    config.save_pretrained(directory)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        directory / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
+
+
+def _state_prefix(state: dict[str, Tensor], name: str) -> str:
+    for key in state:
+        if key.endswith(f"{name}.lora_A.weight"):
+            return key[: -len(".lora_A.weight")]
+    raise KeyError(f"PEFT's state dict has no lora_A for layer {name!r}")
+
+
+def compress(b: Tensor, a: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Exact minimal-rank factors of `b @ a` (m×k, k×n): QR both sides, SVD the k×k core.
+
+    Components with singular value below `rtol·σ_max` are dropped (at least one is kept).
+    """
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    u, sigma, vh = torch.linalg.svd(rb @ ra.T)
+    keep = max(1, int((sigma > rtol * sigma.max()).sum())) if sigma.numel() and sigma.max() > 0 else 1
+    root = sigma[:keep].sqrt()
+    return (qb @ (u[:, :keep] * root)).to(b.dtype), ((root[:, None] * vh[:keep]) @ qa.T).to(a.dtype)

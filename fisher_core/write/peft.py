@@ -1,0 +1,174 @@
+"""`apply`: write directions into a live PEFT LoRA model, in place (DESIGN §4).
+
+For each layer: `lora_A ← A`, `lora_B ← B` (copied into the existing Parameters, so an optimizer that
+already holds them keeps training them), and under `preserve` `W_base ← W_base − s·B·A` in the base
+weight's dtype, with `B, A` as stored (cast) so the step-0 outputs are unchanged. An adapter that is
+no longer at its initial value is refused unless `force=True`; forced, its current product is first
+folded into the base, so nothing trained is lost. An interruption mid-write undoes the layers
+already written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fisher_core.layers import base_layer, canonical_name, layer_kind
+from fisher_core.select import Directions, LayerDirections
+from fisher_core.write.record import InitRecord, Offset, get_record, set_record
+
+logger = logging.getLogger("fisher_core")
+
+
+def lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """The LoRA-wrapped layers that carry `adapter_name`, by canonical name."""
+    check_peft_model(model, adapter_name)
+    found = {
+        canonical_name(n): m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and adapter_name in m.lora_A
+    }
+    if not found:
+        raise ValueError(f"adapter {adapter_name!r} has no LoRA layers; check LoraConfig(target_modules=...)")
+    return found
+
+
+def check_peft_model(model: nn.Module, adapter_name: str) -> None:
+    """Raise with what to pass when `model` is not a PEFT model carrying `adapter_name`."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        raise TypeError(
+            f"expected a PeftModel, got {type(model).__name__}; wrap it first: "
+            "peft.get_peft_model(model, LoraConfig(...))"
+        )
+    if adapter_name not in configs:
+        raise KeyError(f"the model has no adapter {adapter_name!r}; it has {sorted(configs)}: pass adapter_name=...")
+
+
+def is_at_init(module: nn.Module, adapter_name: str, record: InitRecord | None, name: str) -> bool:
+    """True when the adapter's product is still zero, or still what fisher-lora wrote."""
+    b = module.lora_B[adapter_name].weight
+    if record is not None and name in record.initial:
+        b0, a0 = record.initial[name]
+        a = module.lora_A[adapter_name].weight
+        return torch.equal(b.detach().cpu(), b0) and torch.equal(a.detach().cpu(), a0)
+    return not bool(b.detach().any())
+
+
+def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "default", *, force: bool = False) -> None:
+    """Write `directions` into the LoRA layers of `adapter_name` (and the base, under `preserve`)."""
+    layers = lora_layers(peft_model, adapter_name)
+    record = get_record(peft_model, adapter_name) or InitRecord()
+    missing = [n for n in directions if n not in layers]
+    if missing:
+        raise KeyError(f"no LoRA layer for {missing[:3]} under adapter {adapter_name!r}; estimate on this model")
+    trained = [n for n in directions if not is_at_init(layers[n], adapter_name, record, n)]
+    if trained and not force:
+        raise RuntimeError(
+            f"adapter {adapter_name!r} is no longer at its initial value (e.g. {trained[0]!r}): it looks trained. "
+            "Re-initializing would discard that training; pass force=True to fold it into the base and re-initialize"
+        )
+    for name, d in directions.items():
+        kind = layer_kind(layers[name])
+        needs_write = d.policy == "preserve" or bool(layers[name].lora_B[adapter_name].weight.detach().any())
+        if needs_write and not kind.writable:
+            raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
+    done: list[tuple[str, list[Offset], tuple[Tensor, Tensor]]] = []
+    try:
+        for name, d in directions.items():
+            done.append(_write_layer(layers[name], name, d, adapter_name, record, directions))
+    except BaseException:
+        for name, added, (old_b, old_a) in reversed(done):
+            _undo_layer(layers[name], adapter_name, added, old_b, old_a, record, name)
+        raise
+    set_record(peft_model, adapter_name, record)
+    if directions.rank_pattern:
+        cfg = peft_model.peft_config[adapter_name]
+        cfg.rank_pattern = {**cfg.rank_pattern, **directions.rank_pattern}
+        cfg.alpha_pattern = {**cfg.alpha_pattern, **directions.alpha_pattern}
+
+
+def _write_layer(
+    module: nn.Module, name: str, d: LayerDirections, adapter_name: str, record: InitRecord, directions: Directions
+) -> tuple[str, list[Offset], tuple[Tensor, Tensor]]:
+    kind = layer_kind(module)
+    lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+    old_b, old_a = lora_b.weight.detach().clone(), lora_a.weight.detach().clone()
+    old_scaling = module.scaling[adapter_name]
+    added: list[Offset] = []
+    if old_b.any():  # fold the current adapter into the base: outputs stay exactly the same
+        added.append(Offset(-old_b.float().cpu(), old_a.float().cpu(), old_scaling))
+    if d.rank != lora_a.weight.shape[0]:
+        _resize(module, adapter_name, d.rank, directions.alpha_pattern.get(name))
+        lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+    with torch.no_grad():
+        lora_a.weight.copy_(d.A.to(lora_a.weight.device, lora_a.weight.dtype))
+        lora_b.weight.copy_(d.B.to(lora_b.weight.device, lora_b.weight.dtype))
+    stored_b, stored_a = lora_b.weight.detach().float().cpu().clone(), lora_a.weight.detach().float().cpu().clone()
+    if d.policy == "preserve":
+        added.append(Offset(stored_b, stored_a, module.scaling[adapter_name]))
+    base = base_layer(module)
+    if added:
+        delta = sum(o.delta() for o in added)
+        kind.subtract(base, delta)
+    record.offsets.setdefault(name, []).extend(added)
+    record.initial[name] = (lora_b.weight.detach().cpu().clone(), lora_a.weight.detach().cpu().clone())
+    return name, added, (old_b, old_a)
+
+
+def _undo_layer(
+    module: nn.Module,
+    adapter_name: str,
+    added: list[Offset],
+    old_b: Tensor,
+    old_a: Tensor,
+    record: InitRecord,
+    name: str,
+) -> None:
+    if added:
+        layer_kind(module).subtract(base_layer(module), -sum(o.delta() for o in added))
+        del record.offsets[name][-len(added) :]
+    if module.lora_A[adapter_name].weight.shape != old_a.shape:
+        _resize(module, adapter_name, old_a.shape[0], None)
+    with torch.no_grad():
+        module.lora_A[adapter_name].weight.copy_(old_a)
+        module.lora_B[adapter_name].weight.copy_(old_b)
+    record.initial.pop(name, None)
+
+
+def _resize(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
+    """Give the adapter rank r; the scale s is kept unless `alpha` says otherwise (s = α/r)."""
+    old_a, old_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+    scaling = module.scaling[adapter_name]
+    new_a = nn.Linear(old_a.in_features, r, bias=False, device=old_a.weight.device, dtype=old_a.weight.dtype)
+    new_b = nn.Linear(r, old_b.out_features, bias=False, device=old_b.weight.device, dtype=old_b.weight.dtype)
+    new_a.weight.requires_grad_(old_a.weight.requires_grad)
+    new_b.weight.requires_grad_(old_b.weight.requires_grad)
+    module.lora_A[adapter_name], module.lora_B[adapter_name] = new_a, new_b
+    old_r = module.r[adapter_name]
+    rslora = not math.isclose(scaling, module.lora_alpha[adapter_name] / old_r)
+    module.r[adapter_name] = r
+    module.lora_alpha[adapter_name] = alpha if alpha is not None else scaling * (math.sqrt(r) if rslora else r)
+    module.scaling[adapter_name] = scaling
+
+
+def restore_offsets(peft_model: nn.Module, record: InitRecord, adapter_name: str = "default") -> None:
+    """Resume: make a freshly loaded *original* base match the one training ran on.
+
+    Subtracts the recorded offsets (saved with `save_record` next to the checkpoint) from the base
+    weights and re-attaches the record, so a later `export_adapter` still targets the original base.
+    """
+    layers = lora_layers(peft_model, adapter_name)
+    if get_record(peft_model, adapter_name) is not None:
+        raise RuntimeError(f"adapter {adapter_name!r} already carries a fisher-lora record; offsets were applied")
+    for name, offsets in record.offsets.items():
+        if name not in layers:
+            raise KeyError(f"the saved record names layer {name!r}, which adapter {adapter_name!r} does not have")
+        if offsets:
+            module = layers[name]
+            layer_kind(module).subtract(base_layer(module), sum(o.delta() for o in offsets))
+    set_record(peft_model, adapter_name, record)

@@ -1,0 +1,109 @@
+"""What `apply` took out of the base weights, so the original base can always be recovered.
+
+After `apply`, every adapted layer's base weight is `W_original − Σ_j s·B_j·A_j` over the offsets
+recorded here (one per `preserve` write; a re-initialization that folds a previous adapter back adds
+an offset with the opposite sign). `export_adapter` turns these into extra LoRA components, and
+`save_record`/`restore_offsets` let a resumed run rebuild the same base from the original one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fisher_core.io import atomic_path
+
+RECORD_FILE = "fisher_init.safetensors"
+
+
+@dataclass
+class Offset:
+    """`s·B·A` was subtracted from the base weight (m×n)."""
+
+    B: Tensor
+    A: Tensor
+    scaling: float
+
+    def delta(self) -> Tensor:
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class InitRecord:
+    """Per layer, the offsets subtracted from its base; plus the factors written at init."""
+
+    offsets: dict[str, list[Offset]] = field(default_factory=dict)
+    initial: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    @property
+    def changes_base(self) -> bool:
+        return any(self.offsets.values())
+
+
+_ATTR = "_fisher_lora_records"
+
+
+def get_record(model: nn.Module, adapter_name: str) -> InitRecord | None:
+    return getattr(model, _ATTR, {}).get(adapter_name)
+
+
+def set_record(model: nn.Module, adapter_name: str, record: InitRecord) -> None:
+    records = getattr(model, _ATTR, None)
+    if records is None:
+        records = {}
+        object.__setattr__(model, _ATTR, records)
+    records[adapter_name] = record
+
+
+def save_record(record: InitRecord, directory: str | Path) -> Path:
+    """Write the record next to a checkpoint (atomically), for `restore_offsets` on resume."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, list[float]] = {}
+    for name, offsets in record.offsets.items():
+        meta[name] = [o.scaling for o in offsets]
+        for j, o in enumerate(offsets):
+            tensors[f"{name}/{j}/B"] = o.B.detach().cpu().contiguous()
+            tensors[f"{name}/{j}/A"] = o.A.detach().cpu().contiguous()
+    path = Path(directory) / RECORD_FILE
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"offsets": json.dumps(meta)})
+    return path
+
+
+def load_record(directory: str | Path) -> InitRecord | None:
+    """The record saved in `directory`, or None if there is none."""
+    path = Path(directory) / RECORD_FILE
+    if not path.exists():
+        return None
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["offsets"])
+        record = InitRecord()
+        for name, scalings in meta.items():
+            record.offsets[name] = [
+                Offset(f.get_tensor(f"{name}/{j}/B"), f.get_tensor(f"{name}/{j}/A"), s) for j, s in enumerate(scalings)
+            ]
+    return record
+
+
+def offsets_total(offsets: list[Offset]) -> Tensor | None:
+    """Σ_j s_j·B_j·A_j, or None when there is nothing."""
+    total = None
+    for o in offsets:
+        total = o.delta() if total is None else total + o.delta()
+    return total
+
+
+def stacked(offsets: list[Offset]) -> tuple[Tensor, Tensor] | None:
+    """The offsets as one pair (B, A) with scale 1: B = [s_1·B_1 | s_2·B_2 | …], A = [A_1; A_2; …]."""
+    if not offsets:
+        return None
+    return (
+        torch.cat([o.scaling * o.B.float() for o in offsets], dim=1),
+        torch.cat([o.A.float() for o in offsets], dim=0),
+    )

@@ -1,0 +1,70 @@
+"""Tiny real models for tests: a Llama built from a config and a BPE tokenizer trained locally on the
+shipped Tempest text (no hub). Deterministic: the same call gives the same weights and vocabulary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+DATA = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "data"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def texts() -> list[str]:
+    return [json.loads(line)["text"] for line in (DATA / "text.jsonl").read_text().splitlines()]
+
+
+def train_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the shipped text, with pad/bos/eos/unk and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama_config(vocab_size: int = 384, hidden: int = 32, layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_llama(seed: int = 0, **kwargs) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**kwargs)).eval()
+
+
+def save_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """Write a loadable model directory (config, safetensors weights, tokenizer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    model = tiny_llama(seed, vocab_size=len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
