@@ -43,7 +43,7 @@ def supervised_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         )
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = out if isinstance(out, Tensor) else out.logits if hasattr(out, "logits") else out[0]
     if logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape:
         if labels.dim() == 2 and is_causal_lm(model):
             logits, labels = logits[:, :-1], labels[:, 1:]

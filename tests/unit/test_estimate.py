@@ -1,0 +1,200 @@
+"""Statistics against independent oracles: brute-force per-token loops, curvlinops, exact enumeration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import brute_force_factors
+from tiny import tiny_llama
+from torch import nn
+
+from fisher_core import FisherConfig, estimate
+
+LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+
+
+def _batches(vocab: int = 384, n: int = 8, t: int = 10, batch_size: int = 4, seed: int = 1) -> list[dict]:
+    """Sequences with right padding and -100 on prompt and padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        mask[i, t - (i % 4) :] = 0  # varying padding
+    ids[mask == 0] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :3] = -100  # an unsupervised prompt
+    return [
+        {"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size], "labels": labels[i : i + batch_size]}
+        for i in range(0, n, batch_size)
+    ]
+
+
+def _cfg(batches: list, **kw) -> FisherConfig:
+    return FisherConfig(progress=False, num_batches=len(batches), **kw)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_factors_match_brute_force_per_token_on_tiny_llama():
+    model = tiny_llama()
+    batches = _batches()
+    stats = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches))
+    oracle = brute_force_factors(model, batches, LAYERS)
+    for name in LAYERS:
+        s_a, s_g = oracle[name]
+        assert _rel(stats[name].input_cov, s_a) < 1e-5
+        assert _rel(stats[name].grad_cov, s_g) < 1e-5
+        assert stats[name].num_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 7), nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def _mlp_data(n: int = 24, batch_size: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def test_mlp_factors_match_brute_force_per_sample_gradients():
+    model = MLP()
+    data = _mlp_data()
+    stats = estimate(model, [{"x": x, "labels": y} for x, y in data], target_modules=["fc1", "fc2", "fc3"], config=_cfg(data))
+    for name in ["fc1", "fc2", "fc3"]:
+        layer = getattr(model, name)
+        s_a = s_g = 0
+        count = 0
+        for x, y in data:
+            for i in range(x.shape[0]):  # one sample at a time, gradient w.r.t. the layer output
+                captured = {}
+                h = layer.register_forward_hook(lambda m, a, o: captured.update(x=a[0].detach(), y=o))
+                out = model(x[i : i + 1])
+                h.remove()
+                (g,) = torch.autograd.grad(F.cross_entropy(out, y[i : i + 1], reduction="sum"), captured["y"])
+                s_a = s_a + torch.outer(captured["x"][0], captured["x"][0]).double()
+                s_g = s_g + torch.outer(g[0], g[0]).double()
+                count += 1
+        assert _rel(stats[name].input_cov, s_a / count) < 1e-5
+        assert _rel(stats[name].grad_cov, s_g / count) < 1e-5
+
+
+def test_factors_agree_with_curvlinops_kfac_expand():
+    from curvlinops import KFACLinearOperator
+
+    model = MLP()
+    data = _mlp_data()
+    n = sum(x.shape[0] for x, _ in data)
+    weights = [model.fc1.weight, model.fc2.weight, model.fc3.weight]
+    kfac = KFACLinearOperator(
+        model, nn.CrossEntropyLoss(reduction="sum"), weights, data, fisher_type="empirical", kfac_approx="expand",
+        check_deterministic=False,
+    )
+    kfac.compute_kronecker_factors()
+    stats = estimate(model, [{"x": x, "labels": y} for x, y in data], target_modules=["fc1", "fc2", "fc3"], config=_cfg(data))
+    for name in ["fc1", "fc2", "fc3"]:
+        # curvlinops: input factor Σxxᵀ/N, gradient factor Σggᵀ for a summed loss; ours: both /N.
+        assert _rel(stats[name].input_cov, kfac._input_covariances[name]) < 1e-5
+        assert _rel(stats[name].grad_cov, kfac._gradient_covariances[name] / n) < 1e-5
+
+
+def test_true_fisher_converges_to_exact_expectation_over_the_vocabulary():
+    model = tiny_llama(vocab_size=12, hidden=16, layers=1)
+    ids = torch.tensor([[3, 5, 7, 2, 9], [4, 4, 8, 1, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    name = "model.layers.0.mlp.down_proj"
+    stats = estimate(model, [batch], target_modules=[name], config=_cfg([batch], fisher_type="true", mc_samples=3000))
+    # Exact: E[g gᵀ] = Σ_{t'} Σ_c p_{t'}(c) J J ᵀ, J = ∂(−log p_{t'}(c))/∂y (cross terms vanish in expectation).
+    module = model.get_submodule(name)
+    captured = {}
+    h = module.register_forward_hook(lambda m, a, o: captured.update(y=o))
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logp = torch.log_softmax(model(inputs_embeds=emb, attention_mask=mask).logits.double(), -1)
+    h.remove()
+    exact = 0
+    for b in range(2):
+        for t in range(4):  # position t predicts label t+1
+            if labels[b, t + 1] == -100:
+                continue
+            for c in range(12):
+                (g,) = torch.autograd.grad(-logp[b, t, c], captured["y"], retain_graph=True)
+                rows = g[mask.bool()].double()
+                exact = exact + logp[b, t, c].exp().item() * rows.T @ rows
+    exact = exact / int(mask.sum())
+    assert _rel(stats[name].grad_cov, exact) < 0.06
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_factors_do_not_depend_on_batch_size(batch_size):
+    model = tiny_llama()
+    full, split = _batches(n=16, batch_size=16), _batches(n=16, batch_size=batch_size)
+    reference = estimate(model, full, target_modules=LAYERS, config=_cfg(full))
+    stats = estimate(model, split, target_modules=LAYERS, config=_cfg(split))
+    for name in LAYERS:
+        assert _rel(stats[name].input_cov, reference[name].input_cov) < 1e-5
+        assert _rel(stats[name].grad_cov, reference[name].grad_cov) < 1e-5
+
+
+def test_layers_reading_the_same_input_share_one_input_cov():
+    model = tiny_llama()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj"]
+    stats = estimate(model, _batches(), target_modules=names, config=_cfg(_batches()))
+    assert stats[names[0]].input_cov is stats[names[1]].input_cov
+    assert stats[names[0]].input_cov is not stats[names[2]].input_cov
+
+
+def test_estimate_leaves_the_model_as_it_was():
+    model = tiny_llama().train()
+    model.gradient_checkpointing_enable()
+    model.model.layers[1].requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = {n: list(m._forward_hooks) for n, m in model.named_modules()}
+    weights = copy.deepcopy(model.state_dict())
+    estimate(model, _batches(), target_modules=LAYERS, config=_cfg(_batches()))
+    assert all(p.grad is None for p in model.parameters())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert model.training and all(m.training for m in model.modules())
+    assert model.is_gradient_checkpointing
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert hooks == {n: list(m._forward_hooks) for n, m in model.named_modules()}
+
+
+def test_gradient_checkpointing_gives_the_same_statistics():
+    model = tiny_llama()
+    plain = estimate(model, _batches(), target_modules=LAYERS, config=_cfg(_batches()))
+    model.gradient_checkpointing_enable()
+    checkpointed = estimate(model, _batches(), target_modules=LAYERS, config=_cfg(_batches()))
+    for name in LAYERS:
+        assert _rel(checkpointed[name].grad_cov, plain[name].grad_cov) < 1e-6
+
+
+def test_supervised_positions_restrict_the_samples():
+    model = tiny_llama()
+    batches = _batches()
+    stats = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches, positions="supervised"))
+    supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert stats[LAYERS[0]].num_tokens == supervised
+
+
+def test_bf16_model_accumulates_in_fp32():
+    model = tiny_llama()
+    ref = estimate(model, _batches(), target_modules=LAYERS, config=_cfg(_batches()))
+    stats = estimate(model.to(torch.bfloat16), _batches(), target_modules=LAYERS, config=_cfg(_batches()))
+    assert stats[LAYERS[0]].grad_cov.dtype == torch.float32
+    assert _rel(stats[LAYERS[0]].input_cov, ref[LAYERS[0]].input_cov) < 0.05
