@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -101,7 +101,7 @@ def load_matching(
 
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CacheMismatchError(f"statistics cache {path} is unreadable ({e}); delete it to recompute") from e
     expected = {**_settings(config), "targets": json.dumps(sorted(modules))}
     for key, value in expected.items():

@@ -28,7 +28,11 @@ def _batches(vocab: int = 384, n: int = 8, t: int = 10, batch_size: int = 4, see
     labels[mask == 0] = -100
     labels[:, :3] = -100  # an unsupervised prompt
     return [
-        {"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size], "labels": labels[i : i + batch_size]}
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": mask[i : i + batch_size],
+            "labels": labels[i : i + batch_size],
+        }
         for i in range(0, n, batch_size)
     ]
 
@@ -72,7 +76,9 @@ def _mlp_data(n: int = 24, batch_size: int = 6) -> list[tuple[torch.Tensor, torc
 def test_mlp_factors_match_brute_force_per_sample_gradients():
     model = MLP()
     data = _mlp_data()
-    stats = estimate(model, [{"x": x, "labels": y} for x, y in data], target_modules=["fc1", "fc2", "fc3"], config=_cfg(data))
+    stats = estimate(
+        model, [{"x": x, "labels": y} for x, y in data], target_modules=["fc1", "fc2", "fc3"], config=_cfg(data)
+    )
     for name in ["fc1", "fc2", "fc3"]:
         layer = getattr(model, name)
         s_a = s_g = 0
@@ -99,11 +105,18 @@ def test_factors_agree_with_curvlinops_kfac_expand():
     n = sum(x.shape[0] for x, _ in data)
     weights = [model.fc1.weight, model.fc2.weight, model.fc3.weight]
     kfac = KFACLinearOperator(
-        model, nn.CrossEntropyLoss(reduction="sum"), weights, data, fisher_type="empirical", kfac_approx="expand",
+        model,
+        nn.CrossEntropyLoss(reduction="sum"),
+        weights,
+        data,
+        fisher_type="empirical",
+        kfac_approx="expand",
         check_deterministic=False,
     )
     kfac.compute_kronecker_factors()
-    stats = estimate(model, [{"x": x, "labels": y} for x, y in data], target_modules=["fc1", "fc2", "fc3"], config=_cfg(data))
+    stats = estimate(
+        model, [{"x": x, "labels": y} for x, y in data], target_modules=["fc1", "fc2", "fc3"], config=_cfg(data)
+    )
     for name in ["fc1", "fc2", "fc3"]:
         # curvlinops: input factor Σxxᵀ/N, gradient factor Σggᵀ for a summed loss; ours: both /N.
         assert _rel(stats[name].input_cov, kfac._input_covariances[name]) < 1e-5

@@ -1,0 +1,80 @@
+"""Config validation and the statistics cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tiny import tiny_llama
+
+from fisher_core import FisherConfig, estimate
+from fisher_core.estimate.cache import CacheMismatchError
+
+LAYERS = ["q_proj", "down_proj"]
+
+
+def _batches() -> list[dict]:
+    ids = torch.randint(3, 384, (4, 10), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("selector", "pissa"),
+        ("fisher_type", "exact"),
+        ("num_batches", 0),
+        ("damping", -1.0),
+        ("policy", "keep"),
+        ("rank_budget", 0),
+    ],
+)
+def test_invalid_values_fail_at_construction_naming_the_field(field, value):
+    with pytest.raises(ValidationError, match=field):
+        FisherConfig(**{field: value})
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValidationError, match="num_batch"):
+        FisherConfig(num_batch=3)
+
+
+def test_mc_samples_needs_true_fisher():
+    with pytest.raises(ValidationError, match="fisher_type='true'"):
+        FisherConfig(mc_samples=4)
+
+
+def test_matching_cache_is_reused_without_any_forward_pass(tmp_path):
+    cfg = FisherConfig(progress=False, num_batches=1, cache_path=tmp_path / "stats.safetensors")
+    model = tiny_llama()
+    first = estimate(model, _batches(), target_modules=LAYERS, config=cfg)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    second = estimate(model, _batches(), target_modules=LAYERS, config=cfg)
+    assert not calls
+    for name in first:
+        assert torch.equal(first[name].input_cov, second[name].input_cov)
+        assert torch.equal(first[name].grad_cov, second[name].grad_cov)
+        assert torch.equal(first[name].mean_grad, second[name].mean_grad)
+    assert second["model.layers.0.self_attn.q_proj"].num_tokens == 40
+
+
+def test_cache_from_other_weights_targets_or_settings_is_refused(tmp_path):
+    path = tmp_path / "stats.safetensors"
+    cfg = FisherConfig(progress=False, num_batches=1, cache_path=path)
+    estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg)
+    with pytest.raises(CacheMismatchError, match="other model weights"):
+        estimate(tiny_llama(seed=1), _batches(), target_modules=LAYERS, config=cfg)
+    with pytest.raises(CacheMismatchError, match="targets"):
+        estimate(tiny_llama(), _batches(), target_modules=["q_proj"], config=cfg)
+    with pytest.raises(CacheMismatchError, match="fisher_type"):
+        estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg.model_copy(update={"fisher_type": "true"}))
+
+
+def test_truncated_cache_is_refused(tmp_path):
+    path = tmp_path / "stats.safetensors"
+    cfg = FisherConfig(progress=False, num_batches=1, cache_path=path)
+    estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CacheMismatchError, match="unreadable"):
+        estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg)

@@ -1,0 +1,168 @@
+"""Writing into PEFT: step-0 outputs, export round trips, determinism, trained adapters, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny import tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fisher_core import FisherConfig, export_adapter, initialize
+from fisher_core.write import get_record, load_record, restore_offsets, save_record
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _batches(n: int = 8, t: int = 12, batch_size: int = 4, vocab: int = 384) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return [
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": mask[i : i + batch_size],
+            "labels": labels[i : i + batch_size],
+        }
+        for i in range(0, n, batch_size)
+    ]
+
+
+def _cfg(**kw) -> FisherConfig:
+    return FisherConfig(progress=False, num_batches=2, **kw)
+
+
+def _peft(model=None, **kw):
+    return get_peft_model(model or tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **kw))
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _train(model, batches, steps: int = 3) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for i in range(steps):
+        loss = model(**batches[i % len(batches)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("selector", ["select", "fwsvd", "natural", "subspace"])
+def test_preserve_keeps_logits(selector):
+    batches = _batches()
+    reference = _logits(tiny_llama(), batches[0])
+    model = _peft()
+    initialize(model, batches, config=_cfg(selector=selector))
+    assert (_logits(model, batches[0]) - reference).abs().max() <= 1e-5
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.any()
+
+
+@pytest.mark.parametrize("policy", ["preserve", "zero"])
+def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(policy, tmp_path):
+    batches = _batches()
+    model = _peft()
+    initialize(model, batches, config=_cfg(selector="fwsvd", policy=policy))
+    _train(model, batches)
+    trained = _logits(model, batches[1])
+    export_adapter(model, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    assert (_logits(loaded, batches[1]) - trained).abs().max() <= 1e-4
+
+
+def test_two_runs_with_the_same_seed_give_bit_identical_adapters():
+    batches = _batches()
+    runs = []
+    for _ in range(2):
+        model = _peft()
+        initialize(model, batches, config=_cfg(selector="natural", fisher_type="true", mc_samples=2, seed=7))
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_trained_adapter_is_refused_and_forced_reinit_keeps_the_trained_outputs(tmp_path):
+    batches = _batches()
+    model = _peft()
+    initialize(model, batches, config=_cfg(selector="fwsvd"))
+    _train(model, batches)
+    trained = _logits(model, batches[0])
+    with pytest.raises(RuntimeError, match="force=True"):
+        initialize(model, batches, config=_cfg(selector="subspace"))
+    assert (_logits(model, batches[0]) - trained).abs().max() == 0  # refused: nothing changed
+    initialize(model, batches, config=_cfg(selector="subspace", force=True))
+    assert (_logits(model, batches[0]) - trained).abs().max() <= 1e-5
+    export_adapter(model, tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    assert (_logits(loaded, batches[0]) - trained).abs().max() <= 1e-4
+
+
+def test_resume_restores_the_residual_base_from_the_saved_record(tmp_path):
+    batches = _batches()
+    model = _peft()
+    initialize(model, batches, config=_cfg(selector="fwsvd"))
+    _train(model, batches)
+    trained = _logits(model, batches[0])
+    model.save_pretrained(tmp_path / "ckpt")  # the raw adapter, as a Trainer checkpoint holds it
+    save_record(get_record(model, "default"), tmp_path / "ckpt")
+    resumed = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ckpt", is_trainable=True)
+    restore_offsets(resumed, load_record(tmp_path / "ckpt"))
+    assert (_logits(resumed, batches[0]) - trained).abs().max() <= 1e-5
+
+
+def test_rank_budget_resizes_adapters_and_the_export_still_loads(tmp_path):
+    batches = _batches()
+    model = _peft()
+    report = initialize(model, batches, config=_cfg(selector="fwsvd", rank_budget=30))
+    ranks = {n: layer.rank for n, layer in report.layers.items()}
+    assert sum(ranks.values()) == 30 and len(set(ranks.values())) > 1
+    assert model.peft_config["default"].rank_pattern == report.rank_pattern
+    reference = _logits(tiny_llama(), batches[0])
+    assert (_logits(model, batches[0]) - reference).abs().max() <= 1e-5
+    _train(model, batches)
+    trained = _logits(model, batches[0])
+    export_adapter(model, tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    assert (_logits(loaded, batches[0]) - trained).abs().max() <= 1e-4
+
+
+def test_conv1d_layers_of_gpt2_are_written_and_exported(tmp_path):
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+    batches = _batches()
+    reference = _logits(gpt2(), batches[0])
+    model = get_peft_model(
+        gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    )
+    initialize(model, batches, config=_cfg(selector="fwsvd"))
+    assert (_logits(model, batches[0]) - reference).abs().max() <= 1e-5
+    _train(model, batches)
+    trained = _logits(model, batches[0])
+    export_adapter(model, tmp_path / "a")
+    loaded = PeftModel.from_pretrained(gpt2(), tmp_path / "a")
+    assert (_logits(loaded, batches[0]) - trained).abs().max() <= 1e-4
+
+
+def test_export_never_overwrites_an_existing_adapter(tmp_path):
+    model = _peft()
+    initialize(model, _batches(), config=_cfg())
+    export_adapter(model, tmp_path / "a")
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_adapter(model, tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_non_peft_model_and_unknown_adapter_are_refused_with_what_to_pass():
+    with pytest.raises(TypeError, match="get_peft_model"):
+        initialize(tiny_llama(), _batches(), config=_cfg())
+    with pytest.raises(KeyError, match="adapter_name"):
+        initialize(_peft(), _batches(), config=_cfg(), adapter_name="other")
