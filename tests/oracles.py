@@ -25,7 +25,7 @@ def brute_force_factors(
             labels = batch["labels"][i : i + 1]
             inputs, outputs = {}, {}
 
-            def keep(name):
+            def keep(name, inputs=inputs, outputs=outputs):
                 def hook(mod, args, out):
                     inputs[name] = args[0].detach()
                     out.retain_grad()

@@ -86,7 +86,7 @@ def test_mlp_factors_match_brute_force_per_sample_gradients():
         for x, y in data:
             for i in range(x.shape[0]):  # one sample at a time, gradient w.r.t. the layer output
                 captured = {}
-                h = layer.register_forward_hook(lambda m, a, o: captured.update(x=a[0].detach(), y=o))
+                h = layer.register_forward_hook(lambda m, a, o, c=captured: c.update(x=a[0].detach(), y=o))
                 out = model(x[i : i + 1])
                 h.remove()
                 (g,) = torch.autograd.grad(F.cross_entropy(out, y[i : i + 1], reduction="sum"), captured["y"])
