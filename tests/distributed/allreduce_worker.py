@@ -1,0 +1,54 @@
+"""torchrun worker: each rank estimates on its share of the global batches; rank 0 saves the result.
+
+Usage: torchrun --nproc_per_node N allreduce_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny import tiny_llama  # noqa: E402
+
+from fisher_core import FisherConfig, estimate, select  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def global_batches() -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 384, (8, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1::2, -4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return [
+        {"input_ids": ids[i : i + 2], "attention_mask": mask[i : i + 2], "labels": labels[i : i + 2]}
+        for i in range(0, 8, 2)
+    ]
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = global_batches()[rank::world]
+    cfg = FisherConfig(progress=False, num_batches=len(mine), selector="natural")
+    model = tiny_llama()
+    stats = estimate(model, mine, target_modules=TARGETS, config=cfg)
+    directions = select(stats, model, rank=4, config=cfg)
+    torch.save(
+        {
+            "stats": {n: (s.input_cov, s.grad_cov, s.mean_grad, s.num_tokens) for n, s in stats.items()},
+            "directions": {n: (d.B, d.A) for n, d in directions.items()},
+        },
+        out / f"rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,51 @@
+"""Two processes on disjoint halves of the data give the statistics of one process on all of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from allreduce_worker import TARGETS, global_batches
+from tiny import tiny_llama
+
+from fisher_core import FisherConfig, estimate, select
+
+pytestmark = pytest.mark.distributed
+WORKER = Path(__file__).with_name("allreduce_worker.py")
+
+
+def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(WORKER),
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    batches = global_batches()
+    cfg = FisherConfig(progress=False, num_batches=len(batches), selector="natural")
+    model = tiny_llama()
+    single = estimate(model, batches, target_modules=TARGETS, config=cfg)
+    directions = select(single, model, rank=4, config=cfg)
+    for name, s in single.items():
+        for r in ranks:
+            a, g, mg, tokens = r["stats"][name]
+            assert tokens == s.num_tokens
+            torch.testing.assert_close(a, s.input_cov, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(g, s.grad_cov, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(mg, s.mean_grad, rtol=1e-5, atol=1e-9)
+        b0, a0 = ranks[0]["directions"][name]
+        b1, a1 = ranks[1]["directions"][name]
+        assert torch.equal(b0, b1) and torch.equal(a0, a1)  # every rank writes the same adapter
+        assert b0.shape == directions[name].B.shape
