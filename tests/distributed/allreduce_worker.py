@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tiny import tiny_llama  # noqa: E402
+from tiny import tiny_llama
 
-from fisher_core import FisherConfig, estimate, select  # noqa: E402
+from fisher_core import FisherConfig, estimate, select
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
