@@ -15,6 +15,7 @@ from torch import nn
 from fisher_core.config import FisherConfig
 from fisher_core.estimate import FisherStats, estimate
 from fisher_core.estimate.objective import Batch, LogitsFn, LossFn
+from fisher_core.layers import supported
 from fisher_core.select import Directions, select
 from fisher_core.write.peft import apply, lora_layers
 
@@ -90,7 +91,7 @@ def initialize(
     from), directions selected with each layer's own rank and scale, and written in place.
     """
     config = config or FisherConfig()
-    layers = lora_layers(peft_model, adapter_name)
+    layers = supported(lora_layers(peft_model, adapter_name))
     times: dict[str, float] = {}
     t = time.perf_counter()
     with peft_model.disable_adapter():

@@ -85,32 +85,36 @@ def canonical_name(name: str) -> str:
     return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
+def supported(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules of a supported kind; the others are skipped with a warning that names them."""
+    import warnings
+
+    keep = {n: m for n, m in modules.items() if layer_kind(m) is not None}
+    skipped = [f"{n} ({type(base_layer(m)).__name__})" for n, m in modules.items() if n not in keep]
+    if skipped:
+        warnings.warn(f"fisher-lora skips unsupported layers: {', '.join(skipped)}", stacklevel=3)
+    if not keep:
+        raise ValueError("no adapted layer is of a supported kind (nn.Linear, Conv1D, bitsandbytes Linear)")
+    return keep
+
+
 def find_targets(model: nn.Module, target_modules: str | list[str] | set[str]) -> dict[str, nn.Module]:
     """Modules to adapt, keyed by canonical name, with PEFT's matching rules.
 
     `target_modules` is a regex (full match, as in PEFT), a list of name suffixes, or `"all-linear"`.
     Unsupported layer kinds among the matches are skipped with a warning; no match at all is an error.
     """
-    import warnings
-
-    found: dict[str, nn.Module] = {}
-    skipped: list[str] = []
-    for raw, module in model.named_modules():
-        name = canonical_name(raw)
-        if ".base_layer" in name or ".lora_" in name or not _matches(name, module, target_modules):
-            continue
-        if layer_kind(module) is None:
-            skipped.append(f"{name} ({type(base_layer(module)).__name__})")
-            continue
-        found[name] = module
-    if skipped:
-        warnings.warn(f"fisher-lora skips unsupported layers: {', '.join(skipped)}", stacklevel=2)
+    found = {
+        canonical_name(raw): module
+        for raw, module in model.named_modules()
+        if ".base_layer" not in raw and ".lora_" not in raw and _matches(canonical_name(raw), module, target_modules)
+    }
     if not found:
         raise ValueError(
-            f"target_modules={target_modules!r} matches no supported layer; "
+            f"target_modules={target_modules!r} matches no layer; "
             "pass module name suffixes such as ['q_proj', 'v_proj'] or 'all-linear'"
         )
-    return found
+    return supported(found)
 
 
 def _matches(name: str, module: nn.Module, targets: str | list[str] | set[str]) -> bool:

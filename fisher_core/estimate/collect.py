@@ -59,6 +59,7 @@ def estimate(
         cached = load_matching(config.cache_path, model, modules, config)
         if cached is not None:
             return cached
+    _check_materialized(modules)
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     acc = StatsAccumulator(shapes, with_mean_grad=config.needs_mean_grad)
     state = PassState()
@@ -92,8 +93,13 @@ def estimate(
             f"{sorted(state.unmasked)[:3]}",
             stacklevel=2,
         )
-    stats = acc.finalize(config.fisher_type, used)
+    stats = acc.finalize(config.fisher_type, used)  # all-reduces: every check below is global
     _check_finite(stats)
+    if not any(s.grad_cov.any() for s in stats.values()):
+        raise ValueError(
+            f"no supervised tokens in {used} batches ({state.supervised} on this process): every label is -100 "
+            "or the loss does not depend on the adapted layers; check the labels / prompt masking, or the loss_fn"
+        )
     seconds = time.perf_counter() - started
     logger.info(
         "fisher-lora: %s Fisher over %d batches, %d tokens, %d layers in %.1fs%s",
@@ -128,33 +134,76 @@ def _accumulate_batch(
     state.record_mean_grad = config.needs_mean_grad
     with torch.enable_grad():
         if config.fisher_type == "empirical":
-            loss = (
-                loss_fn(model, batch) if loss_fn is not None else summed_cross_entropy(*supervised_logits(model, batch))
-            )
-            _backward(loss, state, retain=False)
+            if loss_fn is not None:
+                loss = loss_fn(model, batch)
+                state.supervised += int(loss.requires_grad)
+            else:
+                logits, labels = supervised_logits(model, batch)
+                state.supervised += labels.numel()
+                loss = summed_cross_entropy(logits, labels)
+            _backward(loss, state, retain=False, model=model, batch=batch)
             return
         logits, labels = (logits_fn or supervised_logits)(model, batch)
+        state.supervised += labels.numel()
         state.record_input = False
         if config.needs_mean_grad:  # Ḡ always comes from the data's labels
             state.record_grad_cov = False
-            _backward(summed_cross_entropy(logits, labels), state, retain=True)
+            _backward(summed_cross_entropy(logits, labels), state, retain=True, model=model, batch=batch)
             state.record_grad_cov, state.record_mean_grad = True, False
         state.grad_weight = 1.0 / config.mc_samples
         for i in range(config.mc_samples):
             sampled = summed_cross_entropy(logits, sample_labels(logits, generator))
-            _backward(sampled, state, retain=i < config.mc_samples - 1)
+            _backward(sampled, state, retain=i < config.mc_samples - 1, model=model, batch=batch)
 
 
-def _backward(loss: Tensor, state: PassState, retain: bool) -> None:
+def _backward(loss: Tensor, state: PassState, retain: bool, model: nn.Module, batch: Batch) -> None:
     """Input-gradient backward: the hooks see every g_t; no parameter gets a `.grad`."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss.item()}: check the model's dtype (fp16 overflow?) and the data")
+        layer = first_nonfinite_layer(model, batch)
+        where = f"; the first non-finite output is at layer {layer!r}" if layer else ""
+        raise FloatingPointError(
+            f"the loss is {loss.item()}{where}: check the model's dtype (fp16 overflow?) and the data; "
+            "nothing was written"
+        )
+    if loss.numel() == 1 and not loss.requires_grad:
+        return  # a batch without supervised tokens: nothing to differentiate
     if not state.leaves:
         raise RuntimeError(
             "no input tensor requires grad: the model has no get_input_embeddings() and the batch no float "
             "inputs; pass a model with input embeddings or float inputs"
         )
     torch.autograd.grad(loss, state.leaves, retain_graph=retain, allow_unused=True)
+
+
+def first_nonfinite_layer(model: nn.Module, batch: Batch) -> str | None:
+    """Re-run the forward and name the first module (in execution order) with a non-finite output."""
+    found: list[str] = []
+
+    def check(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not found and isinstance(output, Tensor) and output.is_floating_point() and not output.isfinite().all():
+                found.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _check_materialized(modules: Mapping[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        weight = getattr(base_layer(module), "weight", None)
+        if weight is not None and weight.device.type == "meta":
+            raise ValueError(
+                f"layer {name!r} is on the meta device (weights not loaded); load the model's weights "
+                "before initializing (e.g. do not initialize inside init_empty_weights)"
+            )
 
 
 def _float_inputs_require_grad(model: nn.Module, batch: Batch) -> tuple[Batch, list[Tensor]]:

@@ -71,7 +71,8 @@ class _Sum:
         """total += weight · rowsᵀ · other (other defaults to rows); rows: [k, d]."""
         rows = rows.float()
         right = rows if other is None else other.float()
-        update = rows.T @ right
+        with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the model's autocast region
+            update = rows.T @ right
         if weight != 1.0:
             update.mul_(weight)
         self.total = update if self.total is None else self.total.add_(update)

@@ -33,6 +33,7 @@ class PassState:
     grouped: bool = False  # input groups are fixed after the first forward
     unmasked: set[str] = field(default_factory=set)  # layers whose shapes did not match the mask
     leaves: list[Tensor] = field(default_factory=list)  # what the input-gradient backward targets
+    supervised: int = 0  # supervised units seen (tokens or sequences); 0 at the end is an error
 
 
 def _rows(t: Tensor, state: PassState, name: str) -> Tensor:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
@@ -77,13 +77,15 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
         needs_write = d.policy == "preserve" or bool(layers[name].lora_B[adapter_name].weight.detach().any())
         if needs_write and not kind.writable:
             raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
-    done: list[tuple[str, list[Offset], tuple[Tensor, Tensor]]] = []
+    done: list[_Undo] = []
     try:
         for name, d in directions.items():
-            done.append(_write_layer(layers[name], name, d, adapter_name, record, directions))
+            undo = _Undo(name, layers[name], adapter_name, record)
+            done.append(undo)
+            _write_layer(undo, d, directions.alpha_pattern.get(name))
     except BaseException:
-        for name, added, (old_b, old_a) in reversed(done):
-            _undo_layer(layers[name], adapter_name, added, old_b, old_a, record, name)
+        for undo in reversed(done):
+            undo.revert()
         raise
     set_record(peft_model, adapter_name, record)
     if directions.rank_pattern:
@@ -92,52 +94,52 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
         cfg.alpha_pattern = {**cfg.alpha_pattern, **directions.alpha_pattern}
 
 
-def _write_layer(
-    module: nn.Module, name: str, d: LayerDirections, adapter_name: str, record: InitRecord, directions: Directions
-) -> tuple[str, list[Offset], tuple[Tensor, Tensor]]:
-    kind = layer_kind(module)
+class _Undo:
+    """Everything needed to put one layer back as it was before `_write_layer` touched it."""
+
+    def __init__(self, name: str, module: nn.Module, adapter_name: str, record: InitRecord) -> None:
+        self.name, self.module, self.adapter_name, self.record = name, module, adapter_name, record
+        self.old_b = module.lora_B[adapter_name].weight.detach().clone()
+        self.old_a = module.lora_A[adapter_name].weight.detach().clone()
+        self.old_initial = record.initial.get(name)
+        self.added: list[Offset] = []  # set once these offsets have left the base weight
+
+    def revert(self) -> None:
+        if self.added:
+            layer_kind(self.module).subtract(base_layer(self.module), -sum(o.delta() for o in self.added))
+            del self.record.offsets[self.name][-len(self.added) :]
+        lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
+        if lora_a.weight.shape != self.old_a.shape:
+            _resize(self.module, self.adapter_name, self.old_a.shape[0], None)
+            lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
+        with torch.no_grad():
+            lora_a.weight.copy_(self.old_a)
+            lora_b.weight.copy_(self.old_b)
+        if self.old_initial is None:
+            self.record.initial.pop(self.name, None)
+        else:
+            self.record.initial[self.name] = self.old_initial
+
+
+def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
+    module, adapter_name = undo.module, undo.adapter_name
+    offsets: list[Offset] = []
+    if undo.old_b.any():  # fold the current adapter into the base: outputs stay exactly the same
+        offsets.append(Offset(-undo.old_b.float().cpu(), undo.old_a.float().cpu(), module.scaling[adapter_name]))
+    if d.rank != undo.old_a.shape[0]:
+        _resize(module, adapter_name, d.rank, alpha)
     lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
-    old_b, old_a = lora_b.weight.detach().clone(), lora_a.weight.detach().clone()
-    old_scaling = module.scaling[adapter_name]
-    added: list[Offset] = []
-    if old_b.any():  # fold the current adapter into the base: outputs stay exactly the same
-        added.append(Offset(-old_b.float().cpu(), old_a.float().cpu(), old_scaling))
-    if d.rank != lora_a.weight.shape[0]:
-        _resize(module, adapter_name, d.rank, directions.alpha_pattern.get(name))
-        lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
     with torch.no_grad():
         lora_a.weight.copy_(d.A.to(lora_a.weight.device, lora_a.weight.dtype))
         lora_b.weight.copy_(d.B.to(lora_b.weight.device, lora_b.weight.dtype))
-    stored_b, stored_a = lora_b.weight.detach().float().cpu().clone(), lora_a.weight.detach().float().cpu().clone()
+    stored_b, stored_a = lora_b.weight.detach().cpu().clone(), lora_a.weight.detach().cpu().clone()
     if d.policy == "preserve":
-        added.append(Offset(stored_b, stored_a, module.scaling[adapter_name]))
-    base = base_layer(module)
-    if added:
-        delta = sum(o.delta() for o in added)
-        kind.subtract(base, delta)
-    record.offsets.setdefault(name, []).extend(added)
-    record.initial[name] = (lora_b.weight.detach().cpu().clone(), lora_a.weight.detach().cpu().clone())
-    return name, added, (old_b, old_a)
-
-
-def _undo_layer(
-    module: nn.Module,
-    adapter_name: str,
-    added: list[Offset],
-    old_b: Tensor,
-    old_a: Tensor,
-    record: InitRecord,
-    name: str,
-) -> None:
-    if added:
-        layer_kind(module).subtract(base_layer(module), -sum(o.delta() for o in added))
-        del record.offsets[name][-len(added) :]
-    if module.lora_A[adapter_name].weight.shape != old_a.shape:
-        _resize(module, adapter_name, old_a.shape[0], None)
-    with torch.no_grad():
-        module.lora_A[adapter_name].weight.copy_(old_a)
-        module.lora_B[adapter_name].weight.copy_(old_b)
-    record.initial.pop(name, None)
+        offsets.append(Offset(stored_b.float(), stored_a.float(), module.scaling[adapter_name]))
+    if offsets:
+        layer_kind(module).subtract(base_layer(module), sum(o.delta() for o in offsets))
+        undo.added = offsets
+        undo.record.offsets.setdefault(undo.name, []).extend(offsets)
+    undo.record.initial[undo.name] = (stored_b, stored_a)
 
 
 def _resize(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
