@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import FisherStats
 from fisher_core.layers import base_layer, canonical_name, layer_kind
-from fisher_core.select.base import Candidates, Selector
+from fisher_core.select.base import Candidates, Selector, Solver
 from fisher_core.select.fwsvd import select_fwsvd
 from fisher_core.select.linalg import DEFAULT_ROW_NORM, fix_signs, with_norm
 from fisher_core.select.natural import select_natural
@@ -43,6 +43,7 @@ class LayerDirections:
     A: Tensor  # r×n, fp32
     scaling: float
     scores: Tensor  # the selector's component scores, descending
+    total: float  # the layer's whole scored mass
     policy: str
 
     @property
@@ -52,8 +53,7 @@ class LayerDirections:
     @property
     def captured(self) -> float:
         """Fraction of the layer's scored Fisher mass in the chosen components."""
-        total = float(self.scores.sum())
-        return float(self.scores[: self.rank].sum()) / total if total > 0 else 0.0
+        return float(self.scores[: self.rank].sum()) / self.total if self.total > 0 else 0.0
 
     def residual(self) -> Tensor:
         """`R = s·B·A` (m×n): subtracted from the base under `preserve`, zero under `zero`."""
@@ -115,10 +115,11 @@ def select(
         caps = ranks
     fn = SELECTORS[config.selector]
     cands: dict[str, Candidates] = {
-        name: fn(weight, stats[name], caps[name], scaling, config) for name, (weight, _, scaling, _) in plans.items()
+        name: fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name]))
+        for name, (weight, _, scaling, _) in plans.items()
     }
     if config.rank_budget is not None:
-        ranks = allocate_ranks({n: c.scores for n, c in cands.items()}, config.rank_budget, caps)
+        ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
     layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
     directions = Directions(layers, selector=config.selector, policy=config.policy)
     if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
@@ -128,12 +129,18 @@ def select(
     return directions
 
 
+def _solver(config: FisherConfig, weight: Tensor, k: int) -> Solver:
+    """Exact decompositions for small layers (or when asked), top-k ones for large layers."""
+    exact = config.solver == "exact" or (config.solver == "auto" and max(weight.shape) <= config.exact_max_dim)
+    return Solver(sketch=None if exact else config.sketch_rank or max(4 * k, 64), seed=config.seed)
+
+
 def _finish(c: Candidates, r: int, scaling: float, policy: str) -> LayerDirections:
     b, a = fix_signs(c.B[:, :r].contiguous(), c.A[:r].contiguous())
     if policy == "zero":
         _, a = with_norm(b, a, DEFAULT_ROW_NORM)
         b = torch.zeros_like(b)
-    return LayerDirections(B=b, A=a, scaling=scaling, scores=c.scores, policy=policy)
+    return LayerDirections(B=b, A=a, scaling=scaling, scores=c.scores, total=c.total, policy=policy)
 
 
 def _lora_settings(

@@ -15,16 +15,29 @@ from fisher_core.estimate.factors import LayerStats
 class Candidates:
     """k components `s·B[:, i]·A[i]`, ordered by `scores` (descending).
 
-    `scores` covers the whole spectrum the selector ranked (≥ k entries), so the fraction of Fisher
-    mass the first r components capture is `scores[:r].sum() / scores.sum()`.
+    `total` is the layer's whole scored mass (the sum over every component, including those not
+    computed), so the first r components capture `scores[:r].sum() / total` of it.
     """
 
     B: Tensor  # m×k
     A: Tensor  # k×n
     scores: Tensor
+    total: float
+
+
+@dataclass(frozen=True)
+class Solver:
+    """How much of each spectrum to compute: all of it (`sketch=None`) or the top `sketch`."""
+
+    sketch: int | None
+    seed: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.sketch is None
 
 
 class Selector(Protocol):
     def __call__(
-        self, weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig
+        self, weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
     ) -> Candidates: ...

@@ -8,22 +8,25 @@ when `S_G = I`.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
-from fisher_core.select.base import Candidates
-from fisher_core.select.linalg import damped, sqrt_and_inv_sqrt
+from fisher_core.select.base import Candidates, Solver
+from fisher_core.select.spectral import spectrum, top_singular
 
 
-def select_fwsvd(weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig) -> Candidates:
-    g_root, g_inv_root = sqrt_and_inv_sqrt(damped(stats.grad_cov, config.damping))
-    a_root, a_inv_root = sqrt_and_inv_sqrt(damped(stats.input_cov, config.damping))
-    u, sigma, vh = torch.linalg.svd(g_root @ weight @ a_root, full_matrices=False)
-    root = (sigma[:k] / scaling).sqrt()
+def select_fwsvd(
+    weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
+) -> Candidates:
+    g = spectrum(stats.grad_cov, config.damping, solver.sketch, seed=solver.seed)
+    a = spectrum(stats.input_cov, config.damping, solver.sketch, seed=solver.seed + 1)
+    m = a.apply(g.apply(weight, 0.5).T, 0.5).T
+    u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
+    root = (sigma / scaling).sqrt()
     return Candidates(
-        B=g_inv_root @ (u[:, :k] * root),
-        A=(root[:, None] * vh[:k]) @ a_inv_root,
+        B=g.apply(u * root, -0.5),
+        A=a.apply((root[:, None] * vh).T, -0.5).T,
         scores=sigma.square(),
+        total=float(m.square().sum()),
     )

@@ -1,4 +1,4 @@
-"""Small linear-algebra helpers shared by the selectors (pure functions on tensors)."""
+"""Small helpers shared by the selectors (pure functions on tensors)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,6 @@ from torch import Tensor
 # PEFT's default `lora_A` (kaiming-uniform, a=√5) has rows of expected norm 1/√3; data-independent
 # factors under the `zero` policy get the same norm so training dynamics match default LoRA's.
 DEFAULT_ROW_NORM = 1.0 / math.sqrt(3.0)
-
-
-def damped(s: Tensor, damping: float) -> Tensor:
-    """S + λ·mean(diag S)·I (a small absolute floor keeps an all-zero factor invertible)."""
-    shift = damping * float(s.diagonal().mean()) if damping > 0 else 0.0
-    shift = max(shift, 1e-12)
-    return s + shift * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-
-
-def sym_eigh(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
-    vals, vecs = torch.linalg.eigh(0.5 * (s + s.T))
-    return vals.flip(0).clamp_min(0.0), vecs.flip(1)
-
-
-def sqrt_and_inv_sqrt(s: Tensor) -> tuple[Tensor, Tensor]:
-    """S^{1/2} and S^{-1/2} of a (damped, positive definite) symmetric matrix."""
-    vals, vecs = sym_eigh(s)
-    vals = vals.clamp_min(float(vals.max()) * 1e-12 if vals.numel() else 0.0)
-    root = vals.sqrt()
-    return (vecs * root) @ vecs.T, (vecs / root) @ vecs.T
 
 
 def fix_signs(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:

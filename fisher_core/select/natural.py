@@ -8,20 +8,23 @@ LoRA-GA's norm `d_out^{1/4}/√γ`. LoRA-GA's directions when `S = I`.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
-from fisher_core.select.base import Candidates
-from fisher_core.select.linalg import damped, data_scale, sqrt_and_inv_sqrt, with_norm
+from fisher_core.select.base import Candidates, Solver
+from fisher_core.select.linalg import data_scale, with_norm
+from fisher_core.select.spectral import spectrum, top_singular
 
 
-def select_natural(weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig) -> Candidates:
+def select_natural(
+    weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
+) -> Candidates:
     if stats.mean_grad is None:
         raise ValueError("selector 'natural' needs the mean gradient: estimate with selector='natural'")
-    _, g_inv_root = sqrt_and_inv_sqrt(damped(stats.grad_cov, config.damping))
-    _, a_inv_root = sqrt_and_inv_sqrt(damped(stats.input_cov, config.damping))
-    u, sigma, vh = torch.linalg.svd(g_inv_root @ stats.mean_grad @ a_inv_root, full_matrices=False)
-    b, a = with_norm(g_inv_root @ u[:, :k], vh[:k] @ a_inv_root, data_scale(weight.shape[0], config.stable_gamma))
-    return Candidates(B=b, A=a, scores=sigma.square())
+    g = spectrum(stats.grad_cov, config.damping, solver.sketch, seed=solver.seed)
+    a = spectrum(stats.input_cov, config.damping, solver.sketch, seed=solver.seed + 1)
+    m = a.apply(g.apply(stats.mean_grad, -0.5).T, -0.5).T
+    u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
+    b, a_rows = with_norm(g.apply(u, -0.5), a.apply(vh.T, -0.5).T, data_scale(weight.shape[0], config.stable_gamma))
+    return Candidates(B=b, A=a_rows, scores=sigma.square(), total=float(m.square().sum()))

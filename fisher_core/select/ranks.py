@@ -1,6 +1,6 @@
 """Rank allocation under a global budget (DESIGN §3).
 
-Each layer's component scores are normalized to fractions of that layer's total; the fractions of
+Each layer's component scores are normalized to fractions of that layer's total mass; the fractions of
 all layers are pooled and the largest kept, every layer getting at least one component and at most
 its cap. Ties break by layer name and component index, so the allocation is deterministic.
 """
@@ -12,8 +12,11 @@ from collections.abc import Mapping
 from torch import Tensor
 
 
-def allocate_ranks(scores: Mapping[str, Tensor], budget: int, caps: Mapping[str, int]) -> dict[str, int]:
-    """Ranks per layer summing to `budget` (clipped to what the caps allow); each in [1, cap]."""
+def allocate_ranks(scores: Mapping[str, tuple[Tensor, float]], budget: int, caps: Mapping[str, int]) -> dict[str, int]:
+    """Ranks per layer summing to `budget` (clipped to what the caps allow); each in [1, cap].
+
+    `scores[name]` is (component scores, descending; the layer's total scored mass).
+    """
     if budget < len(scores):
         raise ValueError(
             f"rank_budget={budget} is smaller than the number of adapted layers ({len(scores)}); "
@@ -21,8 +24,7 @@ def allocate_ranks(scores: Mapping[str, Tensor], budget: int, caps: Mapping[str,
         )
     ranks = dict.fromkeys(scores, 1)
     pool: list[tuple[float, str, int]] = []
-    for name, s in scores.items():
-        total = float(s.sum())
+    for name, (s, total) in scores.items():
         fractions = (s / total).tolist() if total > 0 else [0.0] * s.numel()
         pool.extend((-f, name, i) for i, f in enumerate(fractions[1 : caps[name]], start=1))
     pool.sort()

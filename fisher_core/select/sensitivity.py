@@ -2,7 +2,8 @@
 
 With `W = Σ σ_i u_i v_iᵀ`, the K-FAC Fisher cost of removing component i is
 `κ_i = σ_i² (u_iᵀ S_G u_i)(v_iᵀ S_A v_i)`; the top-k by κ become the adapter, PiSSA-style:
-`B = U_k √(Σ_k/s)`, `A = √(Σ_k/s) V_kᵀ`. With `S_G = S_A = I` this is PiSSA.
+`B = U_k √(Σ_k/s)`, `A = √(Σ_k/s) V_kᵀ`. With `S_G = S_A = I` this is PiSSA. With a low-rank
+solver the candidates are W's top `sketch` triplets.
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ from torch import Tensor
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
-from fisher_core.select.base import Candidates
-from fisher_core.select.linalg import damped
+from fisher_core.select.base import Candidates, Solver
+from fisher_core.select.spectral import top_singular
 
 
-def select_sensitive(weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig) -> Candidates:
-    u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
-    s_g = damped(stats.grad_cov, config.damping)
-    s_a = damped(stats.input_cov, config.damping)
-    g_quad = (u * (s_g @ u)).sum(dim=0)  # u_iᵀ S_G u_i
-    a_quad = (vh.T * (s_a @ vh.T)).sum(dim=0)  # v_iᵀ S_A v_i
-    kappa = sigma.square() * g_quad * a_quad
+def select_sensitive(
+    weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
+) -> Candidates:
+    pool = min(weight.shape) if solver.exact else max(k, solver.sketch)
+    u, sigma, vh = top_singular(weight, pool, solver.exact, seed=solver.seed)
+    s_g, s_a = _damped(stats.grad_cov, config.damping), _damped(stats.input_cov, config.damping)
+    kappa = sigma.square() * (u * (s_g @ u)).sum(dim=0) * (vh * (vh @ s_a)).sum(dim=1)
     order = torch.argsort(kappa, descending=True, stable=True)
     top = order[:k]
     root = (sigma[top] / scaling).sqrt()
-    return Candidates(B=u[:, top] * root, A=root[:, None] * vh[top], scores=kappa[order])
+    return Candidates(B=u[:, top] * root, A=root[:, None] * vh[top], scores=kappa[order], total=float(kappa.sum()))
+
+
+def _damped(s: Tensor, damping: float) -> Tensor:
+    """S + λ·mean(diag S)·I."""
+    return s + damping * float(s.diagonal().mean()) * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)

@@ -142,6 +142,7 @@ def test_rank_allocation_follows_the_pooled_normalized_scores():
         "b": torch.tensor([100.0, 1.0, 0.5, 0.1, 0.1]),  # concentrated: one component suffices
         "c": torch.tensor([5.0, 4.0, 1.0, 0.0, 0.0]),
     }
+    scores = {n: (s, float(s.sum())) for n, s in scores.items()}
     ranks = allocate_ranks(scores, budget=7, caps={"a": 4, "b": 4, "c": 4})
     assert ranks == {"a": 4, "b": 1, "c": 2}
     assert sum(ranks.values()) == 7
@@ -164,3 +165,32 @@ def test_rank_above_layer_size_is_refused_with_the_layer_named():
     model = tiny_llama()
     with pytest.raises(ValueError, match="down_proj"):
         select(_stats(model, [NAME]), model, rank=40, config=_cfg())
+
+
+def _decaying(d: int, seed: int) -> torch.Tensor:
+    q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))[0]
+    return (q * 0.7 ** torch.arange(d, dtype=torch.float32)) @ q.T
+
+
+@pytest.mark.parametrize("selector", ["fwsvd", "natural", "subspace", "select"])
+def test_lowrank_solver_matches_exact_on_decaying_spectra(selector):
+    """Accurate when the factors' tails beyond the sketch fall below the damping level."""
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=False))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # pre-trained weights have decaying spectra too; `select` ranks W's top triplets
+        u, _, vh = torch.linalg.svd(torch.randn(80, 96, generator=g), full_matrices=False)
+        model[0].weight.copy_((u * 0.8 ** torch.arange(80.0)) @ vh)
+    stats = FisherStats(
+        {"0": LayerStats(_decaying(96, 1), _decaying(80, 2), 10, torch.randn(80, 96, generator=g))},
+        fisher_type="empirical",
+        num_batches=1,
+    )
+    exact = select(stats, model, rank=4, config=FisherConfig(selector=selector, solver="exact"))["0"]
+    low = select(stats, model, rank=4, config=FisherConfig(selector=selector, solver="lowrank", sketch_rank=36))["0"]
+    if selector in ("fwsvd", "select"):
+        assert torch.linalg.norm(low.residual() - exact.residual()) / torch.linalg.norm(exact.residual()) < 1e-3
+    else:  # nearly the same subspaces (natural's whitened spectrum is flat in the damped tail)
+        for x, y in ((low.B, exact.B), (low.A.T, exact.A.T)):
+            px, py = x @ torch.linalg.pinv(x), y @ torch.linalg.pinv(y)
+            assert torch.linalg.norm(px - py) < (0.25 if selector == "natural" else 1e-2)
+    assert low.captured == pytest.approx(exact.captured, rel=1e-2)

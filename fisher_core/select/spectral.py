@@ -1,0 +1,79 @@
+"""Spectra of the K-FAC factors, exact or top-k, as the selectors consume them.
+
+A damped factor is represented as `S + δI ≈ Q diag(λ) Qᵀ + ρ (I − Q Qᵀ)`: its top-k eigenpairs plus
+one value `ρ` for the complement (the mean of the remaining eigenvalues, from the trace), damping
+`δ = damping·mean(diag S)` included in both. Exact (`k = d`, full `eigh`) for small factors; for
+large ones the top-k come from randomized subspace iteration (Halko, Martinsson & Tropp 2011,
+Alg. 4.4), costing O(d²k) instead of O(d³). Functions of the factor (`S^{±1/2}`) are applied to
+matrices without ever forming them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Spectrum:
+    """`Q diag(vals) Qᵀ + rest·(I − QQᵀ)` with `vals` descending (damping included)."""
+
+    vecs: Tensor  # d×k, orthonormal columns
+    vals: Tensor  # k
+    rest: float  # eigenvalue of the complement (unused when k = d)
+    trace: float  # trace of the damped factor
+
+    @property
+    def exact(self) -> bool:
+        return self.vecs.shape[1] == self.vecs.shape[0]
+
+    def apply(self, x: Tensor, power: float) -> Tensor:
+        """`S^power @ x` for x of shape d×c."""
+        proj = self.vecs.T @ x
+        out = self.vecs @ (self.vals.pow(power)[:, None] * proj)
+        if not self.exact:
+            out = out + self.rest**power * (x - self.vecs @ proj)
+        return out
+
+
+def spectrum(s: Tensor, damping: float, k: int | None = None, seed: int = 0, iters: int = 4) -> Spectrum:
+    """The damped factor's spectrum: exact when `k` is None or ≥ d/2, else its top-k."""
+    d = s.shape[0]
+    s = 0.5 * (s + s.T)
+    trace = float(s.diagonal().sum())
+    delta = max(damping * trace / d, 1e-12) if damping > 0 else 1e-12
+    if k is None or 2 * k >= d:
+        vals, vecs = torch.linalg.eigh(s)
+        vals, vecs = vals.flip(0).clamp_min(0.0) + delta, vecs.flip(1)
+        return Spectrum(vecs, vals, rest=delta, trace=trace + d * delta)
+    vals, vecs = top_eigenpairs(s, k, seed=seed, iters=iters)
+    vals = vals.clamp_min(0.0)
+    rest = max(trace - float(vals.sum()), 0.0) / (d - k)
+    return Spectrum(vecs, vals + delta, rest=rest + delta, trace=trace + d * delta)
+
+
+def top_eigenpairs(s: Tensor, k: int, seed: int = 0, iters: int = 4, oversample: int = 10) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of a symmetric PSD matrix by randomized subspace iteration (descending)."""
+    d = s.shape[0]
+    g = torch.Generator(device=s.device).manual_seed(seed)
+    q = torch.linalg.qr(s @ torch.randn(d, min(d, k + oversample), generator=g, device=s.device, dtype=s.dtype))[0]
+    for _ in range(iters):
+        q = torch.linalg.qr(s @ q)[0]
+    vals, small = torch.linalg.eigh(q.T @ s @ q)
+    vals, small = vals.flip(0)[:k], small.flip(1)[:, :k]
+    return vals, q @ small
+
+
+def top_singular(m: Tensor, k: int, exact: bool, seed: int = 0, iters: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k singular triplets `U_k, σ_k, V_kᵀ` (exact thin SVD, or randomized with power iterations)."""
+    if exact or 2 * k >= min(m.shape):
+        u, sigma, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :k], sigma[:k], vh[:k]
+    g = torch.Generator(device=m.device).manual_seed(seed)
+    q = torch.linalg.qr(m @ torch.randn(m.shape[1], min(min(m.shape), k + 10), generator=g, device=m.device))[0]
+    for _ in range(iters):
+        q = torch.linalg.qr(m @ (m.T @ q))[0]
+    u, sigma, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ u)[:, :k], sigma[:k], vh[:k]
