@@ -68,6 +68,12 @@ class FisherConfig(BaseModel):
     )
     sketch_rank: int | None = Field(None, ge=1, description="k for the low-rank solver; None = max(4·r, 64).")
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
+    memory_budget: int | Literal["auto"] | None = Field(
+        None,
+        ge=0,
+        description="Bytes the statistics may take. Above it the largest factors are kept as rank-"
+        "`sketch_rank` sketches (O(d·k) memory); 'auto' = half the free accelerator memory; None = no limit.",
+    )
     cache_path: Path | None = Field(
         None, description="safetensors file for the statistics: reused when it matches, written otherwise."
     )

@@ -21,6 +21,7 @@ from torch import nn
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import FisherStats, LayerStats
+from fisher_core.estimate.sums import FactorSketch, LowRank
 from fisher_core.io import atomic_path
 from fisher_core.layers import base_layer, layer_kind
 
@@ -56,6 +57,8 @@ def _settings(config: FisherConfig) -> dict[str, str]:
         "num_batches": str(config.num_batches),
         "mean_grad": str(config.needs_mean_grad),
         "seed": str(config.seed),
+        "memory_budget": str(config.memory_budget),
+        "sketch_rank": str(config.sketch_rank),
     }
 
 
@@ -66,12 +69,13 @@ def save(
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, object]] = {}
     for name, s in stats.items():
+        kinds = {}
         if s.input_group == name or not s.input_group:
-            tensors[f"{name}/input_cov"] = s.input_cov.contiguous()
-        tensors[f"{name}/grad_cov"] = s.grad_cov.contiguous()
+            kinds["input_cov"] = _pack(s.input_cov, f"{name}/input_cov", tensors)
+        kinds["grad_cov"] = _pack(s.grad_cov, f"{name}/grad_cov", tensors)
         if s.mean_grad is not None:
-            tensors[f"{name}/mean_grad"] = s.mean_grad.contiguous()
-        layers[name] = {"num_tokens": s.num_tokens, "input_group": s.input_group or name}
+            kinds["mean_grad"] = _pack(s.mean_grad, f"{name}/mean_grad", tensors)
+        layers[name] = {"num_tokens": s.num_tokens, "input_group": s.input_group or name, "kinds": kinds}
     meta = {
         **_settings(config),
         "fingerprint": fingerprint(modules),
@@ -115,18 +119,46 @@ def load_matching(
             f"statistics cache {path} was computed from other model weights (fingerprint differs); "
             "delete the file or set another cache_path to recompute"
         )
-    layers_meta = json.loads(meta["layers"])
-    out: dict[str, LayerStats] = {}
-    for name, info in layers_meta.items():
-        group = info["input_group"]
-        out[name] = LayerStats(
-            input_cov=tensors[f"{group}/input_cov"],
-            grad_cov=tensors[f"{name}/grad_cov"],
-            num_tokens=int(info["num_tokens"]),
-            mean_grad=tensors.get(f"{name}/mean_grad"),
-            input_group=group,
-        )
     logger.info("fisher-lora: reusing cached statistics from %s", path)
-    stats = FisherStats(out, fisher_type=meta["fisher_type"], num_batches=int(meta["num_batches_used"]))
+    stats = unpack_stats(tensors, meta)
     stats.meta["cache"] = str(path)
     return stats
+
+
+def unpack_stats(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FisherStats:
+    """Rebuild `FisherStats` from a cache file's tensors and metadata (no compatibility checks)."""
+    layers_meta = json.loads(meta["layers"])
+    out: dict[str, LayerStats] = {}
+    shared: dict[str, object] = {}
+    for name, info in layers_meta.items():
+        group, kinds = info["input_group"], info["kinds"]
+        if group not in shared:
+            shared[group] = _unpack(f"{group}/input_cov", layers_meta[group]["kinds"]["input_cov"], tensors)
+        out[name] = LayerStats(
+            input_cov=shared[group],
+            grad_cov=_unpack(f"{name}/grad_cov", kinds["grad_cov"], tensors),
+            num_tokens=int(info["num_tokens"]),
+            mean_grad=_unpack(f"{name}/mean_grad", kinds["mean_grad"], tensors) if "mean_grad" in kinds else None,
+            input_group=group,
+        )
+    return FisherStats(out, fisher_type=meta["fisher_type"], num_batches=int(meta["num_batches_used"]))
+
+
+def _pack(obj: object, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Store a statistic's tensors under `key`; return what `_unpack` needs to rebuild it."""
+    if isinstance(obj, FactorSketch):
+        tensors[f"{key}.omega"], tensors[f"{key}.y"] = obj.omega.contiguous(), obj.y.contiguous()
+        return {"kind": "sketch", "trace": obj.trace}
+    if isinstance(obj, LowRank):
+        tensors[f"{key}.left"], tensors[f"{key}.right"] = obj.left.contiguous(), obj.right.contiguous()
+        return {"kind": "lowrank"}
+    tensors[key] = obj.contiguous()
+    return {"kind": "dense"}
+
+
+def _unpack(key: str, info: dict[str, object], tensors: dict[str, torch.Tensor]) -> object:
+    if info["kind"] == "sketch":
+        return FactorSketch(tensors[f"{key}.omega"], tensors[f"{key}.y"], float(info["trace"]))
+    if info["kind"] == "lowrank":
+        return LowRank(tensors[f"{key}.left"], tensors[f"{key}.right"])
+    return tensors[key]

@@ -29,6 +29,8 @@ from fisher_core.estimate.objective import (
     summed_cross_entropy,
     supervised_logits,
 )
+from fisher_core.estimate.plan import plan_sketches, resolve_budget
+from fisher_core.estimate.sums import is_finite, is_zero
 from fisher_core.layers import base_layer, find_targets, layer_kind
 
 logger = logging.getLogger("fisher_core")
@@ -61,7 +63,11 @@ def estimate(
             return cached
     _check_materialized(modules)
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
-    acc = StatsAccumulator(shapes, with_mean_grad=config.needs_mean_grad)
+    device = _device(model)
+    sketch_rank = config.sketch_rank or 64
+    budget = resolve_budget(config.memory_budget, device)
+    sketched = plan_sketches(shapes, config.needs_mean_grad, budget, sketch_rank)
+    acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
     state = PassState()
     generator = torch.Generator(device=_device(model)).manual_seed(config.seed)
     started, used = time.perf_counter(), 0
@@ -95,7 +101,7 @@ def estimate(
         )
     stats = acc.finalize(config.fisher_type, used)  # all-reduces: every check below is global
     _check_finite(stats)
-    if not any(s.grad_cov.any() for s in stats.values()):
+    if all(is_zero(s.grad_cov) for s in stats.values()):
         raise ValueError(
             f"no supervised tokens in {used} batches ({state.supervised} on this process): every label is -100 "
             "or the loss does not depend on the adapted layers; check the labels / prompt masking, or the loss_fn"
@@ -232,7 +238,7 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 def _check_finite(stats: FisherStats) -> None:
     for name, s in stats.items():
         for what, t in (("S_A", s.input_cov), ("S_G", s.grad_cov), ("mean gradient", s.mean_grad)):
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not is_finite(t):
                 raise FloatingPointError(
                     f"non-finite {what} at layer {name!r} (the first bad layer): check the model's dtype "
                     "(fp16 overflow?) and the data; nothing was written"

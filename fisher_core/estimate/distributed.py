@@ -29,18 +29,18 @@ def all_reduce_sums(layers: Mapping[str, LayerAccumulator]) -> None:
     dist.all_reduce(counts)
     for (name, acc), count in zip(layers.items(), counts.tolist(), strict=True):
         acc.tokens = round(count)
+        shares_input = acc.input_group not in ("", name)
         for s, shape in (
-            (acc.input_sum, (acc.in_features, acc.in_features)),
+            (None if shares_input else acc.input_sum, (acc.in_features, acc.in_features)),
             (acc.grad_sum, (acc.out_features, acc.out_features)),
             (acc.mean_grad_sum, (acc.out_features, acc.in_features)),
         ):
-            shares_input = s is acc.input_sum and acc.input_group not in ("", name)
-            if s is None or shares_input:
+            if s is None:
                 continue
-            local = s.total if s.total is not None else torch.zeros(shape)
-            reduced = local.to(device)
-            dist.all_reduce(reduced)
-            s.total = reduced.to(local.device)
+            for t in s.tensors(shape, torch.device("cpu")):
+                reduced = t.to(device)
+                dist.all_reduce(reduced)
+                t.copy_(reduced)
 
 
 def _collective_device() -> torch.device:

@@ -18,15 +18,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fisher_core.estimate.sums import CrossSketch, DenseSum, FactorSketch, LowRank, PsdSketch
+
+Factor = Tensor | FactorSketch
+Sum = DenseSum | PsdSketch | CrossSketch
+
 
 @dataclass
 class LayerStats:
-    """Averaged statistics of one adapted layer. `input_cov` may be shared with sibling layers."""
+    """Averaged statistics of one adapted layer. `input_cov` may be shared with sibling layers.
 
-    input_cov: Tensor
-    grad_cov: Tensor
+    Factors are dense fp32 tensors, or `FactorSketch`es when a memory budget asked for them; the
+    mean gradient is dense or `LowRank`.
+    """
+
+    input_cov: Factor
+    grad_cov: Factor
     num_tokens: int
-    mean_grad: Tensor | None = None
+    mean_grad: Tensor | LowRank | None = None
     input_group: str = ""
 
     @property
@@ -61,51 +70,65 @@ class FisherStats(Mapping[str, LayerStats]):
         return max((s.num_tokens for s in self.layers.values()), default=0)
 
 
-class _Sum:
-    """A fp32 running sum of outer products and how many rows went into it."""
-
-    def __init__(self) -> None:
-        self.total: Tensor | None = None
-
-    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
-        """total += weight · rowsᵀ · other (other defaults to rows); rows: [k, d]."""
-        rows = rows.float()
-        right = rows if other is None else other.float()
-        with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the model's autocast region
-            update = rows.T @ right
-        if weight != 1.0:
-            update.mul_(weight)
-        self.total = update if self.total is None else self.total.add_(update)
-
-
 @dataclass
 class LayerAccumulator:
     """Running sums for one layer while batches stream through the model."""
 
     in_features: int
     out_features: int
-    input_sum: _Sum = field(default_factory=_Sum)
-    grad_sum: _Sum = field(default_factory=_Sum)
-    mean_grad_sum: _Sum | None = None
+    input_sum: Sum
+    grad_sum: Sum
+    mean_grad_sum: Sum | None = None
     input_group: str = ""
     tokens: int = 0
 
 
 class StatsAccumulator:
-    """Collects sums for a set of layers; `finalize` all-reduces (if distributed) and averages."""
+    """Collects sums for a set of layers; `finalize` all-reduces (if distributed) and averages.
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool) -> None:
+    `sketched[name]` lists which of the layer's statistics ("input", "grad", "mean_grad") are kept as
+    rank-`sketch_rank` sketches instead of dense matrices (see `fisher_core.estimate.plan`).
+    """
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        with_mean_grad: bool,
+        sketched: Mapping[str, set[str]] | None = None,
+        sketch_rank: int = 64,
+        seed: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
+        device = device or torch.device("cpu")
+        sketched = sketched or {}
+
+        def factor(name: str, what: str, dim: int) -> Sum:
+            if what in sketched.get(name, ()):
+                return PsdSketch(dim, min(sketch_rank, dim), f"{name}/{what}", seed, device)
+            return DenseSum()
+
+        def cross(name: str, m: int, n: int) -> Sum:
+            if "mean_grad" in sketched.get(name, ()):
+                return CrossSketch(m, n, min(sketch_rank, m, n), f"{name}/mean_grad", seed, device)
+            return DenseSum()
+
         self.layers = {
-            name: LayerAccumulator(n, m, mean_grad_sum=_Sum() if with_mean_grad else None)
+            name: LayerAccumulator(
+                n,
+                m,
+                input_sum=factor(name, "input", n),
+                grad_sum=factor(name, "grad", m),
+                mean_grad_sum=cross(name, m, n) if with_mean_grad else None,
+            )
             for name, (m, n) in shapes.items()
         }
 
     def finalize(self, fisher_type: str, num_batches: int) -> FisherStats:
-        """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov` tensor."""
+        """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov`."""
         from fisher_core.estimate.distributed import all_reduce_sums
 
         all_reduce_sums(self.layers)
-        shared: dict[str, Tensor] = {}
+        shared: dict[str, Factor] = {}
         out: dict[str, LayerStats] = {}
         for name, acc in self.layers.items():
             if acc.tokens == 0:
@@ -116,21 +139,15 @@ class StatsAccumulator:
             group = acc.input_group or name
             if group not in shared:
                 leader = self.layers[group]
-                shared[group] = _mean(leader.input_sum, leader.tokens, leader.in_features)
+                shared[group] = leader.input_sum.mean(leader.tokens, (leader.in_features, leader.in_features))
             mean_grad = None
             if acc.mean_grad_sum is not None:
-                mean_grad = _mean(acc.mean_grad_sum, acc.tokens, acc.in_features, rows=acc.out_features)
+                mean_grad = acc.mean_grad_sum.mean(acc.tokens, (acc.out_features, acc.in_features))
             out[name] = LayerStats(
                 input_cov=shared[group],
-                grad_cov=_mean(acc.grad_sum, acc.tokens, acc.out_features),
+                grad_cov=acc.grad_sum.mean(acc.tokens, (acc.out_features, acc.out_features)),
                 num_tokens=acc.tokens,
                 mean_grad=mean_grad,
                 input_group=group,
             )
         return FisherStats(out, fisher_type=fisher_type, num_batches=num_batches)
-
-
-def _mean(s: _Sum, tokens: int, cols: int, rows: int | None = None) -> Tensor:
-    if s.total is None:
-        return torch.zeros(rows or cols, cols)
-    return s.total / tokens

@@ -13,7 +13,7 @@ from torch import Tensor
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
 from fisher_core.select.base import Candidates, Solver
-from fisher_core.select.spectral import spectrum, top_singular
+from fisher_core.select.spectral import spectrum, top_singular, whiten
 
 
 def select_fwsvd(
@@ -21,7 +21,7 @@ def select_fwsvd(
 ) -> Candidates:
     g = spectrum(stats.grad_cov, config.damping, solver.sketch, seed=solver.seed)
     a = spectrum(stats.input_cov, config.damping, solver.sketch, seed=solver.seed + 1)
-    m = a.apply(g.apply(weight, 0.5).T, 0.5).T
+    m = whiten(g, a, weight, 0.5)
     u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
     root = (sigma / scaling).sqrt()
     return Candidates(

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
+from fisher_core.estimate.sums import FactorSketch
 from fisher_core.select.base import Candidates, Solver
-from fisher_core.select.spectral import top_singular
+from fisher_core.select.spectral import spectrum, top_singular
 
 
 def select_sensitive(
@@ -22,14 +23,17 @@ def select_sensitive(
 ) -> Candidates:
     pool = min(weight.shape) if solver.exact else max(k, solver.sketch)
     u, sigma, vh = top_singular(weight, pool, solver.exact, seed=solver.seed)
-    s_g, s_a = _damped(stats.grad_cov, config.damping), _damped(stats.input_cov, config.damping)
-    kappa = sigma.square() * (u * (s_g @ u)).sum(dim=0) * (vh * (vh @ s_a)).sum(dim=1)
+    g_quad = _quadratic(stats.grad_cov, u, config.damping)
+    a_quad = _quadratic(stats.input_cov, vh.T, config.damping)
+    kappa = sigma.square() * g_quad * a_quad
     order = torch.argsort(kappa, descending=True, stable=True)
     top = order[:k]
     root = (sigma[top] / scaling).sqrt()
     return Candidates(B=u[:, top] * root, A=root[:, None] * vh[top], scores=kappa[order], total=float(kappa.sum()))
 
 
-def _damped(s: Tensor, damping: float) -> Tensor:
-    """S + λ·mean(diag S)·I."""
-    return s + damping * float(s.diagonal().mean()) * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+def _quadratic(s: Tensor | FactorSketch, vecs: Tensor, damping: float) -> Tensor:
+    """`v_iᵀ (S + λ·mean(diag S)·I) v_i` for every column v_i."""
+    if isinstance(s, FactorSketch):
+        return (vecs * spectrum(s, damping).apply(vecs, 1.0)).sum(dim=0)
+    return (vecs * (s @ vecs)).sum(dim=0) + damping * float(s.diagonal().mean()) * vecs.square().sum(dim=0)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisher_core.estimate.sums import FactorSketch, LowRank
+
 
 @dataclass
 class Spectrum:
@@ -38,9 +40,18 @@ class Spectrum:
         return out
 
 
-def spectrum(s: Tensor, damping: float, k: int | None = None, seed: int = 0, iters: int = 4) -> Spectrum:
-    """The damped factor's spectrum: exact when `k` is None or ≥ d/2, else its top-k."""
+def spectrum(s: Tensor | FactorSketch, damping: float, k: int | None = None, seed: int = 0, iters: int = 4) -> Spectrum:
+    """The damped factor's spectrum: exact when `k` is None or ≥ d/2, else its top-k.
+
+    A sketched factor gives the top eigenpairs its sketch holds (at most k).
+    """
     d = s.shape[0]
+    if isinstance(s, FactorSketch):
+        vals, vecs = s.eigenpairs()
+        vals, vecs = vals[:k], vecs[:, :k]
+        delta = max(damping * s.trace / d, 1e-12)
+        rest = max(s.trace - float(vals.sum()), 0.0) / max(d - vals.numel(), 1)
+        return Spectrum(vecs, vals + delta, rest=rest + delta, trace=s.trace + d * delta)
     s = 0.5 * (s + s.T)
     trace = float(s.diagonal().sum())
     delta = max(damping * trace / d, 1e-12) if damping > 0 else 1e-12
@@ -52,6 +63,13 @@ def spectrum(s: Tensor, damping: float, k: int | None = None, seed: int = 0, ite
     vals = vals.clamp_min(0.0)
     rest = max(trace - float(vals.sum()), 0.0) / (d - k)
     return Spectrum(vecs, vals + delta, rest=rest + delta, trace=trace + d * delta)
+
+
+def whiten(g: Spectrum, a: Spectrum, m: Tensor | LowRank, power: float) -> Tensor:
+    """`S_G^p M S_A^p` as a dense m×n tensor (M dense or low-rank)."""
+    if isinstance(m, LowRank):
+        return g.apply(m.left, power) @ a.apply(m.right.T, power).T
+    return a.apply(g.apply(m, power).T, power).T
 
 
 def top_eigenpairs(s: Tensor, k: int, seed: int = 0, iters: int = 4, oversample: int = 10) -> tuple[Tensor, Tensor]:

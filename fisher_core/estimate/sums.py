@@ -1,0 +1,156 @@
+"""Running sums of outer products: dense, or a fixed-size randomized sketch when memory is short.
+
+- `DenseSum`: `Σ_t a_t b_tᵀ` in fp32 (d_a×d_b).
+- `PsdSketch`: for `S = Σ_t x_t x_tᵀ` keeps `Y = S Ω` (d×k, Ω Gaussian) and `tr S`; at the end a
+  Nyström approximation gives S's top-k eigenpairs (Tropp, Yurtsever, Udell & Cevher 2017,
+  "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"), and the trace
+  gives one value for the rest of the spectrum. Memory d·k instead of d².
+- `CrossSketch`: for `Ḡ = Σ_t g_t x_tᵀ` keeps `Y = Ḡ Ω` (m×k) and `W = Ψ Ḡ` (l×n); at the end
+  `Ḡ ≈ Q (ΨQ)⁺ W` with `Q = orth(Y)` (Tropp et al. 2017, "Practical sketching algorithms for
+  low-rank matrix approximation", Alg. 7). Memory (m + n)·k instead of m·n.
+
+Every sum is linear in the data, so shards add: `tensors()` lists what an all-reduce must sum.
+Test matrices are drawn from a seed derived from the layer name, identical on every process.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _outer(rows: Tensor, other: Tensor, project: Tensor | None = None) -> Tensor:
+    """`rowsᵀ · other` (or `rowsᵀ · (other · project)`) in fp32, outside any autocast region."""
+    with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the model's autocast region
+        return rows.T @ (other if project is None else other @ project)
+
+
+def random_matrix(shape: tuple[int, int], name: str, seed: int, device: torch.device) -> Tensor:
+    """A Gaussian matrix determined by (layer name, seed): the same on every process and run."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g).to(device)
+
+
+class DenseSum:
+    """`Σ weight · rowsᵀ other` in fp32."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+
+    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
+        rows = rows.float()
+        update = _outer(rows, rows if other is None else other.float())
+        if weight != 1.0:
+            update.mul_(weight)
+        self.total = update if self.total is None else self.total.add_(update)
+
+    def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
+        if self.total is None:
+            self.total = torch.zeros(shape, device=device)
+        return [self.total]
+
+    def mean(self, tokens: int, shape: tuple[int, int]) -> Tensor:
+        return self.total / tokens if self.total is not None else torch.zeros(shape)
+
+
+@dataclass
+class FactorSketch:
+    """A PSD factor known through `Y = S Ω` and `tr S` (both already divided by N)."""
+
+    omega: Tensor  # d×k
+    y: Tensor  # d×k
+    trace: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.y.shape[0], self.y.shape[0])
+
+    def eigenpairs(self) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending) and eigenvectors of the Nyström approximation."""
+        y, omega = self.y.double(), self.omega.double()
+        nu = torch.finfo(torch.float32).eps * float(torch.linalg.norm(y))
+        y_nu = y + nu * omega
+        core = omega.T @ y_nu
+        chol = torch.linalg.cholesky(0.5 * (core + core.T) + 1e-12 * torch.eye(core.shape[0], dtype=core.dtype))
+        b = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T
+        u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
+        vals = (sigma.square() - nu).clamp_min(0.0)
+        return vals.float(), u.float()
+
+
+class PsdSketch:
+    """Streaming sketch of `Σ weight · x xᵀ`: `Y = Σ weight · x (xᵀΩ)` and its trace."""
+
+    def __init__(self, dim: int, k: int, name: str, seed: int, device: torch.device) -> None:
+        self.omega = random_matrix((dim, k), name, seed, device)
+        self.y = torch.zeros(dim, k, device=device)
+        self.trace = torch.zeros((), device=device)
+
+    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
+        rows = rows.float()
+        self.y.add_(_outer(rows, rows, self.omega), alpha=weight)
+        self.trace.add_(rows.square().sum(), alpha=weight)
+
+    def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
+        return [self.y, self.trace]
+
+    def mean(self, tokens: int, shape: tuple[int, int]) -> FactorSketch:
+        return FactorSketch(self.omega.cpu(), (self.y / tokens).cpu(), float(self.trace) / tokens)
+
+
+@dataclass
+class LowRank:
+    """A matrix kept as `left @ right` (m×k, k×n)."""
+
+    left: Tensor
+    right: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    def dense(self) -> Tensor:
+        return self.left @ self.right
+
+
+class CrossSketch:
+    """Streaming two-sided sketch of `Σ g xᵀ`: `Y = Σ g (xᵀΩ)`, `W = Σ (Ψg) xᵀ`."""
+
+    def __init__(self, rows: int, cols: int, k: int, name: str, seed: int, device: torch.device) -> None:
+        self.omega = random_matrix((cols, k), name + "/omega", seed, device)
+        self.psi = random_matrix((2 * k + 1, rows), name + "/psi", seed, device)
+        self.y = torch.zeros(rows, k, device=device)
+        self.w = torch.zeros(2 * k + 1, cols, device=device)
+
+    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
+        g, x = rows.float(), other.float()
+        self.y.add_(_outer(g, x, self.omega), alpha=weight)
+        with torch.autocast(g.device.type, enabled=False):
+            self.w.add_((g @ self.psi.T).T @ x, alpha=weight)
+
+    def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
+        return [self.y, self.w]
+
+    def mean(self, tokens: int, shape: tuple[int, int]) -> LowRank:
+        q = torch.linalg.qr(self.y.double())[0]
+        x = torch.linalg.lstsq(self.psi.double() @ q, self.w.double()).solution
+        return LowRank(q.float().cpu(), (x / tokens).float().cpu())
+
+
+def is_finite(stat: Tensor | FactorSketch | LowRank) -> bool:
+    """Whether every number a statistic holds is finite."""
+    if isinstance(stat, FactorSketch):
+        parts = [stat.y, torch.tensor(stat.trace)]
+    elif isinstance(stat, LowRank):
+        parts = [stat.left, stat.right]
+    else:
+        parts = [stat]
+    return all(bool(torch.isfinite(p).all()) for p in parts)
+
+
+def is_zero(stat: Tensor | FactorSketch) -> bool:
+    """Whether a factor is identically zero (no gradient reached the layer)."""
+    return not bool((stat.y if isinstance(stat, FactorSketch) else stat).any())

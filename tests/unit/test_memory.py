@@ -1,0 +1,103 @@
+"""Memory budget: sketched statistics stay within the budget and recover what they can hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+from fisher_core import FisherConfig, estimate, select
+from fisher_core.estimate.plan import plan_sketches
+from fisher_core.estimate.sums import CrossSketch, PsdSketch
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def _batches() -> list[dict]:
+    ids = torch.randint(3, 384, (8, 12), generator=torch.Generator().manual_seed(0))
+    return [
+        {"input_ids": ids[i : i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long), "labels": ids[i : i + 4]}
+        for i in (0, 4)
+    ]
+
+
+def test_nystrom_sketch_recovers_a_low_rank_factor_exactly():
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(1)) @ torch.randn(5, 40)
+    sketch = PsdSketch(40, 12, "layer", 0, torch.device("cpu"))
+    sketch.add_outer(x)
+    vals, vecs = sketch.mean(50, (40, 40)).eigenpairs()
+    exact = x.T @ x / 50
+    torch.testing.assert_close((vecs[:, :5] * vals[:5]) @ vecs[:, :5].T, exact, rtol=1e-3, atol=1e-4)
+
+
+def test_cross_sketch_recovers_a_low_rank_mean_gradient_exactly():
+    g = torch.Generator().manual_seed(2)
+    grads, inputs = torch.randn(30, 3, generator=g) @ torch.randn(3, 20, generator=g), torch.randn(30, 16, generator=g)
+    sketch = CrossSketch(20, 16, 6, "layer", 0, torch.device("cpu"))
+    sketch.add_outer(grads, other=inputs)
+    torch.testing.assert_close(sketch.mean(30, (20, 16)).dense(), grads.T @ inputs / 30, rtol=1e-3, atol=1e-4)
+
+
+def test_plan_sketches_the_largest_factors_until_the_budget_holds():
+    shapes = {"a": (64, 32), "b": (16, 16)}  # (m, n)
+    full = 4 * (32 * 32 + 64 * 64 + 16 * 16 * 2)
+    assert plan_sketches(shapes, False, full, 8) == {}
+    plan = plan_sketches(shapes, False, full - 1, 8)
+    assert plan == {"a": {"grad"}}  # the 64×64 factor goes first
+    with pytest.raises(MemoryError, match="memory_budget=100"):
+        plan_sketches(shapes, False, 100, 8)
+
+
+def test_budgeted_estimate_keeps_sketches_and_selection_still_works():
+    model = tiny_llama()
+    budget = 50_000  # dense statistics need ~153 kB
+    cfg = FisherConfig(progress=False, num_batches=2, selector="natural", memory_budget=budget, sketch_rank=8)
+    stats = estimate(model, _batches(), target_modules=TARGETS, config=cfg)
+    kinds = {type(s.grad_cov).__name__ for s in stats.values()} | {type(s.mean_grad).__name__ for s in stats.values()}
+    assert "FactorSketch" in kinds and "LowRank" in kinds
+    directions = select(stats, model, rank=4, config=cfg)
+    assert all(torch.isfinite(d.A).all() and torch.isfinite(d.B).all() for d in directions.values())
+    assert all(d.rank == 4 for d in directions.values())
+
+
+@pytest.mark.parametrize("selector", ["fwsvd", "subspace", "select"])
+def test_sketched_factors_capture_most_of_what_exact_factors_capture(selector):
+    model = tiny_llama()
+    exact_cfg = FisherConfig(progress=False, num_batches=2, selector=selector)
+    exact = select(
+        estimate(model, _batches(), target_modules=TARGETS, config=exact_cfg), model, rank=2, config=exact_cfg
+    )
+    cfg = exact_cfg.model_copy(update={"memory_budget": 1, "sketch_rank": 30})
+    with pytest.raises(MemoryError):
+        estimate(model, _batches(), target_modules=TARGETS, config=cfg)
+    cfg = exact_cfg.model_copy(update={"memory_budget": 90_000, "sketch_rank": 24})
+    low = select(estimate(model, _batches(), target_modules=TARGETS, config=cfg), model, rank=2, config=cfg)
+    for name in exact:
+        assert low[name].captured == pytest.approx(exact[name].captured, rel=0.15)
+
+
+def test_sketched_statistics_round_trip_through_the_cache(tmp_path):
+    model = tiny_llama()
+    cfg = FisherConfig(
+        progress=False,
+        num_batches=2,
+        selector="natural",
+        memory_budget=50_000,
+        sketch_rank=8,
+        cache_path=tmp_path / "s.safetensors",
+    )
+    first = estimate(model, _batches(), target_modules=TARGETS, config=cfg)
+    second = estimate(model, _batches(), target_modules=TARGETS, config=cfg)
+    assert second.meta.get("cache")
+
+    def parts(stat):
+        return (
+            [stat]
+            if isinstance(stat, torch.Tensor)
+            else [v for v in vars(stat).values() if isinstance(v, torch.Tensor)]
+        )
+
+    for name in first:
+        for what in ("input_cov", "grad_cov", "mean_grad"):
+            a, b = getattr(first[name], what), getattr(second[name], what)
+            assert type(a) is type(b) and all(torch.equal(x, y) for x, y in zip(parts(a), parts(b), strict=True))
