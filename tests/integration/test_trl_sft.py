@@ -1,0 +1,172 @@
+"""FisherInitCallback on a real SFTTrainer and a plain transformers.Trainer (tiny Llama, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+from fisher_core.write.record import RECORD_FILE
+from fisher_trl import FisherInitCallback
+from fisher_trl.objectives import policy_logits, trainer_loss_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
+import trl_sft
+
+FISHER = {"num_batches": 2, "progress": False}
+EXACT = {"bf16": False}  # SFTConfig defaults to bf16 autocast; comparisons below want fp32
+
+
+class Probe(TrainerCallback):
+    """Registered after the Fisher callback: sees the model as training is about to start."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        trainer.add_callback(self)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        self.grads = [n for n, p in model.named_parameters() if p.grad is not None]
+        self.metrics = copy.deepcopy(self.trainer._metrics)
+        self.tokens = self.trainer._total_train_tokens
+        self.lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        self.base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+        self.rng = torch.get_rng_state()
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_sft_callback_initializes_from_trainer_objective_and_leaves_no_trace(tiny_llama_dir, tmp_path, caplog):
+    trainer, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, **EXACT)
+    before = lora_state(trainer.model)
+    rng = torch.get_rng_state()
+    probe = Probe(trainer)
+    with caplog.at_level(logging.INFO, logger="fisher_core"):
+        trainer.train()
+    assert any("natural directions from empirical Fisher (preserve) on 14 layers" in r.message for r in caplog.records)
+    assert callback.report.num_batches == 2 and callback.report.num_tokens > 0
+    b_names = [n for n in probe.lora if "lora_B" in n]
+    assert all(before[n].abs().max() == 0 for n in b_names)
+    assert all(probe.lora[n].abs().max() > 0 for n in b_names)  # written before the first step
+    assert probe.grads == []
+    assert probe.metrics == {"train": {}, "eval": {}} and probe.tokens == 0
+    assert torch.equal(probe.rng, rng)  # the init consumed none of the training run's randomness
+    assert trainer.state.global_step == 2
+
+
+def test_sft_loss_fn_is_the_sum_of_token_losses(tiny_llama_dir, tmp_path):
+    trainer, _ = trl_sft.build(tiny_llama_dir, tmp_path, **EXACT)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    summed = trainer_loss_fn(trainer)(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(summed, expected)
+    logits_k, labels_k = policy_logits(model, batch)
+    assert logits_k.shape[0] == labels_k.shape[0] == int((labels != -100).sum())
+
+
+def test_sft_true_fisher_initializes_and_trains(tiny_llama_dir, tmp_path):
+    trainer, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher={**FISHER, "fisher_type": "true"}, **EXACT)
+    trainer.train()
+    assert callback.report.fisher_type == "true" and trainer.state.global_step == 2
+    assert all(torch.isfinite(t).all() for t in lora_state(trainer.model).values())
+
+
+def _stats(tiny_llama_dir, tmp_path, **training):
+    trainer, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=1, **training)
+    trainer.train()
+    return callback.report.stats
+
+
+@pytest.mark.parametrize("variant", [{"gradient_checkpointing": True}, {"bf16": True}], ids=["checkpointing", "bf16"])
+def test_statistics_do_not_depend_on_checkpointing_or_autocast(tiny_llama_dir, tmp_path, variant):
+    reference = _stats(tiny_llama_dir, tmp_path / "a", bf16=False, gradient_checkpointing=False)
+    other = _stats(tiny_llama_dir, tmp_path / "b", **{"bf16": False, "gradient_checkpointing": False, **variant})
+    tol = {"rtol": 5e-2, "atol": 5e-3} if variant.get("bf16") else {"rtol": 1e-4, "atol": 1e-6}
+    assert set(reference) == set(other)
+    for name, s in reference.items():
+        assert other[name].num_tokens == s.num_tokens
+        for what in ("input_cov", "grad_cov", "mean_grad"):
+            a, b = getattr(s, what), getattr(other[name], what)
+            assert a.dtype == b.dtype == torch.float32
+            scale = a.abs().max()
+            torch.testing.assert_close(b / scale, a / scale, **tol, msg=f"{what} of {name}")
+
+
+def test_preserve_first_step_matches_run_without_callback(tiny_llama_dir, tmp_path):
+    plain, _ = trl_sft.build(tiny_llama_dir, tmp_path / "plain", steps=1, **EXACT)
+    plain.train()
+    fisher, _ = trl_sft.build(tiny_llama_dir, tmp_path / "fisher", fisher=FISHER, steps=1, **EXACT)
+    fisher.train()
+    first, second = plain.state.log_history[0], fisher.state.log_history[0]
+    for key in ("loss", "entropy", "num_tokens", "mean_token_accuracy"):
+        assert second[key] == pytest.approx(first[key], rel=1e-5), key
+
+
+def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path, caplog):
+    full, _ = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
+    full.train()
+    assert (tmp_path / "checkpoint-2" / RECORD_FILE).exists()
+    resumed, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
+    with caplog.at_level(logging.INFO, logger="fisher_trl"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    lines = [r.message for r in caplog.records if "not re-initializing" in r.message]
+    assert len(lines) == 1 and "restored the base offsets of 14 layers" in lines[0]
+    assert callback.report is None
+    final_full, final_resumed = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
+    for name, p in final_full.items():
+        if "base_layer.weight" in name or "lora_" in name:
+            torch.testing.assert_close(final_resumed[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_final_save_loads_on_original_base_and_reproduces_trained_model(tiny_llama_dir, tmp_path):
+    trainer, _ = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, **EXACT)
+    trainer.train()
+    trainer.save_model()
+    assert (tmp_path / "fisher_raw" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "fisher_raw" / RECORD_FILE).exists()
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        assert not torch.allclose(base(**inputs).logits, expected, atol=1e-4)  # training did move the model
+
+
+def test_plain_trainer_with_peft_model(tiny_llama_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+    def tokenize(row: dict) -> dict:
+        prompt, completion = tokenizer(row["prompt"])["input_ids"], tokenizer(row["completion"])["input_ids"]
+        return {"input_ids": (prompt + completion)[:64], "labels": ([-100] * len(prompt) + completion)[:64]}
+
+    dataset = load_dataset("json", data_files=str(trl_sft.DATA / "sft.jsonl"), split="train")
+    dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
+    dataset = dataset.filter(lambda row: any(t != -100 for t in row["labels"]))  # truncation can drop completions
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(tmp_path, max_steps=1, per_device_train_batch_size=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    callback = FisherInitCallback(**FISHER).attach(trainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:].flatten()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels, reduction="sum")
+    torch.testing.assert_close(trainer_loss_fn(trainer)(model, batch), expected)
+    trainer.train()
+    assert callback.report.num_batches == 2 and len(callback.report.layers) == 4
+    assert trainer.state.global_step == 1
