@@ -120,8 +120,8 @@ def load_batches(
     examples, skipped, fmt = [], 0, None
     wanted = batch_size * num_batches
     for number, row in read_jsonl(path):
-        fmt = fmt or detect_format(row, text_field, chat)
         try:
+            fmt = fmt or detect_format(row, text_field, chat)
             example = tokenize_row(row, tokenizer, fmt, text_field=text_field or "text", max_length=max_length)
         except DataError as e:
             raise DataError(f"{path}:{number}: {e}") from e
@@ -132,7 +132,7 @@ def load_batches(
         if len(examples) == wanted:
             break
     if skipped:
-        warnings.warn(f"skipped {skipped} rows of {path} with no supervised token (raise --max-length?)", stacklevel=2)
+        warnings.warn(f"skipped {skipped} rows of {path} with no supervised token (raise max_length?)", stacklevel=2)
     if not examples:
         raise DataError(f"{path} has no row with a supervised token")
     it = iter(examples)

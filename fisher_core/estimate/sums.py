@@ -154,3 +154,15 @@ def is_finite(stat: Tensor | FactorSketch | LowRank) -> bool:
 def is_zero(stat: Tensor | FactorSketch) -> bool:
     """Whether a factor is identically zero (no gradient reached the layer)."""
     return not bool((stat.y if isinstance(stat, FactorSketch) else stat).any())
+
+
+def factor_trace(stat: Tensor | FactorSketch) -> float:
+    """tr S of a dense or sketched factor."""
+    return stat.trace if isinstance(stat, FactorSketch) else float(stat.diagonal().sum())
+
+
+def factor_eigenvalues(stat: Tensor | FactorSketch) -> Tensor:
+    """Eigenvalues, descending (a sketch knows only its top k)."""
+    if isinstance(stat, FactorSketch):
+        return stat.eigenpairs()[0]
+    return torch.linalg.eigvalsh(0.5 * (stat.double() + stat.double().T)).flip(0).clamp_min(0.0)

@@ -1,0 +1,220 @@
+"""`fisher-lora init` / `report` run as subprocesses on the tiny local model and the shipped JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny import DATA
+
+from fisher_core import FisherConfig, initialize
+from fisher_core.data import load_batches
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+COMMON = ["--rank", "4", "--batch-size", "4", "--max-length", "96", "--num-batches", "2", "--quiet"]
+
+
+def fisher_lora(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fisher_core", *map(str, args)],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+
+
+def load_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+
+
+def in_process_lora_state(model_dir: Path, data: Path, config: FisherConfig, chat: bool = False):
+    """`fisher_core.initialize` on the same model, data and config; returns (lora state, peft model)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    batches = load_batches(data, tokenizer, batch_size=4, num_batches=config.num_batches, chat=chat, max_length=96)
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(load_model(model_dir), lora)
+    initialize(peft_model, batches, config=config)
+    return get_peft_model_state_dict(peft_model), peft_model
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def preserve_dir(tiny_llama_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("cli") / "adapter"
+    done = fisher_lora("init", "--model", tiny_llama_dir, "--data", DATA / "sft.jsonl", "--out", out, *COMMON)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def zero_dir(tiny_llama_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("cli-zero")
+    (tmp / "fisher.yaml").write_text("policy: zero\nselector: subspace\nnum_batches: 5\n")
+    (tmp / "adapter" / "residual_base").mkdir(parents=True)  # an earlier run's output, replaced by --overwrite:
+    (tmp / "adapter" / "fisher_stats.safetensors").write_bytes(b"stale")  # reusing it would fail
+    args = ["--data", DATA / "chat.jsonl", "--chat", "--out", tmp / "adapter", "--config", tmp / "fisher.yaml"]
+    done = fisher_lora("init", "--model", tiny_llama_dir, *args, *COMMON, "--overwrite")  # flags override the YAML
+    assert done.returncode == 0, done.stderr
+    return tmp / "adapter", done
+
+
+def test_preserve_adapter_matches_in_process_initialize(preserve_dir, tiny_llama_dir):
+    out, _ = preserve_dir
+    expected, _ = in_process_lora_state(tiny_llama_dir, DATA / "sft.jsonl", FisherConfig(num_batches=2, progress=False))
+    written = load_file(out / "adapter_model.safetensors")
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(written[key], value, rtol=0, atol=1e-6, msg=key)
+    assert any(v.abs().sum() > 0 for k, v in written.items() if "lora_B" in k)
+
+
+def test_preserve_adapter_loads_with_peft_on_the_residual_base_and_keeps_outputs(preserve_dir, tiny_llama_dir):
+    from peft import PeftConfig, PeftModel
+
+    out, done = preserve_dir
+    assert "train on the residual base" in done.stdout and str((out / "residual_base").resolve()) in done.stdout
+    assert PeftConfig.from_pretrained(out).base_model_name_or_path == str((out / "residual_base").resolve())
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    original = logits(load_model(tiny_llama_dir), ids)
+    trained_start = PeftModel.from_pretrained(load_model(out / "residual_base"), out, is_trainable=True)
+    torch.testing.assert_close(logits(trained_start, ids), original, rtol=0, atol=1e-5)
+    wrong_base = PeftModel.from_pretrained(load_model(tiny_llama_dir), out)
+    assert not torch.allclose(logits(wrong_base, ids), original, atol=1e-5)
+    assert (out / "fisher_init.safetensors").is_file()
+
+
+def test_zero_adapter_matches_in_process_and_loads_on_the_original_base(zero_dir, tiny_llama_dir):
+    from peft import PeftModel
+
+    out, done = zero_dir
+    assert "train on the original base" in done.stdout and not (out / "residual_base").exists()
+    config = FisherConfig(policy="zero", selector="subspace", num_batches=2, progress=False)
+    expected, _ = in_process_lora_state(tiny_llama_dir, DATA / "chat.jsonl", config, chat=True)
+    written = load_file(out / "adapter_model.safetensors")
+    for key, value in expected.items():
+        torch.testing.assert_close(written[key], value, rtol=0, atol=1e-6, msg=key)
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+    loaded = PeftModel.from_pretrained(load_model(tiny_llama_dir), out)
+    torch.testing.assert_close(logits(loaded, ids), logits(load_model(tiny_llama_dir), ids), rtol=0, atol=1e-6)
+
+
+def test_quiet_init_shows_no_progress_bars(preserve_dir):
+    _, done = preserve_dir
+    assert "it/s" not in done.stderr and "batch/s" not in done.stderr
+    assert "statistics cached" in done.stderr  # log lines with numbers stay
+
+
+def test_report_png_has_every_panel_drawn(preserve_dir, tmp_path):
+    out, _ = preserve_dir
+    done = fisher_lora("report", out, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    image = Image.open(tmp_path / "report.png").convert("RGB")
+    assert list(image.size) == report["figure"]["size"] == [1400, 1300]
+    assert set(report["figure"]["panels"]) == {"mass", "spectrum_S_A", "spectrum_S_G", "ranks", "captured"}
+    for name, box in report["figure"]["panels"].items():
+        pixels = torch.tensor(list(image.crop(box).getdata()))
+        coloured = (pixels.amax(dim=1) - pixels.amin(dim=1) > 60).float().mean()  # data: bars, lines
+        inked = (pixels < 128).any(dim=1).float().mean()  # axes, ticks, labels
+        assert coloured > 0.002 and inked > 0.002, f"panel {name} looks blank ({coloured:.4f}, {inked:.4f})"
+    layers = report["layers"]
+    assert len(layers) == 4 and all({"fisher_mass", "rank", "captured"} <= set(v) for v in layers.values())
+    top = report["top_layers"][0]
+    assert layers[top]["fisher_mass"] == max(v["fisher_mass"] for v in layers.values())
+    assert len(layers[top]["eig_S_A"]) == 32 and layers[top]["eig_S_A"][0] >= layers[top]["eig_S_A"][-1]
+    assert report["selector"] == "natural"  # what init wrote is kept
+
+
+def test_report_on_a_bare_statistics_file(zero_dir, tmp_path):
+    stats = tmp_path / "stats.safetensors"
+    shutil.copyfile(zero_dir[0] / "fisher_stats.safetensors", stats)
+    done = fisher_lora("report", stats)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(tmp_path / "report.png").size == (1400, 1300)
+    layers = json.loads((tmp_path / "report.json").read_text())["layers"]
+    assert len(layers) == 4 and all("fisher_mass" in v and "rank" not in v for v in layers.values())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--num-batches", "0", "--num-batches: Input should be greater than or equal to 1"),
+        ("--selector", "bogus", "--selector: Input should be 'select', 'fwsvd', 'natural' or 'subspace'"),
+        ("--mc-samples", "4", "mc_samples > 1 only applies to fisher_type='true'"),
+    ],
+)
+def test_bad_flag_value_exits_2_with_one_line_naming_it(tiny_llama_dir, tmp_path, flag, value, expected):
+    done = fisher_lora("init", "--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", tmp_path, flag, value)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert expected in done.stderr
+
+
+def test_unknown_yaml_key_exits_2_naming_the_file(tiny_llama_dir, tmp_path):
+    (tmp_path / "fisher.yaml").write_text("selektor: natural\n")
+    args = ["--data", DATA / "text.jsonl", "--out", tmp_path / "a", "--config", tmp_path / "fisher.yaml"]
+    done = fisher_lora("init", "--model", tiny_llama_dir, *args)
+    assert done.returncode == 2 and "fisher.yaml: key 'selektor': unknown field" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+        (["--data", DATA / "text.jsonl", "--model", "no-such-model"], "--model no-such-model: no config.json"),
+    ],
+)
+def test_missing_file_exits_2_with_one_line(tiny_llama_dir, tmp_path, args, expected):
+    done = fisher_lora("init", "--model", tiny_llama_dir, "--out", tmp_path, *args)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("fisher-lora init: error: ") and expected in line
+
+
+def test_existing_adapter_is_not_overwritten_without_the_flag(preserve_dir, tiny_llama_dir):
+    out, _ = preserve_dir
+    done = fisher_lora("init", "--model", tiny_llama_dir, "--data", DATA / "sft.jsonl", "--out", out)
+    assert done.returncode == 2 and "--overwrite" in done.stderr
+
+
+def test_report_of_a_missing_source_exits_2(tmp_path):
+    done = fisher_lora("report", tmp_path)
+    assert done.returncode == 2 and "fisher_stats.safetensors: no such file" in done.stderr
+
+
+def test_preserve_output_exports_a_trained_adapter_for_the_original_base(preserve_dir, tiny_llama_dir, tmp_path):
+    """The docs' route: train on residual_base/, then restore_offsets + export_adapter for the original base."""
+    from peft import PeftModel
+
+    from fisher_core import export_adapter
+    from fisher_core.write import load_record, restore_offsets
+
+    out, _ = preserve_dir
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    trained = PeftModel.from_pretrained(load_model(out / "residual_base"), out, is_trainable=True)
+    with torch.no_grad():  # stands in for training
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    trained.save_pretrained(tmp_path / "trained")
+    model = PeftModel.from_pretrained(load_model(tiny_llama_dir), tmp_path / "trained")
+    restore_offsets(model, load_record(out))
+    export_adapter(model, tmp_path / "shipped")
+    shipped = PeftModel.from_pretrained(load_model(tiny_llama_dir), tmp_path / "shipped")
+    torch.testing.assert_close(logits(shipped, ids), logits(trained, ids), rtol=0, atol=1e-5)
