@@ -45,6 +45,13 @@ class FisherConfig(BaseModel):
         description="Which positions count as samples: every non-padding position "
         "(`attention`) or only those that carry a label (`supervised`).",
     )
+    position_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of the sample positions (drawn at random per batch) whose x_t, g_t enter the "
+        "statistics. The forward/backward still runs on every position; below 1 the outer products cost less.",
+    )
     damping: float = Field(
         1e-3, ge=0.0, description="λ: factors become S + λ·mean(diag S)·I before any inverse or root."
     )

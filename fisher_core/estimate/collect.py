@@ -26,6 +26,7 @@ from fisher_core.estimate.objective import (
     LossFn,
     position_mask,
     sample_labels,
+    subsample,
     summed_cross_entropy,
     supervised_logits,
 )
@@ -134,6 +135,8 @@ def _accumulate_batch(
     generator: torch.Generator,
 ) -> None:
     state.mask = position_mask(model, batch, config.positions)
+    if config.position_fraction < 1.0:
+        state.mask = subsample(state.mask, batch, config.position_fraction, generator)
     batch, leaves = _float_inputs_require_grad(model, batch)
     state.leaves = leaves
     state.record_input, state.record_grad_cov, state.grad_weight = True, True, 1.0

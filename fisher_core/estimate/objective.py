@@ -83,3 +83,12 @@ def position_mask(model: nn.Module, batch: Batch, positions: str) -> Tensor | No
     if is_causal_lm(model):
         supervised = torch.cat([supervised[:, 1:], torch.zeros_like(supervised[:, :1])], dim=1)
     return supervised if mask is None else supervised & mask
+
+
+def subsample(mask: Tensor | None, batch: Batch, fraction: float, generator: torch.Generator) -> Tensor:
+    """Keep each counted position with probability `fraction` (the same draw for x_t and g_t)."""
+    if mask is None:
+        ids = next(v for v in batch.values() if isinstance(v, Tensor) and v.dim() >= 2)
+        mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+    keep = torch.rand(mask.shape, generator=generator, device=generator.device) < fraction
+    return mask & keep.to(mask.device)

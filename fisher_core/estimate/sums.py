@@ -23,9 +23,16 @@ from torch import Tensor
 
 
 def _outer(rows: Tensor, other: Tensor, project: Tensor | None = None) -> Tensor:
-    """`rowsᵀ · other` (or `rowsᵀ · (other · project)`) in fp32, outside any autocast region."""
+    """`rowsᵀ · other` (or `rowsᵀ · (other · project)`) with an fp32 result, outside any autocast region.
+
+    On CUDA, half-precision activations are multiplied on the tensor cores with fp32 accumulation
+    (`out_dtype`), as fast as the model's own matmuls; elsewhere they are upcast first.
+    """
     with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the model's autocast region
-        return rows.T @ (other if project is None else other @ project)
+        right = other if project is None else other.float() @ project
+        if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and right.dtype == rows.dtype:
+            return torch.mm(rows.T, right, out_dtype=torch.float32)
+        return rows.float().T @ right.float()
 
 
 def random_matrix(shape: tuple[int, int], name: str, seed: int, device: torch.device) -> Tensor:
@@ -41,8 +48,7 @@ class DenseSum:
         self.total: Tensor | None = None
 
     def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
-        rows = rows.float()
-        update = _outer(rows, rows if other is None else other.float())
+        update = _outer(rows, rows if other is None else other)
         if weight != 1.0:
             update.mul_(weight)
         self.total = update if self.total is None else self.total.add_(update)

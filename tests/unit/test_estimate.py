@@ -211,3 +211,14 @@ def test_bf16_model_accumulates_in_fp32():
     stats = estimate(model.to(torch.bfloat16), _batches(), target_modules=LAYERS, config=_cfg(_batches()))
     assert stats[LAYERS[0]].grad_cov.dtype == torch.float32
     assert _rel(stats[LAYERS[0]].input_cov, ref[LAYERS[0]].input_cov) < 0.05
+
+
+def test_position_fraction_subsamples_positions_without_bias():
+    model = tiny_llama()
+    batches = _batches(n=16, t=24, batch_size=4)
+    full = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches))
+    half = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches, position_fraction=0.5))
+    name = LAYERS[0]
+    assert 0.35 < half[name].num_tokens / full[name].num_tokens < 0.65
+    assert _rel(half[name].input_cov, full[name].input_cov) < 0.4  # ~190 sampled positions of 384
+    assert _rel(half[name].grad_cov, full[name].grad_cov) < 0.5
