@@ -1,0 +1,173 @@
+"""`FisherLoRAPlugin`: `lora_init: fisher` in an Axolotl YAML (DESIGN §5).
+
+Where each step happens in Axolotl's flow:
+
+- `pre_lora_load`: seed, so two fresh runs build the same PEFT model.
+- `get_lora_config_kwargs`: when resuming, the checkpoint's `rank_pattern` (a `fisher_rank_budget`
+  run has per-layer ranks the YAML alone does not give).
+- `post_trainer_create`: the PeftModel, the trainer's train dataloader (its real collator) and its
+  own loss exist, the optimizer does not yet. Fresh run: `fisher_core.initialize` with Axolotl's
+  fused LoRA kernels routed around (see `kernels`), then the JSON report goes to `output_dir`.
+  Resumed run: no initialization; the base offsets recorded in the checkpoint are restored.
+- checkpoints: each `checkpoint-N/` keeps the raw adapter and gets `fisher_init.safetensors`.
+- `post_train` after the final save: when the base was changed (policy `preserve`), the raw adapter
+  moves to `output_dir/fisher_raw/` and `output_dir` gets the exported adapter, which loads with plain
+  PEFT on the original base.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
+from transformers import TrainerCallback, set_seed
+
+from fisher_axolotl.args import fisher_config
+from fisher_axolotl.kernels import plain_lora_forward
+from fisher_axolotl.loss import metrics_restored, trainer_loss_fn
+from fisher_core import export_adapter, initialize
+from fisher_core.layers import layer_kind
+from fisher_core.write import get_record, load_record, restore_offsets, save_record
+from fisher_core.write.export import ADAPTER_FILES
+from fisher_core.write.peft import lora_layers
+
+LOG = get_logger("axolotl.integrations.fisher_lora")
+REPORT_FILE = "fisher_init_report.json"
+RAW_DIR = "fisher_raw"
+
+
+def enabled(cfg: Any) -> bool:
+    return cfg.get("lora_init") == "fisher"
+
+
+def resume_checkpoint(cfg: Any) -> Path | None:
+    """The checkpoint this run resumes from (what Axolotl's determine_last_checkpoint will pick), or None."""
+    if cfg.get("resume_from_checkpoint"):
+        return Path(cfg["resume_from_checkpoint"])
+    if cfg.get("auto_resume_from_checkpoints"):
+        found = [p for p in Path(cfg["output_dir"]).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        if found:
+            return max(found, key=lambda p: int(p.name.split("-")[-1]))
+    return None
+
+
+def unwritable_base(cfg: Any, model: torch.nn.Module) -> str | None:
+    """Why the base weights cannot be written (quantized layers, QLoRA), or None when they can."""
+    kinds = {layer_kind(m).name for m in lora_layers(model, "default").values() if not layer_kind(m).writable}
+    if kinds:
+        return f"{', '.join(sorted(kinds))} layers"
+    if cfg.get("adapter") == "qlora" or cfg.get("load_in_4bit") or cfg.get("load_in_8bit"):
+        return "a quantized base"
+    return None
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+class FisherCheckpointRecord(TrainerCallback):
+    """Writes the base-offset record into every checkpoint, for resuming."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def on_save(self, args, state, control, **kwargs):
+        record = get_record(self.model, "default")
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and record is not None and record.changes_base and checkpoint.is_dir():
+            save_record(record, checkpoint)
+        return control
+
+
+class FisherLoRAPlugin(BasePlugin):
+    """Initializes Axolotl's LoRA/QLoRA adapter from Fisher statistics of the training data."""
+
+    def __init__(self):
+        super().__init__()
+        self.model: torch.nn.Module | None = None
+        self.is_main_process = True
+        self.trained = False
+        self.mtime_after_train: int | None = None
+
+    def get_input_args(self) -> str:
+        return "fisher_axolotl.args.FisherArgs"
+
+    def pre_lora_load(self, cfg, model):
+        if enabled(cfg):
+            set_seed(cfg.seed if cfg.seed is not None else fisher_config(cfg).seed)
+
+    def get_lora_config_kwargs(self, cfg) -> dict:
+        checkpoint = resume_checkpoint(cfg) if enabled(cfg) else None
+        if checkpoint is None or not (checkpoint / "adapter_config.json").exists():
+            return {}
+        from peft import PeftConfig
+
+        saved = PeftConfig.from_pretrained(str(checkpoint))
+        patterns = {k: getattr(saved, k) for k in ("rank_pattern", "alpha_pattern") if getattr(saved, k, None)}
+        if patterns:
+            LOG.info(f"fisher-lora: per-layer ranks from {checkpoint} ({len(saved.rank_pattern)} layers)")
+        return patterns
+
+    def post_trainer_create(self, cfg, trainer):
+        if not enabled(cfg):
+            return
+        model = trainer.model
+        self.model, self.is_main_process = model, trainer.accelerator.is_main_process
+        trainer.add_callback(FisherCheckpointRecord(model))
+        checkpoint = resume_checkpoint(cfg)
+        if checkpoint is not None:
+            self._resume(model, checkpoint)
+            return
+        config = fisher_config(cfg)
+        reason = unwritable_base(cfg, model) if config.policy == "preserve" else None
+        if reason is not None:
+            LOG.info(f"fisher-lora: the base cannot be written ({reason}), using policy 'zero' (B = 0, base untouched)")
+            config = fisher_config(cfg, policy="zero")
+        with plain_lora_forward(model) as undone, metrics_restored(trainer), torch.random.fork_rng():
+            if undone:
+                LOG.info(f"fisher-lora: {undone} fused LoRA kernels bypassed during the statistics pass")
+            report = initialize(model, trainer.get_train_dataloader(), loss_fn=trainer_loss_fn(trainer), config=config)
+        LOG.info(report.summary())
+        if self.is_main_process:
+            path = report.save(Path(cfg.output_dir) / REPORT_FILE)
+            LOG.info(f"fisher-lora: per-layer report written to {path}")
+
+    def _resume(self, model: torch.nn.Module, checkpoint: Path) -> None:
+        record = load_record(checkpoint)
+        if record is not None:
+            restore_offsets(model, record)
+        LOG.info(
+            f"fisher-lora: resuming from {checkpoint}: adapters come from the checkpoint, not re-initialized"
+            + (f" (base offsets of {len(record.offsets)} layers restored)" if record is not None else "")
+        )
+
+    def post_train(self, cfg, model):
+        """Called after `trainer.train()` and again after the final save; exports after the save."""
+        if not enabled(cfg) or self.model is None:
+            return
+        out = Path(cfg.output_dir)
+        saved = _mtime(out / "adapter_model.safetensors")
+        if not self.trained:  # first call: training ended, the final save has not happened yet
+            self.trained, self.mtime_after_train = True, saved
+            return
+        record = get_record(self.model, "default")
+        if not self.is_main_process or record is None or not record.changes_base:
+            return
+        if saved is None or saved == self.mtime_after_train:
+            return
+        raw = out / RAW_DIR
+        raw.mkdir(exist_ok=True)
+        for name in ADAPTER_FILES:
+            if (out / name).exists():
+                shutil.move(out / name, raw / name)
+        save_record(record, raw)
+        export_adapter(self.model, out, overwrite=True)
+        self.trained = False
+        LOG.info(
+            f"fisher-lora: {out} holds the adapter for the ORIGINAL base (plain PeftModel.from_pretrained); "
+            f"the raw training adapter and its base offsets are in {raw}"
+        )

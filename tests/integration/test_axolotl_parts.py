@@ -1,0 +1,109 @@
+"""The Axolotl plugin's pieces on real objects, in-process (fast): the YAML args model, the trainer
+loss as a summed loss, and the statistics pass on a model patched with Axolotl's fused LoRA kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import ValidationError
+from tiny import tiny_llama
+
+from fisher_core import FisherConfig, estimate
+
+pytest.importorskip("axolotl")
+
+from fisher_axolotl.args import FisherArgs, fisher_config
+from fisher_axolotl.kernels import is_fused_kernel, plain_lora_forward
+from fisher_axolotl.loss import metrics_restored, trainer_loss_fn
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_llama(seed: int = 0):
+    return get_peft_model(
+        tiny_llama(seed), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    )
+
+
+def token_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 384, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_every_fisher_config_field_is_a_yaml_key():
+    assert {f"fisher_{n}" for n in FisherConfig.model_fields} | {"lora_init"} == set(FisherArgs.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("fisher_num_batches", 0), ("fisher_selector", "svd"), ("fisher_damping", -1.0), ("fisher_rank_cap", 0.5)],
+)
+def test_bad_fisher_value_names_the_key(key, value):
+    with pytest.raises(ValidationError, match=key):
+        FisherArgs(lora_init="fisher", **{key: value})
+
+
+def test_yaml_keys_become_fisher_config():
+    cfg = {"lora_init": "fisher", "fisher_selector": "subspace", "fisher_num_batches": 8, "fisher_rank_budget": None}
+    assert fisher_config(cfg) == FisherConfig(selector="subspace", num_batches=8)
+
+
+def trainers():
+    from axolotl.core.trainers.base import AxolotlTrainer
+    from axolotl.core.training_args import AxolotlTrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    return [(Trainer, TrainingArguments), (AxolotlTrainer, AxolotlTrainingArguments)]
+
+
+@pytest.mark.parametrize(("trainer_cls", "args_cls"), trainers(), ids=["transformers", "axolotl"])
+def test_trainer_loss_fn_returns_summed_token_loss(tmp_path, trainer_cls, args_cls):
+    model = lora_llama()
+    trainer = trainer_cls(model=model, args=args_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    batch = token_batch()
+    logits = model(input_ids=batch["input_ids"]).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+    )
+    with metrics_restored(trainer):
+        got = trainer_loss_fn(trainer)(model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_statistics_see_layers_behind_fused_lora_kernels():
+    from axolotl.monkeypatch.lora_kernels import apply_lora_kernel_patches
+    from axolotl.utils.dict import DictDefault
+
+    plain, patched = lora_llama(), lora_llama()
+    apply_lora_kernel_patches(patched, DictDefault(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True))
+    mlp = patched.base_model.model.model.layers[0].mlp
+    assert is_fused_kernel(mlp.__dict__["forward"])  # the kernel bypasses nn.Linear.forward of gate/up/down
+    config = FisherConfig(num_batches=1, progress=False)
+    expected = estimate(plain, [token_batch()], target_modules=TARGETS, config=config)
+    with plain_lora_forward(patched) as undone:
+        assert undone > 0
+        got = estimate(patched, [token_batch()], target_modules=TARGETS, config=config)
+    assert is_fused_kernel(mlp.__dict__["forward"])  # the kernels are back for training
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name].grad_cov, expected[name].grad_cov)
+        torch.testing.assert_close(got[name].input_cov, expected[name].input_cov)
+
+
+def test_metrics_appended_during_statistics_are_removed(tmp_path):
+    from axolotl.core.trainers.base import AxolotlTrainer
+    from axolotl.core.training_args import AxolotlTrainingArguments
+
+    args = AxolotlTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = AxolotlTrainer(model=lora_llama(), args=args)
+    trainer.store_metrics({"kept": 1.0})
+    with metrics_restored(trainer):
+        trainer.store_metrics({"kept": 2.0, "fisher_pass": 3.0})
+        trainer.state.tokens = {"trainable": torch.ones(1)}
+    assert set(trainer._stored_metrics["train"]) == {"kept"}
+    assert trainer._stored_metrics["train"]["kept"]["values"] == [1.0]
+    assert not hasattr(trainer.state, "tokens")
