@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from fisher_core.config import FisherConfig
@@ -100,7 +99,6 @@ def initialize(
         )
     times["estimate"] = time.perf_counter() - t
     t = time.perf_counter()
-    torch.manual_seed(config.seed)
     directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
     times["select"] = time.perf_counter() - t
     t = time.perf_counter()

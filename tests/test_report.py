@@ -75,7 +75,7 @@ def test_mass_is_the_kfac_trace_and_spectra_are_the_top_layers_eigenvalues():
 
 def test_report_keeps_init_fields_and_draws_many_layers(tmp_path):
     stats, modules = synthetic_stats(24)
-    save(stats, tmp_path / "fisher_stats.safetensors", None, modules, FisherConfig(selector="subspace"))
+    save(stats, tmp_path / "fisher_stats.safetensors", modules, FisherConfig(selector="subspace"), data="")
     init_layers = {n: {"rank": 4 + i % 3, "captured": 0.5 + 0.02 * (i % 10)} for i, n in enumerate(stats)}
     init = {"selector": "subspace", "policy": "zero", "layers": init_layers, "init": {"lora": {"r": 4}}}
     (tmp_path / "report.json").write_text(json.dumps(init))

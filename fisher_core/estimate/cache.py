@@ -45,10 +45,21 @@ def fingerprint(modules: Mapping[str, nn.Module]) -> str:
     return h.hexdigest()
 
 
-def _settings(config: FisherConfig) -> dict[str, str]:
+def data_fingerprint(batch: Mapping[str, object] | None) -> str:
+    """sha256 over the first batch's tensors: a cache computed on other data is refused."""
+    h = hashlib.sha256()
+    for key, value in sorted((batch or {}).items()):
+        if isinstance(value, torch.Tensor):
+            h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+            h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _settings(config: FisherConfig, data: str) -> dict[str, str]:
     from fisher_core import __version__
 
     return {
+        "data": data,
         "format": FORMAT,
         "version": __version__,
         "fisher_type": config.fisher_type,
@@ -59,12 +70,11 @@ def _settings(config: FisherConfig) -> dict[str, str]:
         "seed": str(config.seed),
         "memory_budget": str(config.memory_budget),
         "sketch_rank": str(config.sketch_rank),
+        "position_fraction": str(config.position_fraction),
     }
 
 
-def save(
-    stats: FisherStats, path: Path, model: nn.Module, modules: Mapping[str, nn.Module], config: FisherConfig
-) -> None:
+def save(stats: FisherStats, path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str) -> None:
     """Write `stats` atomically; shared input factors are stored once."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, object]] = {}
@@ -77,7 +87,7 @@ def save(
             kinds["mean_grad"] = _pack(s.mean_grad, f"{name}/mean_grad", tensors)
         layers[name] = {"num_tokens": s.num_tokens, "input_group": s.input_group or name, "kinds": kinds}
     meta = {
-        **_settings(config),
+        **_settings(config, data),
         "fingerprint": fingerprint(modules),
         "targets": json.dumps(sorted(modules)),
         "layers": json.dumps(layers),
@@ -88,9 +98,7 @@ def save(
     logger.info("fisher-lora: statistics cached at %s", path)
 
 
-def load_matching(
-    path: Path, model: nn.Module, modules: Mapping[str, nn.Module], config: FisherConfig
-) -> FisherStats | None:
+def load_matching(path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str) -> FisherStats | None:
     """The cached statistics if `path` exists and matches; None if it does not exist.
 
     Raises `CacheMismatchError` naming the first mismatch (delete the file or pass another
@@ -107,7 +115,7 @@ def load_matching(
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CacheMismatchError(f"statistics cache {path} is unreadable ({e}); delete it to recompute") from e
-    expected = {**_settings(config), "targets": json.dumps(sorted(modules))}
+    expected = {**_settings(config, data), "targets": json.dumps(sorted(modules))}
     for key, value in expected.items():
         if meta.get(key) != value:
             raise CacheMismatchError(

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from itertools import islice
+from itertools import chain, islice
 
 import torch
 from torch import Tensor, nn
@@ -56,10 +56,15 @@ def estimate(
     """
     config = config or FisherConfig()
     modules = dict(target_modules) if isinstance(target_modules, Mapping) else find_targets(model, target_modules)
+    data = ""
     if config.cache_path is not None:
-        from fisher_core.estimate.cache import load_matching
+        from fisher_core.estimate.cache import data_fingerprint, load_matching
 
-        cached = load_matching(config.cache_path, model, modules, config)
+        batches = iter(batches)
+        first = next(batches, None)
+        batches = chain([first], batches) if first is not None else batches
+        data = data_fingerprint(first)
+        cached = load_matching(config.cache_path, modules, config, data)
         if cached is not None:
             return cached
     _check_materialized(modules)
@@ -121,7 +126,7 @@ def estimate(
     if config.cache_path is not None:
         from fisher_core.estimate.cache import save
 
-        save(stats, config.cache_path, model, modules, config)
+        save(stats, config.cache_path, modules, config, data)
     return stats
 
 

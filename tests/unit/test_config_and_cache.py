@@ -78,3 +78,12 @@ def test_truncated_cache_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CacheMismatchError, match="unreadable"):
         estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg)
+
+
+def test_cache_from_other_data_is_refused(tmp_path):
+    cfg = FisherConfig(progress=False, num_batches=1, cache_path=tmp_path / "stats.safetensors")
+    estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg)
+    other = _batches()
+    other[0]["input_ids"] = other[0]["input_ids"].flip(1)
+    with pytest.raises(CacheMismatchError, match="data"):
+        estimate(tiny_llama(), other, target_modules=LAYERS, config=cfg)
