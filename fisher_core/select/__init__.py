@@ -114,8 +114,9 @@ def select(
     else:
         caps = ranks
     fn = SELECTORS[config.selector]
+    spectra: dict = {}  # shared by every layer's solver: a shared factor is decomposed once
     cands: dict[str, Candidates] = {
-        name: fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name]))
+        name: fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
         for name, (weight, _, scaling, _) in plans.items()
     }
     if config.rank_budget is not None:
@@ -129,10 +130,10 @@ def select(
     return directions
 
 
-def _solver(config: FisherConfig, weight: Tensor, k: int) -> Solver:
+def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solver:
     """Exact decompositions for small layers (or when asked), top-k ones for large layers."""
     exact = config.solver == "exact" or (config.solver == "auto" and max(weight.shape) <= config.exact_max_dim)
-    return Solver(sketch=None if exact else config.sketch_rank or max(4 * k, 64), seed=config.seed)
+    return Solver(sketch=None if exact else config.sketch_rank or max(4 * k, 64), seed=config.seed, spectra=spectra)
 
 
 def _finish(c: Candidates, r: int, scaling: float, policy: str) -> LayerDirections:

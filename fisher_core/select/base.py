@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import Tensor
 
 from fisher_core.config import FisherConfig
-from fisher_core.estimate.factors import LayerStats
+from fisher_core.estimate.factors import Factor, LayerStats
+from fisher_core.select.spectral import Spectrum, spectrum
 
 
 @dataclass
@@ -27,14 +28,27 @@ class Candidates:
 
 @dataclass(frozen=True)
 class Solver:
-    """How much of each spectrum to compute: all of it (`sketch=None`) or the top `sketch`."""
+    """How much of each spectrum to compute: all of it (`sketch=None`) or the top `sketch`.
+
+    `spectra` memoizes decompositions for one `select` call, so a factor shared by several layers
+    (S_A of q/k/v, gate/up) is decomposed once.
+    """
 
     sketch: int | None
     seed: int = 0
+    spectra: dict[tuple[int, float, int | None], Spectrum] = field(default_factory=dict, compare=False)
 
     @property
     def exact(self) -> bool:
         return self.sketch is None
+
+    def spectrum(self, factor: Factor, damping: float, k: int | None = None) -> Spectrum:
+        """The damped spectrum of `factor` (top `k`, or as the solver says), computed once per factor."""
+        k = self.sketch if k is None else k
+        key = (id(factor), damping, k)
+        if key not in self.spectra:
+            self.spectra[key] = spectrum(factor, damping, k, seed=self.seed + factor.shape[0])
+        return self.spectra[key]
 
 
 class Selector(Protocol):

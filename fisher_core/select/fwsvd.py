@@ -13,14 +13,14 @@ from torch import Tensor
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
 from fisher_core.select.base import Candidates, Solver
-from fisher_core.select.spectral import spectrum, top_singular, whiten
+from fisher_core.select.spectral import top_singular, whiten
 
 
 def select_fwsvd(
     weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
 ) -> Candidates:
-    g = spectrum(stats.grad_cov, config.damping, solver.sketch, seed=solver.seed)
-    a = spectrum(stats.input_cov, config.damping, solver.sketch, seed=solver.seed + 1)
+    g = solver.spectrum(stats.grad_cov, config.damping)
+    a = solver.spectrum(stats.input_cov, config.damping)
     m = whiten(g, a, weight, 0.5)
     u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
     root = (sigma / scaling).sqrt()

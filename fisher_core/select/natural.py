@@ -14,7 +14,7 @@ from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
 from fisher_core.select.base import Candidates, Solver
 from fisher_core.select.linalg import data_scale, with_norm
-from fisher_core.select.spectral import spectrum, top_singular, whiten
+from fisher_core.select.spectral import top_singular, whiten
 
 
 def select_natural(
@@ -22,8 +22,8 @@ def select_natural(
 ) -> Candidates:
     if stats.mean_grad is None:
         raise ValueError("selector 'natural' needs the mean gradient: estimate with selector='natural'")
-    g = spectrum(stats.grad_cov, config.damping, solver.sketch, seed=solver.seed)
-    a = spectrum(stats.input_cov, config.damping, solver.sketch, seed=solver.seed + 1)
+    g = solver.spectrum(stats.grad_cov, config.damping)
+    a = solver.spectrum(stats.input_cov, config.damping)
     m = whiten(g, a, stats.mean_grad, -0.5)
     u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
     b, a_rows = with_norm(g.apply(u, -0.5), a.apply(vh.T, -0.5).T, data_scale(weight.shape[0], config.stable_gamma))

@@ -13,14 +13,13 @@ from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
 from fisher_core.select.base import Candidates, Solver
 from fisher_core.select.linalg import data_scale, with_norm
-from fisher_core.select.spectral import spectrum
 
 
 def select_subspace(
     weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
 ) -> Candidates:
-    g = spectrum(stats.grad_cov, 0.0, solver.sketch and max(k, solver.sketch), seed=solver.seed)
-    a = spectrum(stats.input_cov, 0.0, solver.sketch and max(k, solver.sketch), seed=solver.seed + 1)
+    top = None if solver.exact else max(k, solver.sketch)
+    g, a = solver.spectrum(stats.grad_cov, 0.0, top), solver.spectrum(stats.input_cov, 0.0, top)
     pairs = min(g.vals.numel(), a.vals.numel())
     b, a_rows = with_norm(g.vecs[:, :k], a.vecs[:, :k].T, data_scale(weight.shape[0], config.stable_gamma))
     return Candidates(B=b, A=a_rows, scores=g.vals[:pairs] * a.vals[:pairs], total=g.trace * a.trace)
