@@ -70,8 +70,9 @@ class FisherConfig(BaseModel):
     rank_cap: float = Field(2.0, ge=1.0, description="ρ: no layer gets more than ρ·r under `rank_budget`.")
     solver: Literal["auto", "exact", "lowrank"] = Field(
         "auto",
-        description="`exact`: full eigen/singular decompositions; `lowrank`: only the top `sketch_rank` "
-        "(randomized, O(d²k) instead of O(d³)); `auto`: exact up to `exact_max_dim`, low-rank above.",
+        description="`exact`: dense statistics and full eigen/singular decompositions; `lowrank`: statistics "
+        "kept as rank-`sketch_rank` sketches (O(d·k) per token) and only top spectra computed (randomized, "
+        "O(d²k) instead of O(d³)); `auto`: exact up to `exact_max_dim`, low-rank above.",
     )
     sketch_rank: int | None = Field(None, ge=1, description="k for the low-rank solver; None = max(4·r, 64).")
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")

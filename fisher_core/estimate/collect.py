@@ -70,9 +70,10 @@ def estimate(
     _check_materialized(modules)
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     device = _device(model)
-    sketch_rank = config.sketch_rank or 64
+    sketch_rank = config.sketch_rank or 128
     budget = resolve_budget(config.memory_budget, device)
-    sketched = plan_sketches(shapes, config.needs_mean_grad, budget, sketch_rank)
+    sketch_above = {"auto": config.exact_max_dim, "exact": None, "lowrank": 0}[config.solver]
+    sketched = plan_sketches(shapes, config.needs_mean_grad, budget, sketch_rank, sketch_above)
     acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
     state = PassState()
     generator = torch.Generator(device=_device(model)).manual_seed(config.seed)
@@ -142,6 +143,8 @@ def _accumulate_batch(
     state.mask = position_mask(model, batch, config.positions)
     if config.position_fraction < 1.0:
         state.mask = subsample(state.mask, batch, config.position_fraction, generator)
+    if state.mask is not None and bool(state.mask.all()):
+        state.mask = None  # every position counts: skip the indexing copies
     batch, leaves = _float_inputs_require_grad(model, batch)
     state.leaves = leaves
     state.record_input, state.record_grad_cov, state.grad_weight = True, True, 1.0

@@ -29,15 +29,27 @@ def resolve_budget(budget: int | str | None, device: torch.device) -> int | None
 
 
 def plan_sketches(
-    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, budget: int | None, sketch_rank: int
+    shapes: Mapping[str, tuple[int, int]],
+    with_mean_grad: bool,
+    budget: int | None,
+    sketch_rank: int,
+    sketch_above: int | None = None,
 ) -> dict[str, set[str]]:
     """For each layer, the statistics ("input", "grad", "mean_grad") to keep as sketches.
 
-    Input factors are counted per layer (sharing is only known after the first forward), so the
-    plan errs on the safe side.
+    Statistics with a dimension above `sketch_above` are always sketched (their spectra are only
+    ever used through their top part, and a sketch costs O(d·k) per token instead of O(d²)); the
+    rest are sketched largest-first while the total exceeds `budget`. Input factors are counted
+    per layer (sharing is only known after the first forward), so the plan errs on the safe side.
     """
+    sketched: dict[str, set[str]] = {}
+    if sketch_above is not None:
+        for name, (m, n) in shapes.items():
+            for what, big in (("input", n), ("grad", m), ("mean_grad", max(m, n) if with_mean_grad else 0)):
+                if big > sketch_above:
+                    sketched.setdefault(name, set()).add(what)
     if budget is None:
-        return {}
+        return sketched
     items: list[tuple[int, int, str, str]] = []  # (dense bytes, sketch bytes, layer, statistic)
     for name, (m, n) in shapes.items():
         items.append((FLOAT_BYTES * n * n, FLOAT_BYTES * n * min(sketch_rank, n), name, "input"))
@@ -45,12 +57,11 @@ def plan_sketches(
         if with_mean_grad:
             k = min(sketch_rank, m, n)
             items.append((FLOAT_BYTES * m * n, FLOAT_BYTES * (m * k + (2 * k + 1) * n), name, "mean_grad"))
-    total = sum(dense for dense, *_ in items)
-    sketched: dict[str, set[str]] = {}
+    total = sum(sketch if what in sketched.get(name, ()) else dense for dense, sketch, name, what in items)
     for dense, sketch, name, what in sorted(items, key=lambda i: (-i[0], i[2], i[3])):
         if total <= budget:
             break
-        if sketch < dense:
+        if sketch < dense and what not in sketched.get(name, ()):
             sketched.setdefault(name, set()).add(what)
             total -= dense - sketch
     if total > budget:

@@ -59,7 +59,8 @@ class DenseSum:
         return [self.total]
 
     def mean(self, tokens: int, shape: tuple[int, int]) -> Tensor:
-        return self.total / tokens if self.total is not None else torch.zeros(shape)
+        """Σ/N, divided in place (the sum is not kept twice)."""
+        return self.total.div_(tokens) if self.total is not None else torch.zeros(shape)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import Factor, LayerStats
-from fisher_core.select.spectral import Spectrum, spectrum
+from fisher_core.select.spectral import Root, Spectrum, cholesky, spectrum
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Solver:
 
     sketch: int | None
     seed: int = 0
-    spectra: dict[tuple[int, float, int | None], Spectrum] = field(default_factory=dict, compare=False)
+    spectra: dict[tuple, Root] = field(default_factory=dict, compare=False)
 
     @property
     def exact(self) -> bool:
@@ -49,6 +49,15 @@ class Solver:
         if key not in self.spectra:
             self.spectra[key] = spectrum(factor, damping, k, seed=self.seed + factor.shape[0])
         return self.spectra[key]
+
+    def root(self, factor: Factor, damping: float) -> Root:
+        """A square root of the damped factor for whitening: Cholesky when exact and dense, else its spectrum."""
+        if self.exact and isinstance(factor, Tensor):
+            key = (id(factor), damping, "cholesky")
+            if key not in self.spectra:
+                self.spectra[key] = cholesky(factor, damping) or self.spectrum(factor, damping)
+            return self.spectra[key]
+        return self.spectrum(factor, damping)
 
 
 class Selector(Protocol):

@@ -19,14 +19,13 @@ from fisher_core.select.spectral import top_singular, whiten
 def select_fwsvd(
     weight: Tensor, stats: LayerStats, k: int, scaling: float, config: FisherConfig, solver: Solver
 ) -> Candidates:
-    g = solver.spectrum(stats.grad_cov, config.damping)
-    a = solver.spectrum(stats.input_cov, config.damping)
+    g, a = solver.root(stats.grad_cov, config.damping), solver.root(stats.input_cov, config.damping)
     m = whiten(g, a, weight, 0.5)
     u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
     root = (sigma / scaling).sqrt()
     return Candidates(
-        B=g.apply(u * root, -0.5),
-        A=a.apply((root[:, None] * vh).T, -0.5).T,
+        B=g.unwhiten(u * root),
+        A=a.unwhiten((root[:, None] * vh).T).T,
         scores=sigma.square(),
         total=float(m.square().sum()),
     )
