@@ -133,7 +133,14 @@ def select(
 def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solver:
     """Exact decompositions for small layers (or when asked), top-k ones for large layers."""
     exact = config.solver == "exact" or (config.solver == "auto" and max(weight.shape) <= config.exact_max_dim)
-    return Solver(sketch=None if exact else config.sketch_rank or max(4 * k, 64), seed=config.seed, spectra=spectra)
+    # a full SVD costs O(mn·min(m,n)); the top k (k ≪ min(m,n)) come as accurately from a few power iterations
+    svd_exact = config.solver == "exact" or (exact and 4 * (k + 10) >= min(weight.shape))
+    return Solver(
+        sketch=None if exact else config.sketch_rank or max(4 * k, 64),
+        seed=config.seed,
+        svd_exact=svd_exact,
+        spectra=spectra,
+    )
 
 
 def _finish(c: Candidates, r: int, scaling: float, policy: str) -> LayerDirections:

@@ -36,6 +36,7 @@ class Solver:
 
     sketch: int | None
     seed: int = 0
+    svd_exact: bool = True  # full SVD of the whitened matrix, or randomized top-k
     spectra: dict[tuple, Root] = field(default_factory=dict, compare=False)
 
     @property

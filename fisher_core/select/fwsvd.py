@@ -21,7 +21,7 @@ def select_fwsvd(
 ) -> Candidates:
     g, a = solver.root(stats.grad_cov, config.damping), solver.root(stats.input_cov, config.damping)
     m = whiten(g, a, weight, 0.5)
-    u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
+    u, sigma, vh = top_singular(m, k, solver.svd_exact, seed=solver.seed)
     root = (sigma / scaling).sqrt()
     return Candidates(
         B=g.unwhiten(u * root),

@@ -24,6 +24,6 @@ def select_natural(
         raise ValueError("selector 'natural' needs the mean gradient: estimate with selector='natural'")
     g, a = solver.root(stats.grad_cov, config.damping), solver.root(stats.input_cov, config.damping)
     m = whiten(g, a, stats.mean_grad, -0.5)
-    u, sigma, vh = top_singular(m, k, solver.exact, seed=solver.seed)
+    u, sigma, vh = top_singular(m, k, solver.svd_exact, seed=solver.seed)
     b, a_rows = with_norm(g.unwhiten(u), a.unwhiten(vh.T).T, data_scale(weight.shape[0], config.stable_gamma))
     return Candidates(B=b, A=a_rows, scores=sigma.square(), total=float(m.square().sum()))

@@ -122,7 +122,7 @@ def top_eigenpairs(s: Tensor, k: int, seed: int = 0, iters: int = 4, oversample:
     return vals, q @ small
 
 
-def top_singular(m: Tensor, k: int, exact: bool, seed: int = 0, iters: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+def top_singular(m: Tensor, k: int, exact: bool, seed: int = 0, iters: int = 6) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k singular triplets `U_k, σ_k, V_kᵀ` (exact thin SVD, or randomized with power iterations)."""
     if exact or 2 * k >= min(m.shape):
         u, sigma, vh = torch.linalg.svd(m, full_matrices=False)
