@@ -106,7 +106,7 @@ def play_task(
     seed: int = 0,
     texts: Path | None = None,
 ) -> TextClassification:
-    """"Which play is this speech from?": `train_per_play` + `test_per_play` distinct speeches per play.
+    """The "which play is this speech from?" task: `train_per_play` + `test_per_play` speeches per play.
 
     Deterministic for a given seed: speeches are shuffled with `random.Random(seed)`, the test split
     is disjoint from the train split, and both splits are interleaved by class.

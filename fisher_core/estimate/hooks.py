@@ -41,7 +41,7 @@ def _rows(t: Tensor, state: PassState, name: str) -> Tensor:
     mask = state.mask
     if mask is not None and t.dim() >= 2 and t.shape[:-1] == mask.shape:
         return t[mask]
-    if mask is not None:
+    if mask is not None and t.dim() > 2:  # a [B, d] input (e.g. a pooler) has one row per sequence: no mask
         state.unmasked.add(name)
     return t.reshape(-1, t.shape[-1])
 
