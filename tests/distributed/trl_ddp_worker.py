@@ -34,12 +34,12 @@ class SaveInitialState(TrainerCallback):
 
 
 def run(kind: str, model_dir: str, out: Path, batch_size: int, num_batches: int) -> None:
-    import trl_dpo
-    import trl_sft
+    import trl_tiny
 
-    recipe = {"sft": trl_sft, "dpo": trl_dpo}[kind]
     fisher = {"num_batches": num_batches, "progress": False, "policy": "zero" if kind == "dpo" else "preserve"}
-    trainer, callback = recipe.build(model_dir, out / "run", fisher=fisher, steps=1, batch_size=batch_size, bf16=False)
+    trainer, callback = trl_tiny.build(
+        kind, model_dir, out / "run", fisher=fisher, steps=1, batch_size=batch_size, bf16=False
+    )
     rank = dist.get_rank() if dist.is_initialized() else 0
     SaveInitialState(trainer, callback, out / f"{kind}-rank{rank}.pt")
     trainer.train()

@@ -12,7 +12,7 @@ import torch
 from fisher_trl.objectives import policy_logits, trainer_loss_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
-import trl_dpo
+import trl_tiny
 
 FISHER = {"num_batches": 2, "progress": False}
 EXACT = {"bf16": False}
@@ -23,7 +23,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_dpo_defaults_to_zero_policy_and_keeps_the_reference(tiny_llama_dir, tmp_path, caplog):
-    trainer, callback = trl_dpo.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=1, **EXACT)
+    trainer, callback = trl_tiny.build("dpo", tiny_llama_dir, tmp_path, fisher=FISHER, steps=1, **EXACT)
     original = base_weights(trainer.model)
     with caplog.at_level(logging.INFO):
         trainer.train()
@@ -37,16 +37,18 @@ def test_dpo_defaults_to_zero_policy_and_keeps_the_reference(tiny_llama_dir, tmp
 
 
 def test_dpo_explicit_preserve_is_refused(tiny_llama_dir, tmp_path):
-    trainer, _ = trl_dpo.build(tiny_llama_dir, tmp_path, fisher={**FISHER, "policy": "preserve"}, **EXACT)
+    trainer, _ = trl_tiny.build("dpo", tiny_llama_dir, tmp_path, fisher={**FISHER, "policy": "preserve"}, **EXACT)
     with pytest.raises(ValueError, match="reference with the adapter disabled"):
         trainer.train()
 
 
 def test_dpo_preserve_with_precomputed_reference_matches_plain_first_step(tiny_llama_dir, tmp_path):
-    plain, _ = trl_dpo.build(tiny_llama_dir, tmp_path / "plain", steps=1, precompute_ref_log_probs=True, **EXACT)
+    plain, _ = trl_tiny.build(
+        "dpo", tiny_llama_dir, tmp_path / "plain", steps=1, precompute_ref_log_probs=True, **EXACT
+    )
     plain.train()
-    fisher, callback = trl_dpo.build(
-        tiny_llama_dir, tmp_path / "fisher", fisher=FISHER, steps=1, precompute_ref_log_probs=True, **EXACT
+    fisher, callback = trl_tiny.build(
+        "dpo", tiny_llama_dir, tmp_path / "fisher", fisher=FISHER, steps=1, precompute_ref_log_probs=True, **EXACT
     )
     fisher.train()
     assert callback.report.policy == "preserve"
@@ -55,7 +57,9 @@ def test_dpo_preserve_with_precomputed_reference_matches_plain_first_step(tiny_l
 
 
 def test_dpo_objective_is_summed_over_pairs_and_true_fisher_reads_completions(tiny_llama_dir, tmp_path):
-    trainer, callback = trl_dpo.build(tiny_llama_dir, tmp_path, fisher={**FISHER, "fisher_type": "true"}, **EXACT)
+    trainer, callback = trl_tiny.build(
+        "dpo", tiny_llama_dir, tmp_path, fisher={**FISHER, "fisher_type": "true"}, **EXACT
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     pairs = batch["input_ids"].shape[0] // 2

@@ -29,10 +29,11 @@ def loads_on_original_base(model_dir: Path, adapter_dir: Path) -> None:
 
 
 def test_tiny_recipes_train_and_save(tiny_llama_dir, tmp_path):
-    load(RECIPES / "tiny" / "trl_sft.py").main(["--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "sft")])
+    recipe = load(RECIPES / "tiny" / "trl_tiny.py")
+    recipe.main(["--task", "sft", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "sft")])
     assert (tmp_path / "sft" / "fisher_raw" / "adapter_model.safetensors").exists()  # preserve: exported for base
     loads_on_original_base(tiny_llama_dir, tmp_path / "sft")
-    load(RECIPES / "tiny" / "trl_dpo.py").main(["--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "dpo")])
+    recipe.main(["--task", "dpo", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "dpo")])
     assert not (tmp_path / "dpo" / "fisher_raw").exists()  # zero policy: the plain adapter is already correct
     loads_on_original_base(tiny_llama_dir, tmp_path / "dpo")
 

@@ -18,7 +18,7 @@ from fisher_trl import FisherInitCallback
 from fisher_trl.objectives import policy_logits, trainer_loss_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
-import trl_sft
+import trl_tiny
 
 FISHER = {"num_batches": 2, "progress": False}
 EXACT = {"bf16": False}  # SFTConfig defaults to bf16 autocast; comparisons below want fp32
@@ -46,7 +46,7 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def test_sft_callback_initializes_from_trainer_objective_and_leaves_no_trace(tiny_llama_dir, tmp_path, caplog):
-    trainer, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, **EXACT)
+    trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, **EXACT)
     before = lora_state(trainer.model)
     rng = torch.get_rng_state()
     probe = Probe(trainer)
@@ -64,7 +64,7 @@ def test_sft_callback_initializes_from_trainer_objective_and_leaves_no_trace(tin
 
 
 def test_sft_loss_fn_is_the_sum_of_token_losses(tiny_llama_dir, tmp_path):
-    trainer, _ = trl_sft.build(tiny_llama_dir, tmp_path, **EXACT)
+    trainer, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, **EXACT)
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     summed = trainer_loss_fn(trainer)(model, batch)
@@ -77,14 +77,16 @@ def test_sft_loss_fn_is_the_sum_of_token_losses(tiny_llama_dir, tmp_path):
 
 
 def test_sft_true_fisher_initializes_and_trains(tiny_llama_dir, tmp_path):
-    trainer, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher={**FISHER, "fisher_type": "true"}, **EXACT)
+    trainer, callback = trl_tiny.build(
+        "sft", tiny_llama_dir, tmp_path, fisher={**FISHER, "fisher_type": "true"}, **EXACT
+    )
     trainer.train()
     assert callback.report.fisher_type == "true" and trainer.state.global_step == 2
     assert all(torch.isfinite(t).all() for t in lora_state(trainer.model).values())
 
 
 def _stats(tiny_llama_dir, tmp_path, **training):
-    trainer, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=1, **training)
+    trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=1, **training)
     trainer.train()
     return callback.report.stats
 
@@ -105,9 +107,9 @@ def test_statistics_do_not_depend_on_checkpointing_or_autocast(tiny_llama_dir, t
 
 
 def test_preserve_first_step_matches_run_without_callback(tiny_llama_dir, tmp_path):
-    plain, _ = trl_sft.build(tiny_llama_dir, tmp_path / "plain", steps=1, **EXACT)
+    plain, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path / "plain", steps=1, **EXACT)
     plain.train()
-    fisher, _ = trl_sft.build(tiny_llama_dir, tmp_path / "fisher", fisher=FISHER, steps=1, **EXACT)
+    fisher, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path / "fisher", fisher=FISHER, steps=1, **EXACT)
     fisher.train()
     first, second = plain.state.log_history[0], fisher.state.log_history[0]
     for key in ("loss", "entropy", "num_tokens", "mean_token_accuracy"):
@@ -115,10 +117,10 @@ def test_preserve_first_step_matches_run_without_callback(tiny_llama_dir, tmp_pa
 
 
 def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path, caplog):
-    full, _ = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
+    full, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
     full.train()
     assert (tmp_path / "checkpoint-2" / RECORD_FILE).exists()
-    resumed, callback = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
+    resumed, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
     with caplog.at_level(logging.INFO, logger="fisher_trl"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     lines = [r.message for r in caplog.records if "not re-initializing" in r.message]
@@ -131,7 +133,7 @@ def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path
 
 
 def test_final_save_loads_on_original_base_and_reproduces_trained_model(tiny_llama_dir, tmp_path):
-    trainer, _ = trl_sft.build(tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, **EXACT)
+    trainer, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, **EXACT)
     trainer.train()
     trainer.save_model()
     assert (tmp_path / "fisher_raw" / "adapter_model.safetensors").exists()
@@ -154,7 +156,7 @@ def test_plain_trainer_with_peft_model(tiny_llama_dir, tmp_path):
         prompt, completion = tokenizer(row["prompt"])["input_ids"], tokenizer(row["completion"])["input_ids"]
         return {"input_ids": (prompt + completion)[:64], "labels": ([-100] * len(prompt) + completion)[:64]}
 
-    dataset = load_dataset("json", data_files=str(trl_sft.DATA / "sft.jsonl"), split="train")
+    dataset = load_dataset("json", data_files=str(trl_tiny.DATA / "sft.jsonl"), split="train")
     dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
     dataset = dataset.filter(lambda row: any(t != -100 for t in row["labels"]))  # truncation can drop completions
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
