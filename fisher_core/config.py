@@ -39,7 +39,9 @@ class FisherConfig(BaseModel):
         description="Step-0 policy. `preserve`: W_base ← W − s·B·A so outputs are unchanged; "
         "`zero`: B = 0, base untouched (the only choice for quantized bases).",
     )
-    num_batches: int = Field(16, ge=1, description="Calibration batches read from the data.")
+    num_batches: int = Field(
+        8, ge=1, description="Calibration batches read from the data (8: the quality benchmark, docs/quality.md)."
+    )
     positions: Positions = Field(
         "attention",
         description="Which positions count as samples: every non-padding position "
