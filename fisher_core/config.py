@@ -40,7 +40,7 @@ class FisherConfig(BaseModel):
         "`zero`: B = 0, base untouched (the only choice for quantized bases).",
     )
     num_batches: int = Field(
-        8, ge=1, description="Calibration batches read from the data (8: the quality benchmark, docs/quality.md)."
+        8, ge=1, description="Calibration batches read from the data (8: the quality benchmark, BENCHMARKS.md)."
     )
     positions: Positions = Field(
         "attention",

@@ -1,4 +1,4 @@
-"""The default `FisherConfig` is the one the quality benchmark chose (docs/quality.md): changing a
+"""The default `FisherConfig` is the one the quality benchmark chose (BENCHMARKS.md): changing a
 default must be a deliberate, benchmarked decision, so this test pins every field that decides quality."""
 
 from __future__ import annotations
