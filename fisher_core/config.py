@@ -42,6 +42,13 @@ class FisherConfig(BaseModel):
     num_batches: int = Field(
         8, ge=1, description="Calibration batches read from the data (8: the quality benchmark, BENCHMARKS.md)."
     )
+    stop_tol: float | None = Field(
+        None,
+        gt=0.0,
+        description="Stop reading batches early once the statistics have converged: every 2 batches "
+        "(from the 4th on) each factor is probed with fixed random vectors, and the pass stops when no "
+        "probe moved by more than this relative amount. None reads all `num_batches`.",
+    )
     positions: Positions = Field(
         "attention",
         description="Which positions count as samples: every non-padding position "

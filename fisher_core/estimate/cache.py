@@ -71,6 +71,7 @@ def _settings(config: FisherConfig, data: str) -> dict[str, str]:
         "memory_budget": str(config.memory_budget),
         "sketch_rank": str(config.sketch_rank),
         "position_fraction": str(config.position_fraction),
+        "stop_tol": str(config.stop_tol),
     }
 
 

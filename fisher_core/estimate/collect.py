@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fisher_core.config import FisherConfig
+from fisher_core.estimate.convergence import ConvergenceMonitor
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator
 from fisher_core.estimate.hooks import PassState, estimation_mode, input_embeddings, recording
 from fisher_core.estimate.objective import (
@@ -77,7 +78,7 @@ def estimate(
     acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
     state = PassState()
     generator = torch.Generator(device=_device(model)).manual_seed(config.seed)
-    started, used = time.perf_counter(), 0
+    started, used, stopped_early = time.perf_counter(), 0, False
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with estimation_mode(model), recording(model, modules, acc, state):
@@ -88,15 +89,20 @@ def estimate(
             unit="batch",
             disable=not config.progress,
         )
+        monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
         for batch in progress:
             _accumulate_batch(model, _to_device(batch, _device(model)), state, config, loss_fn, logits_fn, generator)
             state.grouped = True
             state.seen_inputs.clear()
             used += 1
             progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
+            if monitor is not None and used % 2 == 0 and monitor.converged(acc) and used >= 4:
+                logger.info("fisher-lora: statistics converged after %d batches (stop_tol=%g)", used, config.stop_tol)
+                stopped_early = True
+                break
     if used == 0:
         raise ValueError("the batches yielded nothing: pass a non-empty dataloader or iterable of dicts")
-    if used < config.num_batches:
+    if used < config.num_batches and not stopped_early:
         warnings.warn(
             f"only {used} of num_batches={config.num_batches} batches were available; using {used}", stacklevel=2
         )

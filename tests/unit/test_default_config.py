@@ -19,6 +19,7 @@ def test_default_config_is_the_benchmarked_one():
         "position_fraction": 1.0,
         "stable_gamma": 16.0,
         "mc_samples": 1,
+        "stop_tol": None,  # early stopping is opt-in: not benchmarked yet
     }
     assert {name: getattr(config, name) for name in chosen} == chosen
 
@@ -28,6 +29,6 @@ def test_default_config_has_no_unreviewed_fields():
     reviewed = {
         "selector", "fisher_type", "mc_samples", "policy", "num_batches", "positions", "position_fraction",
         "damping", "stable_gamma", "rank_budget", "rank_cap", "solver", "sketch_rank", "exact_max_dim",
-        "memory_budget", "cache_path", "seed", "force", "progress",
+        "memory_budget", "cache_path", "seed", "force", "progress", "stop_tol",
     }  # fmt: skip
     assert set(FisherConfig.model_fields) == reviewed

@@ -222,3 +222,20 @@ def test_position_fraction_subsamples_positions_without_bias():
     assert 0.35 < half[name].num_tokens / full[name].num_tokens < 0.65
     assert _rel(half[name].input_cov, full[name].input_cov) < 0.4  # ~190 sampled positions of 384
     assert _rel(half[name].grad_cov, full[name].grad_cov) < 0.5
+
+
+def test_stop_tol_stops_reading_batches_once_the_factors_stand_still():
+    model = tiny_llama()
+    same = _batches(n=4, batch_size=4) * 10  # the same batch again and again: converged after the first
+    read = []
+
+    def counted():
+        for batch in same:
+            read.append(batch)
+            yield batch
+
+    stats = estimate(model, counted(), target_modules=LAYERS, config=_cfg(same, stop_tol=1e-4))
+    assert stats.num_batches == 4 and len(read) == 4
+    varied = _batches(n=40, batch_size=4)
+    full = estimate(model, varied, target_modules=LAYERS, config=_cfg(varied, stop_tol=1e-9))
+    assert full.num_batches == 10
