@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
+from fisher_core.estimate.distributed import global_fingerprint, is_main_process
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator
 from fisher_core.estimate.hooks import PassState, estimation_mode, input_embeddings, recording
 from fisher_core.estimate.objective import (
@@ -64,7 +65,7 @@ def estimate(
         batches = iter(batches)
         first = next(batches, None)
         batches = chain([first], batches) if first is not None else batches
-        data = data_fingerprint(first)
+        data = global_fingerprint(data_fingerprint(first))  # the same on every process
         cached = load_matching(config.cache_path, modules, config, data)
         if cached is not None:
             return cached
@@ -130,7 +131,7 @@ def estimate(
         f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "",
     )
     stats.meta["seconds"] = f"{seconds:.3f}"
-    if config.cache_path is not None:
+    if config.cache_path is not None and is_main_process():  # the statistics are global: one writer
         from fisher_core.estimate.cache import save
 
         save(stats, config.cache_path, modules, config, data)

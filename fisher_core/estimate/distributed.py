@@ -47,3 +47,18 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def global_fingerprint(local: str) -> str:
+    """One fingerprint for every process's data: the per-process fingerprints gathered and hashed."""
+    if world_size() == 1:
+        return local
+    import hashlib
+
+    gathered: list[str | None] = [None] * world_size()
+    dist.all_gather_object(gathered, local)
+    return hashlib.sha256("".join(str(g) for g in gathered).encode()).hexdigest()
+
+
+def is_main_process() -> bool:
+    return world_size() == 1 or dist.get_rank() == 0

@@ -38,6 +38,11 @@ def main(out: Path) -> None:
     cfg = FisherConfig(progress=False, num_batches=len(mine), selector="natural")
     model = tiny_llama()
     stats = estimate(model, mine, target_modules=TARGETS, config=cfg)
+    cached_cfg = cfg.model_copy(update={"cache_path": out / "stats.safetensors"})
+    estimate(model, mine, target_modules=TARGETS, config=cached_cfg)  # rank 0 writes the global statistics
+    dist.barrier()
+    reused = estimate(model, mine, target_modules=TARGETS, config=cached_cfg)  # every rank reads them back
+    assert reused.meta.get("cache") and all(torch.equal(reused[n].grad_cov, stats[n].grad_cov) for n in stats)
     directions = select(stats, model, rank=4, config=cfg)
     torch.save(
         {
