@@ -78,7 +78,7 @@ def estimate(
     sketched = plan_sketches(shapes, config.needs_mean_grad, budget, sketch_rank, sketch_above)
     acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
     state = PassState()
-    generator = torch.Generator(device=_device(model)).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     started, used, stopped_early = time.perf_counter(), 0, False
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -92,7 +92,7 @@ def estimate(
         )
         monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
         for batch in progress:
-            _accumulate_batch(model, _to_device(batch, _device(model)), state, config, loss_fn, logits_fn, generator)
+            _accumulate_batch(model, _to_device(batch, device), state, config, loss_fn, logits_fn, generator)
             state.grouped = True
             state.seen_inputs.clear()
             used += 1

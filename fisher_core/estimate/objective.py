@@ -11,6 +11,7 @@ Contracts (what integrations and users may pass):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,13 +25,18 @@ LogitsFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
 IGNORE_INDEX = -100
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """True for transformers causal-LM heads (labels are shifted by one position)."""
+@functools.cache
+def _causal_lm_classes() -> frozenset[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for transformers causal-LM heads (labels are shifted by one position)."""
     get_base = getattr(model, "get_base_model", None)
     inner = get_base() if callable(get_base) else model
-    return type(inner).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return type(inner).__name__ in _causal_lm_classes()
 
 
 def supervised_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:

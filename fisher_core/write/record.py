@@ -91,14 +91,6 @@ def load_record(directory: str | Path) -> InitRecord | None:
     return record
 
 
-def offsets_total(offsets: list[Offset]) -> Tensor | None:
-    """Σ_j s_j·B_j·A_j, or None when there is nothing."""
-    total = None
-    for o in offsets:
-        total = o.delta() if total is None else total + o.delta()
-    return total
-
-
 def stacked(offsets: list[Offset]) -> tuple[Tensor, Tensor] | None:
     """The offsets as one pair (B, A) with scale 1: B = [s_1·B_1 | s_2·B_2 | …], A = [A_1; A_2; …]."""
     if not offsets:
