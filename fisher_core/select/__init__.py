@@ -23,6 +23,7 @@ from fisher_core.select.base import Candidates, Selector, Solver
 from fisher_core.select.fwsvd import select_fwsvd
 from fisher_core.select.linalg import DEFAULT_ROW_NORM, fix_signs, with_norm
 from fisher_core.select.natural import select_natural
+from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
 from fisher_core.select.sensitivity import select_sensitive
 from fisher_core.select.subspace import select_subspace
@@ -69,6 +70,7 @@ class Directions(Mapping[str, LayerDirections]):
     policy: str
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    solved_on: dict[str, int] = field(default_factory=dict)  # the process (rank) that solved each layer
 
     def __getitem__(self, name: str) -> LayerDirections:
         return self.layers[name]
@@ -94,6 +96,8 @@ def select(
 
     On a PEFT model, each layer's rank and scale `s` come from its LoRA adapter `adapter_name`; on a
     plain model pass `rank` (and `lora_alpha`, default `rank`, so `s = α/r` or `α/√r` with rsLoRA).
+    Under `torch.distributed` this is a collective, like `estimate`: every process calls it, each solves
+    a share of the layers (`fisher_core.select.parallel`) and all return the same directions.
     """
     config = config or FisherConfig()
     modules = {canonical_name(n): m for n, m in model.named_modules()}
@@ -115,14 +119,18 @@ def select(
         caps = ranks
     fn = SELECTORS[config.selector]
     spectra: dict = {}  # shared by every layer's solver: a shared factor is decomposed once
-    cands: dict[str, Candidates] = {
-        name: fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
-        for name, (weight, _, scaling, _) in plans.items()
-    }
+
+    def solve(name: str) -> Candidates:
+        weight, _, scaling, _ = plans[name]
+        return fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
+
+    groups = {name: stats[name].input_group or name for name in plans}
+    costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
+    cands, owners = solve_spread(list(plans), groups, costs, solve)
     if config.rank_budget is not None:
         ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
     layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
-    directions = Directions(layers, selector=config.selector, policy=config.policy)
+    directions = Directions(layers, selector=config.selector, policy=config.policy, solved_on=owners)
     if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
         for name, (_, _, scaling, rslora) in plans.items():
             directions.rank_pattern[name] = ranks[name]

@@ -48,6 +48,7 @@ def main(out: Path) -> None:
         {
             "stats": {n: (s.input_cov, s.grad_cov, s.mean_grad, s.num_tokens) for n, s in stats.items()},
             "directions": {n: (d.B, d.A) for n, d in directions.items()},
+            "solved_on": directions.solved_on,
         },
         out / f"rank{rank}.pt",
     )

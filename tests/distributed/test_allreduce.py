@@ -13,6 +13,7 @@ from allreduce_worker import TARGETS, global_batches
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, select
+from fisher_core.estimate.factors import FisherStats, LayerStats
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("allreduce_worker.py")
@@ -37,7 +38,13 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
     cfg = FisherConfig(progress=False, num_batches=len(batches), selector="natural")
     model = tiny_llama()
     single = estimate(model, batches, target_modules=TARGETS, config=cfg)
-    directions = select(single, model, rank=4, config=cfg)
+    # one process selecting from the statistics the ranks hold (all-reduced: equal to `single` up to rounding)
+    reduced = {
+        n: LayerStats(*ranks[0]["stats"][n][:2], ranks[0]["stats"][n][3], ranks[0]["stats"][n][2]) for n in single
+    }
+    for n, layer in reduced.items():
+        layer.input_group = single[n].input_group
+    directions = select(FisherStats(reduced, "empirical", len(batches)), model, rank=4, config=cfg)
     for name, s in single.items():
         for r in ranks:
             a, g, mg, tokens = r["stats"][name]
@@ -48,4 +55,11 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
         b0, a0 = ranks[0]["directions"][name]
         b1, a1 = ranks[1]["directions"][name]
         assert torch.equal(b0, b1) and torch.equal(a0, a1)  # every rank writes the same adapter
-        assert b0.shape == directions[name].B.shape
+        # ... and it is the one a single process selects from the same statistics, though each rank solved half
+        torch.testing.assert_close(b0, directions[name].B, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a0, directions[name].A, rtol=1e-5, atol=1e-7)
+    # the solves were spread over both ranks, q/v of a block (one shared input factor) on the same one
+    solved_on = ranks[0]["solved_on"]
+    assert solved_on == ranks[1]["solved_on"] and set(solved_on.values()) == {0, 1}
+    for block in ("model.layers.0", "model.layers.1"):
+        assert solved_on[f"{block}.self_attn.q_proj"] == solved_on[f"{block}.self_attn.v_proj"]
