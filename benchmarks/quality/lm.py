@@ -217,10 +217,9 @@ class LMRun:
     def label(self) -> str:
         if self.method != "fisher":
             return self.method
-        from benchmarks.quality.suite import fisher_label
-        from fisher_core import FisherConfig
+        from benchmarks.quality.suite import fisher_config, fisher_label
 
-        return fisher_label(FisherConfig(**(self.fisher or {})))
+        return fisher_label(fisher_config(**{"num_batches": self.calibration, **(self.fisher or {})}))
 
 
 def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict:
@@ -296,7 +295,9 @@ def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict
         evaluate = evaluate_dpo
     callback = None
     if spec.method == "fisher":
-        options = {"num_batches": spec.calibration, "progress": False, **(spec.fisher or {})}
+        from benchmarks.quality.suite import fisher_config
+
+        options = fisher_config(**{"num_batches": spec.calibration, **(spec.fisher or {})}).model_dump()
         callback = FisherInitCallback(**options).attach(trainer)
     checkpoints = sorted({round(f * spec.steps) for f in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)})
     curve: list[dict] = []
@@ -326,7 +327,10 @@ def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict
         "seed": spec.seed,
         "lr": spec.lr,
         "steps": spec.steps,
-        "fisher": callback.report.to_json().get("config") if callback and callback.report else None,
+        "fisher": callback.config.model_dump(mode="json", exclude={"cache_path", "progress", "force"})
+        if callback
+        else None,
+        "init_batches": callback.report.num_batches if callback and callback.report else None,
         "curve": curve,
         "init_seconds": init_seconds,
         "init_peak_mib": init_mib,

@@ -29,10 +29,12 @@ Builder = Callable[[nn.Module, dict, Sequence[Batch], FisherConfig | None], "Ada
 
 @dataclass
 class Adapter:
-    """The initialized `PeftModel` and the init's own timings by phase (seconds; empty if it has none)."""
+    """The initialized `PeftModel`, the init's own timings by phase (seconds; empty if it has none) and
+    the calibration batches it read (None: it reads none, or does not say)."""
 
     model: nn.Module
     phases: dict[str, float] = field(default_factory=dict)
+    batches: int | None = None
 
 
 def lora_kwargs(rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = BERT_TARGETS) -> dict:
@@ -132,7 +134,7 @@ def _fisher(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher
     if config.num_batches > len(calibration):
         config = config.model_copy(update={"num_batches": len(calibration)})
     report = initialize(peft_model, list(calibration), config=config)
-    return Adapter(peft_model, dict(report.seconds))
+    return Adapter(peft_model, dict(report.seconds), report.num_batches)
 
 
 _BUILDERS: dict[str, Builder] = {

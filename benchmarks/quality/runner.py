@@ -71,6 +71,7 @@ class RunResult:
     eval_seconds: float
     trainable_params: int
     init_phases: dict[str, float] = field(default_factory=dict)  # the init's own split, e.g. estimate/select
+    init_batches: int | None = None  # calibration batches the init read (early stopping may read fewer)
 
     @property
     def final(self) -> CurvePoint:
@@ -133,6 +134,7 @@ def run(
         eval_seconds=eval_seconds,
         trainable_params=sum(p.numel() for p in params),
         init_phases=adapter.phases,
+        init_batches=adapter.batches,
     )
 
 

@@ -10,12 +10,16 @@ suite keeps what it measured; a rerun skips runs already recorded):
              PEFT's lora/gaussian/pissa/olora/eva/corda/lora_ga/mica and the four Fisher selectors
              (empirical, preserve); then the best selector with `true` Fisher and with policy `zero`.
 - `seeds`    more seeds for default LoRA, the best Fisher config and the best other PEFT init.
-- `lr`       default LoRA and the best Fisher config (over the `seeds` stage if it ran) at lr/2 and
-             2·lr (each at its own best of 3), default LoRA also at 4·lr; then the other selectors at lr/4.
-- `calib`    the best Fisher config with 1, 4 and 16 calibration batches (8 is the screen's), one seed;
-             damping 1e-2 and 1e-1 (1e-3 is the screen's) on every seed.
+- `lr`       every method that ran on the screen at lr/2, lr and 2·lr on one seed (extended by halving or
+             doubling while the best sits at the edge), then at its own best lr on every seed (the
+             "tuned lr" table); the selectors that lost at the shared lr at lr/4.
+- `calib`    the best Fisher config on every seed with 1, 4, 8, 16 and 64 calibration batches, damping
+             1e-2 and 1e-1 (1e-3 is the screen's), and early stopping (`stop_tol` 0.1/0.05/0.02, at most
+             64 batches).
+- `ablate`   the best Fisher config on every seed with sketched statistics (`solver="lowrank"`), with
+             rank allocation (`rank_budget` = the uniform total) and with a quarter of the positions.
 - `sft`      causal-LM SFT (TRL SFTTrainer) of a tiny Llama pre-trained on comedies, tuned on tragedies.
-- `dpo`      DPO on the same model (chosen = the real next speech, rejected = a random other speech).
+- `dpo`      DPO on the same model (chosen = the real next speech, rejected = its words shuffled).
 Then `results/<preset>/tables.md` and the loss-curve PNGs are (re)written from everything recorded.
 """
 
@@ -39,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 PEFT_METHODS = ("lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "mica")
 SELECTORS = ("natural", "subspace", "select", "fwsvd")
 SCREEN_DAMPING = 1e-3  # the damping every stage uses unless it varies it (labels show other values)
-STAGES = ("screen", "seeds", "lr", "calib", "sft", "dpo")
+STAGES = ("screen", "seeds", "lr", "calib", "ablate", "sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,11 @@ class Preset:
     eval_at: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
     calibration: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
-    calib_sweep: tuple[int, ...] = (1, 4, 16)
+    enc_rank: int = 8
+    calib_sweep: tuple[int, ...] = (1, 4, 16, 64)
     damping_sweep: tuple[float, ...] = (1e-2, 1e-1)
+    stop_sweep: tuple[float, ...] = (0.1, 0.05, 0.02)  # `stop_tol` values tried, reading at most `stop_max` batches
+    stop_max: int = 64
     lm_steps: int = 200
     lm_lr: float = 3e-3
     lm_seeds: tuple[int, ...] = (0, 1, 2)
@@ -85,6 +92,7 @@ PRESETS = {
         seeds=(0,),
         calib_sweep=(),
         damping_sweep=(),
+        stop_sweep=(),
         lm_steps=2,
         lm_seeds=(0,),
         dpo_seeds=(0,),
@@ -102,6 +110,7 @@ PRESETS = {
         calibration=16,
         seeds=(0, 1, 2, 3, 4),
         calib_sweep=(1, 4, 64),
+        stop_max=128,
         lm_steps=400,
         lm_seeds=(0, 1, 2),
         dpo_seeds=(0, 1, 2),
@@ -109,15 +118,48 @@ PRESETS = {
 }
 
 
+# The Fisher config every label is relative to: the screen's (the library default of 2026-11-28, pinned here so
+# that a later change of `FisherConfig`'s defaults cannot relabel recorded runs). `num_batches` comes from the preset.
+BASELINE = {
+    "selector": "natural",
+    "fisher_type": "empirical",
+    "policy": "preserve",
+    "damping": SCREEN_DAMPING,
+    "stop_tol": None,
+    "solver": "auto",
+    "sketch_rank": None,
+    "rank_budget": None,
+    "position_fraction": 1.0,
+    "stable_gamma": 16.0,
+}
+# label tags of the fields that vary: `-<tag><value>` where a run differs from BASELINE
+TAGS = {
+    "damping": "d",
+    "solver": "",
+    "sketch_rank": "k",
+    "rank_budget": "rb",
+    "stop_tol": "stop",
+    "position_fraction": "pf",
+    "stable_gamma": "g",
+}
+
+
+def fisher_config(**fields: object) -> FisherConfig:
+    """`BASELINE` with `fields` (`num_batches` among them) over it, no progress bar."""
+    return FisherConfig(**{**BASELINE, "progress": False, **fields})
+
+
 def fisher_label(config: FisherConfig) -> str:
-    """`fisher-<selector>`, plus `-true` / `-zero` / `-cN` where they differ from the screen's baseline."""
+    """`fisher-<selector>`, plus `-true` / `-zero` / `-<tag><value>` where it differs from `BASELINE`."""
     label = f"fisher-{config.selector}"
     if config.fisher_type == "true":
         label += "-true"
     if config.policy == "zero":
         label += "-zero"
-    if config.damping != SCREEN_DAMPING:
-        label += f"-d{config.damping:g}"
+    for name, tag in TAGS.items():
+        value = getattr(config, name)
+        if value != BASELINE[name]:
+            label += f"-{tag}{value:g}" if isinstance(value, (int, float)) else f"-{tag}{value}"
     return label
 
 
@@ -138,13 +180,27 @@ class Encoder:
         self.train, self.test = encode(self.task, max_length=preset.enc_max_length)
         self.out = out
 
+    @property
+    def adapted_layers(self) -> int:
+        """How many linear layers the LoRA config adapts (for a `rank_budget` equal to the uniform total)."""
+        from benchmarks.quality.encoder import load_classifier
+        from benchmarks.quality.methods import BERT_TARGETS
+        from fisher_core.layers import find_targets
+
+        return len(find_targets(load_classifier(self.task.num_labels, 0), list(BERT_TARGETS)))
+
+    def run_label(self, stage: str, label: str, *, seed: int, lr: float) -> dict:
+        """`run` for a label of the tables: a PEFT method, or a Fisher config made by `fisher_label`."""
+        if label.startswith("fisher-"):
+            return self.run(stage, "fisher", seed=seed, lr=lr, **fisher_kwargs(label))
+        return self.run(stage, label, seed=seed, lr=lr)
+
     def run(self, stage: str, method: str, *, seed: int = 0, lr: float | None = None, **fisher: object) -> dict:
         """One run, recorded in `<stage>.json`; an identical run already recorded there or in the screen is reused."""
         from benchmarks.quality.runner import RunSpec, run
 
         p = self.preset
-        options = {"num_batches": p.calibration, "damping": SCREEN_DAMPING, "progress": False, **fisher}
-        config = FisherConfig(**options) if method == "fisher" else None
+        config = fisher_config(**{"num_batches": p.calibration, **fisher}) if method == "fisher" else None
         label = fisher_label(config) if config else method
         if config and config.num_batches != p.calibration:
             label += f"-c{config.num_batches}"
@@ -162,6 +218,7 @@ class Encoder:
             lr=lr,
             steps=p.enc_steps,
             batch_size=p.enc_batch,
+            rank=p.enc_rank,
             calibration_batches=config.num_batches if config else p.calibration,
             head_warmup=p.enc_head_warmup,
             eval_at=p.eval_at,
@@ -177,9 +234,8 @@ class Encoder:
             "seed": seed,
             "lr": lr,
             "steps": p.enc_steps,
-            "fisher": config.model_dump(mode="json", include={"selector", "fisher_type", "policy", "num_batches"})
-            if config
-            else None,
+            "fisher": config.model_dump(mode="json", exclude={"cache_path", "progress", "force"}) if config else None,
+            "init_batches": result.init_batches,
             "curve": [{"step": c.step, "test_loss": c.test_loss, "accuracy": c.test_accuracy} for c in result.curve],
             "init_seconds": result.init_seconds,
             "init_peak_mib": result.init_peak_mib,
@@ -247,22 +303,57 @@ def encoder_stages(preset: Preset, out: Path, stages: list[str]) -> None:
     if seeded:  # several seeds outrank the screen's one
         top = best(seeded, "fisher-")
         print(f"best Fisher config over {len(preset.seeds)} seeds: {top}", flush=True)
-    if "lr" in stages:
-        for lr in (preset.enc_lr / 2, preset.enc_lr, preset.enc_lr * 2):
-            enc.run("lr", "lora", seed=seed0, lr=lr)
-            enc.run("lr", "fisher", seed=seed0, lr=lr, **fisher_kwargs(top))
-        enc.run("lr", "lora", seed=seed0, lr=preset.enc_lr * 4)  # default LoRA's best was at the grid's edge
-    if "calib" in stages:
-        for n in (*preset.calib_sweep, preset.calibration):
-            enc.run("calib", "fisher", seed=seed0, num_batches=n, **fisher_kwargs(top))
-        for seed in preset.seeds:
-            enc.run("calib", "fisher", seed=seed, **fisher_kwargs(top))
-            for damping in preset.damping_sweep:
-                enc.run("calib", "fisher", seed=seed, damping=damping, **fisher_kwargs(top))
-    if "lr" in stages:
+    if "lr" in stages:  # every method at its own best lr: tuned on seed 0, then run on every seed
+        ran = tables.by_label(screen)
+        for label in ("lora", top, *(m for m in PEFT_METHODS[1:] if m in ran)):
+            lr = tune_lr(enc, label, seed0)
+            for seed in preset.seeds[1:]:
+                enc.run_label("lr", label, seed=seed, lr=lr)
         for selector in SELECTORS:  # does a selector that lost at the shared lr win at a smaller one?
             if f"fisher-{selector}" != top:
                 enc.run("lr", "fisher", seed=seed0, lr=preset.enc_lr / 4, selector=selector)
+    if "calib" in stages:
+        for seed in preset.seeds:
+            for n in sorted({*preset.calib_sweep, preset.calibration}):
+                enc.run("calib", "fisher", seed=seed, num_batches=n, **fisher_kwargs(top))
+            for damping in preset.damping_sweep:
+                enc.run("calib", "fisher", seed=seed, damping=damping, **fisher_kwargs(top))
+            for tol in preset.stop_sweep:  # early stopping: at most `stop_max` batches
+                enc.run("calib", "fisher", seed=seed, num_batches=preset.stop_max, stop_tol=tol, **fisher_kwargs(top))
+    if "ablate" in stages:
+        for seed in preset.seeds:
+            for fields in (
+                {"solver": "lowrank"},  # every statistic a rank-64 sketch (the scale path)
+                {"rank_budget": preset.enc_rank * enc.adapted_layers},  # same total rank, allocated by Fisher mass
+                {"position_fraction": 0.25},  # statistics from a quarter of the positions
+            ):
+                enc.run("ablate", "fisher", seed=seed, **{**fisher_kwargs(top), **fields})
+
+
+def tune_lr(enc: Encoder, label: str, seed: int, extend: int = 2) -> float:
+    """`label`'s best lr on `seed` (lowest `score`) over lr/2, lr, 2·lr, extended by halving or doubling
+    (at most `extend` times) while the best sits at the grid's edge."""
+    base = enc.preset.enc_lr
+    scores = {lr: score([enc.run_label("lr", label, seed=seed, lr=lr)]) for lr in (base / 2, base, base * 2)}
+    for _ in range(extend):
+        top = min(scores, key=scores.get)
+        if top not in (min(scores), max(scores)):
+            break
+        nxt = top / 2 if top == min(scores) else top * 2
+        scores[nxt] = score([enc.run_label("lr", label, seed=seed, lr=nxt)])
+    return min(scores, key=scores.get)
+
+
+def tuned(records: list[dict], seed: int = 0) -> list[dict]:
+    """The `lr` stage's records of each label at the lr that scored best on `seed`, labelled `label @ lr`."""
+    out = []
+    for label, runs in tables.by_label(records).items():
+        on_seed = [r for r in runs if r["seed"] == seed]
+        if not on_seed:
+            continue
+        lr = min(on_seed, key=lambda r: score([r]))["lr"]
+        out += [{**r, "label": f"{label} @ {lr:g}"} for r in runs if r["lr"] == lr]
+    return out
 
 
 def write_tables(out: Path, enc_lr: float = PRESETS["cpu"].enc_lr) -> None:
@@ -275,15 +366,21 @@ def write_tables(out: Path, enc_lr: float = PRESETS["cpu"].enc_lr) -> None:
         ("seeds", "accuracy", True),
         ("lr", "accuracy", True),
         ("calib", "accuracy", True),
+        ("ablate", "accuracy", True),
         ("sft", "token_accuracy", True),
         ("dpo", "reward_accuracy", True),
     ):
         records = tables.load(out / f"{stage}.json")
         if not records:
             continue
-        if stage == "lr":  # one row per (method, lr)
+        if stage == "lr":  # one row per (method, lr), then each method at its best lr on every seed
+            best_lr = tuned(records)
             records = [{**r, "label": f"{r['label']} lr={r['lr']:g}"} for r in records]
-        baseline = f"lora lr={enc_lr:g}" if stage == "lr" else "lora"
+            baseline = f"lora lr={enc_lr:g}"
+            lora_tuned = next((r["label"] for r in best_lr if r["label"].startswith("lora @")), "lora")
+            sections.append(f"### tuned lr\n\n{tables.table(best_lr, metric, higher, lora_tuned)}\n")
+        else:
+            baseline = "lora"
         sections.append(f"### {stage}\n\n{tables.table(records, metric, higher, baseline)}\n")
         plots.curves(records, out / f"{stage}.png", title=f"{stage}: test loss", metric="test_loss")
     (out / "tables.md").write_text("\n".join(sections))
@@ -302,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    encoder = [s for s in args.stages if s in ("screen", "seeds", "lr", "calib")]
+    encoder = [s for s in args.stages if s in ("screen", "seeds", "lr", "calib", "ablate")]
     if encoder:
         encoder_stages(preset, out, encoder)
     if "sft" in args.stages or "dpo" in args.stages:
