@@ -109,7 +109,7 @@ class StatsAccumulator:
 
         def cross(name: str, m: int, n: int) -> Sum:
             if "mean_grad" in sketched.get(name, ()):
-                return CrossSketch(m, n, min(sketch_rank, m, n), f"{name}/mean_grad", seed, device)
+                return CrossSketch(m, n, sketch_rank, name, seed, device)
             return DenseSum()
 
         self.layers = {

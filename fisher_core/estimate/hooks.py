@@ -28,7 +28,7 @@ class PassState:
     grad_weight: float = 1.0  # weight of g gᵀ in this backward (1/mc_samples for `true`)
     record_grad_cov: bool = True
     record_mean_grad: bool = False
-    saved_inputs: dict[str, Tensor] = field(default_factory=dict)
+    saved_inputs: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # x (and x·Ω) for Ḡ
     seen_inputs: dict[int, tuple[str, Tensor]] = field(default_factory=dict)
     grouped: bool = False  # input groups are fixed after the first forward
     unmasked: set[str] = field(default_factory=set)  # layers whose shapes did not match the mask
@@ -74,13 +74,14 @@ def _forward_hook(name: str, acc: StatsAccumulator, state: PassState):
             return
         if not state.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
             layer.input_group = state.seen_inputs.setdefault(id(x), (name, x))[0]
+        projected = None  # x·Ω of a sketched input factor, reused by the layer's sketch of Ḡ
         if state.record_input:
             rows = _rows(x.detach(), state, name)
             layer.tokens += rows.shape[0]
             if layer.input_group == name:
-                layer.input_sum.add_outer(rows)
+                projected = layer.input_sum.add_outer(rows)
         if state.record_mean_grad:
-            state.saved_inputs[name] = _rows(x.detach(), state, name)
+            state.saved_inputs[name] = (_rows(x.detach(), state, name), projected)
         output.register_hook(_grad_hook(name, acc, state))
 
     return hook
@@ -91,11 +92,12 @@ def _grad_hook(name: str, acc: StatsAccumulator, state: PassState):
 
     def hook(grad: Tensor) -> None:
         g = _rows(grad.detach(), state, name)
+        projected = None  # g·Ω_G of a sketched gradient factor
         if state.record_grad_cov:
-            layer.grad_sum.add_outer(g, weight=state.grad_weight)
+            projected = layer.grad_sum.add_outer(g, weight=state.grad_weight)
         if state.record_mean_grad:
-            x = state.saved_inputs.pop(name)
-            layer.mean_grad_sum.add_outer(g, other=x)
+            x, x_projected = state.saved_inputs.pop(name)
+            layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
 
     return hook
 

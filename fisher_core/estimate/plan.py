@@ -55,8 +55,9 @@ def plan_sketches(
         items.append((FLOAT_BYTES * n * n, FLOAT_BYTES * n * min(sketch_rank, n), name, "input"))
         items.append((FLOAT_BYTES * m * m, FLOAT_BYTES * m * min(sketch_rank, m), name, "grad"))
         if with_mean_grad:
-            k = min(sketch_rank, m, n)
-            items.append((FLOAT_BYTES * m * n, FLOAT_BYTES * (m * k + (2 * k + 1) * n), name, "mean_grad"))
+            co_rank = min(sketch_rank, m)  # as in sums.CrossSketch
+            k_y = max(1, min(sketch_rank, n, co_rank) // 2)
+            items.append((FLOAT_BYTES * m * n, FLOAT_BYTES * (m * k_y + co_rank * n), name, "mean_grad"))
     total = sum(sketch if what in sketched.get(name, ()) else dense for dense, sketch, name, what in items)
     for dense, sketch, name, what in sorted(items, key=lambda i: (-i[0], i[2], i[3])):
         if total <= budget:

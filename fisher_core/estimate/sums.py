@@ -5,9 +5,12 @@
   Nyström approximation gives S's top-k eigenpairs (Tropp, Yurtsever, Udell & Cevher 2017,
   "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"), and the trace
   gives one value for the rest of the spectrum. Memory d·k instead of d².
-- `CrossSketch`: for `Ḡ = Σ_t g_t x_tᵀ` keeps `Y = Ḡ Ω` (m×k) and `W = Ψ Ḡ` (l×n); at the end
-  `Ḡ ≈ Q (ΨQ)⁺ W` with `Q = orth(Y)` (Tropp et al. 2017, "Practical sketching algorithms for
-  low-rank matrix approximation", Alg. 7). Memory (m + n)·k instead of m·n.
+- `CrossSketch`: for `Ḡ = Σ_t g_t x_tᵀ` keeps the range sketch `Y = Ḡ Ω` (m×k_y) and the co-range
+  sketch `W = Ψ Ḡ` (l×n, l ≥ 2·k_y); at the end `Ḡ ≈ Q (ΨQ)⁺ W` with `Q = orth(Y)` (Tropp et al.
+  2017, "Practical sketching algorithms for low-rank matrix approximation", Alg. 7). `Ω` is the first
+  k_y columns of the layer's input-factor test matrix and `Ψ = Ω_Gᵀ` its gradient-factor test matrix,
+  so when those factors are sketched too, their projections `x·Ω`, `g·Ω_G` are reused and `Ḡ` costs
+  `k_y·m + l·n` per token. Memory (m·k_y + l·n) instead of m·n.
 
 Every sum is linear in the data, so shards add: `tensors()` lists what an all-reduce must sum.
 Test matrices are drawn from a seed derived from the layer name, identical on every process.
@@ -22,17 +25,16 @@ import torch
 from torch import Tensor
 
 
-def _outer(rows: Tensor, other: Tensor, project: Tensor | None = None) -> Tensor:
-    """`rowsᵀ · other` (or `rowsᵀ · (other · project)`) with an fp32 result, outside any autocast region.
+def _outer(rows: Tensor, other: Tensor) -> Tensor:
+    """`rowsᵀ · other` with an fp32 result, outside any autocast region.
 
     On CUDA, half-precision activations are multiplied on the tensor cores with fp32 accumulation
     (`out_dtype`), as fast as the model's own matmuls; elsewhere they are upcast first.
     """
     with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the model's autocast region
-        right = other if project is None else other.float() @ project
-        if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and right.dtype == rows.dtype:
-            return torch.mm(rows.T, right, out_dtype=torch.float32)
-        return rows.float().T @ right.float()
+        if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and other.dtype == rows.dtype:
+            return torch.mm(rows.T, other, out_dtype=torch.float32)
+        return rows.float().T @ other.float()
 
 
 def random_matrix(shape: tuple[int, int], name: str, seed: int, device: torch.device) -> Tensor:
@@ -47,7 +49,15 @@ class DenseSum:
     def __init__(self) -> None:
         self.total: Tensor | None = None
 
-    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
+    def add_outer(
+        self,
+        rows: Tensor,
+        weight: float = 1.0,
+        other: Tensor | None = None,
+        rows_projected: Tensor | None = None,
+        other_projected: Tensor | None = None,
+    ) -> None:
+        """Add `weight · rowsᵀ other` (`other` = `rows` if None); a dense sum needs no projections."""
         update = _outer(rows, rows if other is None else other)
         if weight != 1.0:
             update.mul_(weight)
@@ -96,16 +106,25 @@ class PsdSketch:
         self.y = torch.zeros(dim, k, device=device)
         self.trace = torch.zeros((), device=device)
 
-    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
+    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> Tensor:
+        """Add the rows' outer products; return their projection `rows·Ω` (a cross sketch reuses it)."""
         rows = rows.float()
-        self.y.add_(_outer(rows, rows, self.omega), alpha=weight)
+        projected = _project(rows, self.omega)
+        self.y.add_(_outer(rows, projected), alpha=weight)
         self.trace.add_(rows.square().sum(), alpha=weight)
+        return projected
 
     def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
         return [self.y, self.trace]
 
     def mean(self, tokens: int, shape: tuple[int, int]) -> FactorSketch:
         return FactorSketch(self.omega.cpu(), (self.y / tokens).cpu(), float(self.trace) / tokens)
+
+
+def _project(rows: Tensor, test: Tensor) -> Tensor:
+    """`rows · test` in fp32, outside any autocast region."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return rows.float() @ test
 
 
 @dataclass
@@ -124,26 +143,42 @@ class LowRank:
 
 
 class CrossSketch:
-    """Streaming two-sided sketch of `Σ g xᵀ`: `Y = Σ g (xᵀΩ)`, `W = Σ (Ψg) xᵀ`."""
+    """Streaming two-sided sketch of `Σ g xᵀ`: `Y = Σ g (xᵀΩ)`, `W = Σ (Ψg) xᵀ`.
+
+    `name` is the layer's: `Ω` = the first k_y columns of `random_matrix((n, k), name + "/input")` and
+    `Ψ = random_matrix((m, l), name + "/grad")ᵀ`, the test matrices of the layer's own factor sketches.
+    """
 
     def __init__(self, rows: int, cols: int, k: int, name: str, seed: int, device: torch.device) -> None:
-        self.omega = random_matrix((cols, k), name + "/omega", seed, device)
-        self.psi = random_matrix((2 * k + 1, rows), name + "/psi", seed, device)
-        self.y = torch.zeros(rows, k, device=device)
-        self.w = torch.zeros(2 * k + 1, cols, device=device)
+        self.co_rank = min(k, rows)
+        self.k_y = max(1, min(k, cols, self.co_rank) // 2)
+        self.omega = random_matrix((cols, min(k, cols)), name + "/input", seed, device)[:, : self.k_y]
+        self.psi_t = random_matrix((rows, self.co_rank), name + "/grad", seed, device)  # Ψᵀ (m×l)
+        self.y = torch.zeros(rows, self.k_y, device=device)
+        self.w = torch.zeros(self.co_rank, cols, device=device)
 
-    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> None:
+    def add_outer(
+        self,
+        rows: Tensor,
+        weight: float = 1.0,
+        other: Tensor | None = None,
+        rows_projected: Tensor | None = None,
+        other_projected: Tensor | None = None,
+    ) -> None:
+        """Add `Σ g xᵀ` for `rows` = g, `other` = x; `rows_projected` = g·Ψᵀ and `other_projected` = x·Ω
+        (at least k_y columns) when the factor sketches already computed them."""
         g, x = rows.float(), other.float()
-        self.y.add_(_outer(g, x, self.omega), alpha=weight)
-        with torch.autocast(g.device.type, enabled=False):
-            self.w.add_((g @ self.psi.T).T @ x, alpha=weight)
+        xp = other_projected[:, : self.k_y] if other_projected is not None else _project(x, self.omega)
+        gp = rows_projected[:, : self.co_rank] if rows_projected is not None else _project(g, self.psi_t)
+        self.y.add_(_outer(g, xp), alpha=weight)
+        self.w.add_(_outer(gp, x), alpha=weight)
 
     def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
         return [self.y, self.w]
 
     def mean(self, tokens: int, shape: tuple[int, int]) -> LowRank:
         q = torch.linalg.qr(self.y.double())[0]
-        x = torch.linalg.lstsq(self.psi.double() @ q, self.w.double()).solution
+        x = torch.linalg.lstsq(self.psi_t.double().T @ q, self.w.double()).solution
         return LowRank(q.float().cpu(), (x / tokens).float().cpu())
 
 

@@ -38,6 +38,21 @@ def test_cross_sketch_recovers_a_low_rank_mean_gradient_exactly():
     torch.testing.assert_close(sketch.mean(30, (20, 16)).dense(), grads.T @ inputs / 30, rtol=1e-3, atol=1e-4)
 
 
+def test_cross_sketch_reuses_the_factor_sketches_projections():
+    """Ḡ's sketch shares its test matrices with the layer's factor sketches: fed their projections
+    x·Ω and g·Ω_G it holds exactly what it computes from x and g alone."""
+    g = torch.Generator().manual_seed(3)
+    grads, inputs = torch.randn(30, 20, generator=g), torch.randn(30, 16, generator=g)
+    cpu = torch.device("cpu")
+    x_projected = PsdSketch(16, 8, "layer/input", 0, cpu).add_outer(inputs)
+    g_projected = PsdSketch(20, 8, "layer/grad", 0, cpu).add_outer(grads)
+    reused, alone = CrossSketch(20, 16, 8, "layer", 0, cpu), CrossSketch(20, 16, 8, "layer", 0, cpu)
+    reused.add_outer(grads, other=inputs, rows_projected=g_projected, other_projected=x_projected)
+    alone.add_outer(grads, other=inputs)
+    torch.testing.assert_close(reused.y, alone.y)
+    torch.testing.assert_close(reused.w, alone.w)
+
+
 def test_plan_sketches_the_largest_factors_until_the_budget_holds():
     shapes = {"a": (64, 32), "b": (16, 16)}  # (m, n)
     full = 4 * (32 * 32 + 64 * 64 + 16 * 16 * 2)
