@@ -1,6 +1,6 @@
 """The quality suite, one command: does Fisher init beat PEFT's inits at the same budget?
 
-    python -m benchmarks.quality.suite                      # CPU preset (2 cores, < ~60 min)
+    python -m benchmarks.quality.suite                      # CPU preset (2 processes on 2 cores, ~60 min)
     python -m benchmarks.quality.suite --preset gpu         # the larger version (one GPU)
     python -m benchmarks.quality.suite --stages screen seeds # a subset of stages
 
@@ -386,29 +386,78 @@ def write_tables(out: Path, enc_lr: float = PRESETS["cpu"].enc_lr) -> None:
     (out / "tables.md").write_text("\n".join(sections))
 
 
+# Stages that may run side by side (`--jobs 2`): each phase's two groups in two processes, phases in order.
+PHASES = ((("screen", "seeds"), ("sft", "dpo")), (("lr",), ("calib", "ablate")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/quality/results/<preset>)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--jobs", type=int, default=2, help="processes running independent stages side by side")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per process (default: cores / jobs)"
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out = args.out or RESULTS / args.preset
     out.mkdir(parents=True, exist_ok=True)
-    _quiet()
-    torch.set_num_threads(args.threads)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
-    encoder = [s for s in args.stages if s in ("screen", "seeds", "lr", "calib", "ablate")]
-    if encoder:
-        encoder_stages(preset, out, encoder)
-    if "sft" in args.stages or "dpo" in args.stages:
-        from benchmarks.quality import lm
-
-        lm.stages(preset, out, [s for s in args.stages if s in ("sft", "dpo")])
+    if args.jobs > 1:
+        for phase in PHASES:
+            groups = [[s for s in group if s in args.stages] for group in phase]
+            _side_by_side(args.preset, out, threads, [g for g in groups if g])
+    else:
+        _quiet()
+        torch.set_num_threads(threads)
+        run_stages(preset, out, args.stages)
     write_tables(out, preset.enc_lr)
     print(f"suite done in {time.perf_counter() - started:.0f}s; tables in {out / 'tables.md'}", flush=True)
     return 0
+
+
+def run_stages(preset: Preset, out: Path, stages: list[str]) -> None:
+    """The given stages, in order, in this process."""
+    encoder = [s for s in stages if s in ("screen", "seeds", "lr", "calib", "ablate")]
+    if encoder:
+        encoder_stages(preset, out, encoder)
+    if "sft" in stages or "dpo" in stages:
+        from benchmarks.quality import lm
+
+        lm.stages(preset, out, [s for s in stages if s in ("sft", "dpo")])
+
+
+def _side_by_side(preset: str, out: Path, threads: int, groups: list[list[str]]) -> None:
+    """Run each group of stages in its own `--jobs 1` process, all at once; fail if any fails."""
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.quality.suite",
+                "--preset",
+                preset,
+                "--stages",
+                *group,
+                "--out",
+                str(out),
+                "--jobs",
+                "1",
+                "--threads",
+                str(threads),
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
+        for group in groups
+    ]
+    failed = [" ".join(g) for g, p in zip(groups, procs, strict=True) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"quality stages failed: {failed}")
 
 
 def _quiet() -> None:
