@@ -45,9 +45,10 @@ class FisherConfig(BaseModel):
     stop_tol: float | None = Field(
         None,
         gt=0.0,
-        description="Stop reading batches early once the statistics have converged: every 2 batches "
-        "(from the 4th on) each factor is probed with fixed random vectors, and the pass stops when no "
-        "probe moved by more than this relative amount. None reads all `num_batches`.",
+        description="Stop reading batches early once the statistics have converged: after 4, 8, 16, … batches "
+        "every factor is probed with fixed random vectors, and the pass stops when the median factor's probe "
+        "changed by less than this relative amount since the previous check (the data doubled since). "
+        "None reads all `num_batches`.",
     )
     positions: Positions = Field(
         "attention",

@@ -14,8 +14,8 @@ suite keeps what it measured; a rerun skips runs already recorded):
              doubling while the best sits at the edge), then at its own best lr on every seed (the
              "tuned lr" table); the selectors that lost at the shared lr at lr/4.
 - `calib`    the best Fisher config on every seed with 1, 4, 8, 16 and 64 calibration batches, damping
-             1e-2 and 1e-1 (1e-3 is the screen's), and early stopping (`stop_tol` 0.1/0.05/0.02, at most
-             64 batches).
+             1e-2 and 1e-1 (1e-3 is the screen's), and early stopping (`stop_tol` 0.3/0.2/0.1, at most
+             32 batches).
 - `ablate`   the best Fisher config on every seed with sketched statistics (`solver="lowrank"`), with
              rank allocation (`rank_budget` = the uniform total) and with a quarter of the positions.
 - `sft`      causal-LM SFT (TRL SFTTrainer) of a tiny Llama pre-trained on comedies, tuned on tragedies.
@@ -65,8 +65,8 @@ class Preset:
     enc_rank: int = 8
     calib_sweep: tuple[int, ...] = (1, 4, 16, 64)
     damping_sweep: tuple[float, ...] = (1e-2, 1e-1)
-    stop_sweep: tuple[float, ...] = (0.1, 0.05, 0.02)  # `stop_tol` values tried, reading at most `stop_max` batches
-    stop_max: int = 64
+    stop_sweep: tuple[float, ...] = (0.3, 0.2, 0.1)  # `stop_tol` values tried, reading at most `stop_max` batches
+    stop_max: int = 32
     lm_steps: int = 200
     lm_lr: float = 3e-3
     lm_seeds: tuple[int, ...] = (0, 1, 2)
@@ -110,7 +110,7 @@ PRESETS = {
         calibration=16,
         seeds=(0, 1, 2, 3, 4),
         calib_sweep=(1, 4, 64),
-        stop_max=128,
+        stop_max=64,
         lm_steps=400,
         lm_seeds=(0, 1, 2),
         dpo_seeds=(0, 1, 2),
@@ -323,7 +323,8 @@ def encoder_stages(preset: Preset, out: Path, stages: list[str]) -> None:
     if "ablate" in stages:
         for seed in preset.seeds:
             for fields in (
-                {"solver": "lowrank"},  # every statistic a rank-64 sketch (the scale path)
+                {"solver": "lowrank"},  # every statistic a rank-128 sketch (the scale path)
+                {"solver": "lowrank", "sketch_rank": 32},  # a cheap sketch
                 {"rank_budget": preset.enc_rank * enc.adapted_layers},  # same total rank, allocated by Fisher mass
                 {"position_fraction": 0.25},  # statistics from a quarter of the positions
             ):

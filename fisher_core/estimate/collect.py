@@ -97,8 +97,13 @@ def estimate(
             state.seen_inputs.clear()
             used += 1
             progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
-            if monitor is not None and used % 2 == 0 and monitor.converged(acc) and used >= 4:
-                logger.info("fisher-lora: statistics converged after %d batches (stop_tol=%g)", used, config.stop_tol)
+            if monitor is not None and monitor.due(used) and monitor.converged(acc) and used >= 4:
+                logger.info(
+                    "fisher-lora: statistics converged after %d batches (median change %.3g < stop_tol=%g)",
+                    used,
+                    monitor.last_change,
+                    config.stop_tol,
+                )
                 stopped_early = True
                 break
     if used == 0:
