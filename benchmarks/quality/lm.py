@@ -219,7 +219,9 @@ class LMRun:
             return self.method
         from benchmarks.quality.suite import fisher_config, fisher_label
 
-        return fisher_label(fisher_config(**{"num_batches": self.calibration, **(self.fisher or {})}))
+        config = fisher_config(**{"num_batches": self.calibration, **(self.fisher or {})})
+        suffix = f"-c{config.num_batches}" if config.num_batches != self.calibration else ""
+        return fisher_label(config) + suffix
 
 
 def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict:
@@ -342,15 +344,20 @@ def stages(preset, out: Path, which: list[str]) -> None:
     """The `sft` and `dpo` stages of the suite at `preset` sizes; records go to `<stage>.json` in `out`."""
     base = base_model(steps=preset.pretrain_steps)
     train, test = dialogue(n_train=preset.lm_train, n_test=preset.lm_test)
-    from benchmarks.quality.suite import PEFT_METHODS, SELECTORS
+    from benchmarks.quality.suite import DEFAULT_STOP, PEFT_METHODS, SELECTORS
 
     plans = {
         "sft": [(m, None) for m in PEFT_METHODS]
         + [("fisher", {"selector": s}) for s in SELECTORS]
-        + [("fisher", {"selector": "natural", "fisher_type": "true"})],
+        + [("fisher", {"selector": "natural", "fisher_type": "true"})]
+        + [
+            ("fisher", {"selector": "natural", **DEFAULT_STOP}),
+            ("fisher", {"selector": "natural", "solver": "lowrank"}),
+        ],
         # DPO's reference is the adapter-disabled model: only inits that leave the base alone (docs/trl.md)
         "dpo": [("lora", None), ("eva", None)]
-        + [("fisher", {"selector": s, "policy": "zero"}) for s in ("natural", "subspace")],
+        + [("fisher", {"selector": s, "policy": "zero"}) for s in ("natural", "subspace")]
+        + [("fisher", {"selector": "natural", "policy": "zero", **DEFAULT_STOP})],
     }
     for stage in which:
         seeds = preset.lm_seeds if stage == "sft" else preset.dpo_seeds

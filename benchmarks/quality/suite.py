@@ -132,6 +132,8 @@ BASELINE = {
     "position_fraction": 1.0,
     "stable_gamma": 16.0,
 }
+# the library's default calibration since 2026-11-28 (session 2): up to 32 batches, stopping once converged
+DEFAULT_STOP = {"num_batches": 32, "stop_tol": 0.2}
 # label tags of the fields that vary: `-<tag><value>` where a run differs from BASELINE
 TAGS = {
     "damping": "d",
