@@ -84,7 +84,12 @@ class FisherConfig(BaseModel):
         "kept as rank-`sketch_rank` sketches (O(d·k) per token) and only top spectra computed (randomized, "
         "O(d²k) instead of O(d³)); `auto`: exact up to `exact_max_dim`, low-rank above.",
     )
-    sketch_rank: int | None = Field(None, ge=1, description="k for the low-rank solver; None = max(4·r, 64).")
+    sketch_rank: int | None = Field(
+        None,
+        ge=1,
+        description="k of the sketched statistics (None: max(128, 4·r)) and of the low-rank solver's top "
+        "spectra (None: max(4·r, 64)).",
+    )
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
     memory_budget: int | Literal["auto"] | None = Field(
         None,

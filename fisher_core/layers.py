@@ -41,9 +41,12 @@ class LayerKind:
         if not self.writable:
             raise TypeError(f"{self.name} weights cannot be written; use policy='zero'")
         w = layer.weight
-        d = delta.T if self.transposed else delta
+        d = (delta.T if self.transposed else delta).to(w.device, torch.float32)
         with torch.no_grad():
-            w.copy_((w.float() - d.to(w.device, torch.float32)).to(w.dtype))
+            if w.dtype == torch.float32:
+                w.sub_(d)  # the same rounding as below, without an m×n temporary
+            else:
+                w.copy_((w.float() - d).to(w.dtype))
 
     def shape(self, layer: nn.Module) -> tuple[int, int]:
         """(m, n) = (out_features, in_features)."""

@@ -7,12 +7,13 @@ All-linear targets of every decoder block (q, k, v, o, gate, up, down), fp32 sta
   have their own) and `S_G` (m×m) per layer;
 - `Ḡ` (m×n per layer), the mean gradient the `natural` selector needs on top of the factors;
 - LoRA-GA: one weight gradient (m×n) per layer, in fp32 and in the model's bf16;
-- sketch: every factor kept as a rank-k part plus its diagonal (`d·k + d` numbers), and `Ḡ` as a
-  rank-k sketch (`(m + n)·k`), k = `--sketch-multiple` × r.
+- sketch: every factor kept as a rank-k Nyström sketch (`d·k` numbers, plus its trace), and `Ḡ` as a
+  two-sided sketch (`m·k/2 + k·n`, `fisher_core.estimate.sums.CrossSketch`), k = `--sketch-multiple` × r.
 A second table gives the multiply-adds per token and block of collecting each representation
 against the floor's (forward + input-gradient backward through the linear layers, `2·Σ m·n`):
-dense factors cost `Σ d²` (one outer product per distinct factor), `Ḡ` costs `Σ m·n`, a sketch
-`Σ d·k`. Pure arithmetic from the shapes; nothing is built.
+dense factors cost `Σ d²` (one outer product per distinct factor), `Ḡ` costs `Σ m·n`; a factor sketch
+`2·d·k` (`x·Ω`, then `xᵀ(x·Ω)`) and `Ḡ`'s sketch `m·k/2 + k·n` (it reuses the factor sketches'
+projections). Pure arithmetic from the shapes; nothing is built.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def block_numbers(shape: Shape, k: int) -> dict[str, int]:
         "input_factors": sum(n * n for n in inputs.values()),
         "output_factors": sum(m * m for m in outputs),
         "mean_grad": sum(m * n for m, n in lin.values()),
-        "sketch_factors": sum(d * k + d for d in [*inputs.values(), *outputs]),
-        "sketch_mean_grad": sum((m + n) * k for m, n in lin.values()),
-        "sketch_factor_macs": sum(d * k for d in [*inputs.values(), *outputs]),
+        "sketch_factors": sum(d * k for d in [*inputs.values(), *outputs]),
+        "sketch_mean_grad": sum(m * (k // 2) + k * n for m, n in lin.values()),
+        "sketch_factor_macs": sum(2 * d * k for d in [*inputs.values(), *outputs]),
         "largest_factor": max([*inputs.values(), *outputs]) ** 2,
     }
 

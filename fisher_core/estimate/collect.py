@@ -21,7 +21,13 @@ from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
 from fisher_core.estimate.distributed import global_fingerprint, is_main_process
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator
-from fisher_core.estimate.hooks import PassState, estimation_mode, input_embeddings, recording
+from fisher_core.estimate.hooks import (
+    PassState,
+    estimation_mode,
+    input_embeddings,
+    recording,
+    zero_adapters_bypassed,
+)
 from fisher_core.estimate.objective import (
     Batch,
     LogitsFn,
@@ -72,7 +78,7 @@ def estimate(
     _check_materialized(modules)
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     device = _device(model)
-    sketch_rank = config.sketch_rank or 128
+    sketch_rank = config.sketch_rank or default_sketch_rank(modules)
     budget = resolve_budget(config.memory_budget, device)
     sketch_above = {"auto": config.exact_max_dim, "exact": None, "lowrank": 0}[config.solver]
     sketched = plan_sketches(shapes, config.needs_mean_grad, budget, sketch_rank, sketch_above)
@@ -82,7 +88,7 @@ def estimate(
     started, used, stopped_early = time.perf_counter(), 0, False
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with estimation_mode(model), recording(model, modules, acc, state):
+    with estimation_mode(model), zero_adapters_bypassed(model), recording(model, modules, acc, state):
         progress = tqdm(
             islice(batches, config.num_batches),
             total=config.num_batches,
@@ -141,6 +147,13 @@ def estimate(
 
         save(stats, config.cache_path, modules, config, data)
     return stats
+
+
+def default_sketch_rank(modules: Mapping[str, nn.Module]) -> int:
+    """k when `sketch_rank` is None: 128, or 4× the largest LoRA rank of the layers if that is more (a
+    sketched Ḡ then holds 2·r directions, enough for `rank_budget`'s default cap of 2·r)."""
+    ranks = [max(m.r.values()) for m in modules.values() if isinstance(getattr(m, "r", None), dict) and m.r]
+    return max([128, *(4 * r for r in ranks)])
 
 
 def _accumulate_batch(

@@ -145,3 +145,30 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
         for m, flag in checkpointing.items():
             m.gradient_checkpointing = flag
+
+
+@contextlib.contextmanager
+def zero_adapters_bypassed(model: nn.Module) -> Iterator[None]:
+    """Skip the LoRA branch of the model's layers whose adapters are all still zero (`B = 0`), restored on exit.
+
+    Their output is the base layer's, exactly; computing `B·A·x` only to add zeros costs a rank-r matmul,
+    a scale and an add of the full output per layer (≈ 10 % of the pass at Llama-3-8B width). Only
+    unmerged, variant-free (plain LoRA) layers are bypassed, through PEFT's own `disable_adapters` flag.
+    """
+    bypassed = [
+        m
+        for m in model.modules()
+        if hasattr(m, "_disable_adapters")
+        and not m._disable_adapters
+        and not getattr(m, "merged", False)
+        and not getattr(m, "lora_variant", None)
+        and isinstance(getattr(m, "lora_B", None), nn.ModuleDict)
+        and not any(bool(b.weight.detach().any()) for b in m.lora_B.values())
+    ]
+    try:
+        for m in bypassed:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m in bypassed:
+            m._disable_adapters = False

@@ -111,7 +111,8 @@ class PsdSketch:
         rows = rows.float()
         projected = _project(rows, self.omega)
         self.y.add_(_outer(rows, projected), alpha=weight)
-        self.trace.add_(rows.square().sum(), alpha=weight)
+        flat = rows.reshape(-1)
+        self.trace.add_(flat.dot(flat), alpha=weight)  # Σ‖x_t‖², without a squared copy
         return projected
 
     def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
@@ -140,6 +141,10 @@ class LowRank:
 
     def dense(self) -> Tensor:
         return self.left @ self.right
+
+    def squared_norm(self) -> float:
+        """`‖left·right‖_F² = Σ (leftᵀleft) ⊙ (right·rightᵀ)`, without forming the product."""
+        return float(((self.left.T @ self.left) * (self.right @ self.right.T)).sum())
 
 
 class CrossSketch:

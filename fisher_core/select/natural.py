@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
+from fisher_core.estimate.sums import LowRank
 from fisher_core.select.base import Candidates, Solver
 from fisher_core.select.linalg import data_scale, with_norm
 from fisher_core.select.spectral import top_singular, whiten
@@ -22,8 +23,15 @@ def select_natural(
 ) -> Candidates:
     if stats.mean_grad is None:
         raise ValueError("selector 'natural' needs the mean gradient: estimate with selector='natural'")
+    held = min(stats.mean_grad.left.shape) if isinstance(stats.mean_grad, LowRank) else k
+    if held < k:
+        raise ValueError(
+            f"the sketched mean gradient holds rank {held}, fewer than the {k} directions asked for: "
+            f"raise sketch_rank to at least {2 * k} (or lower the LoRA rank)"
+        )
     g, a = solver.root(stats.grad_cov, config.damping), solver.root(stats.input_cov, config.damping)
     m = whiten(g, a, stats.mean_grad, -0.5)
     u, sigma, vh = top_singular(m, k, solver.svd_exact, seed=solver.seed)
     b, a_rows = with_norm(g.unwhiten(u), a.unwhiten(vh.T).T, data_scale(weight.shape[0], config.stable_gamma))
-    return Candidates(B=b, A=a_rows, scores=sigma.square(), total=float(m.square().sum()))
+    total = m.squared_norm() if isinstance(m, LowRank) else float(m.square().sum())
+    return Candidates(B=b, A=a_rows, scores=sigma.square(), total=total)

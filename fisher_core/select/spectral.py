@@ -103,10 +103,11 @@ def spectrum(s: Tensor | FactorSketch, damping: float, k: int | None = None, see
     return Spectrum(vecs, vals + delta, rest=rest + delta, trace=trace + d * delta)
 
 
-def whiten(g: Root, a: Root, m: Tensor | LowRank, power: float) -> Tensor:
-    """`S_G^p M S_A^p` (up to the roots' rotations) as a dense m×n tensor (M dense or low-rank)."""
+def whiten(g: Root, a: Root, m: Tensor | LowRank, power: float) -> Tensor | LowRank:
+    """`S_G^p M S_A^p` (up to the roots' rotations), dense or low-rank as M is (a low-rank M is never
+    expanded to m×n)."""
     if isinstance(m, LowRank):
-        return g.whiten(m.left, power) @ a.whiten(m.right.T, power).T
+        return LowRank(g.whiten(m.left, power), a.whiten(m.right.T, power).T)
     return a.whiten(g.whiten(m, power).T, power).T
 
 
@@ -122,8 +123,19 @@ def top_eigenpairs(s: Tensor, k: int, seed: int = 0, iters: int = 4, oversample:
     return vals, q @ small
 
 
-def top_singular(m: Tensor, k: int, exact: bool, seed: int = 0, iters: int = 6) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k singular triplets `U_k, σ_k, V_kᵀ` (exact thin SVD, or randomized with power iterations)."""
+def top_singular(
+    m: Tensor | LowRank, k: int, exact: bool, seed: int = 0, iters: int = 6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k singular triplets `U_k, σ_k, V_kᵀ` (exact thin SVD, or randomized with power iterations).
+
+    A low-rank `M = L R` is decomposed exactly through its factors: `L = Q_L R_L`, `Rᵀ = Q_R R_R`,
+    `R_L R_Rᵀ = U Σ Vᵀ` give `M = (Q_L U) Σ (Q_R V)ᵀ`, at O((m + n)·c²) for inner rank c (at most c triplets).
+    """
+    if isinstance(m, LowRank):
+        q_left, r_left = torch.linalg.qr(m.left)
+        q_right, r_right = torch.linalg.qr(m.right.T)
+        u, sigma, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+        return (q_left @ u)[:, :k], sigma[:k], (vh @ q_right.T)[:k]
     if exact or 2 * k >= min(m.shape):
         u, sigma, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :k], sigma[:k], vh[:k]

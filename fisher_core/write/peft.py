@@ -19,7 +19,7 @@ from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
-from fisher_core.write.record import InitRecord, Offset, get_record, set_record
+from fisher_core.write.record import InitRecord, Offset, get_record, set_record, total_delta
 
 logger = logging.getLogger("fisher_core")
 
@@ -106,7 +106,7 @@ class _Undo:
 
     def revert(self) -> None:
         if self.added:
-            layer_kind(self.module).subtract(base_layer(self.module), -sum(o.delta() for o in self.added))
+            layer_kind(self.module).subtract(base_layer(self.module), total_delta(self.added).neg_())
             del self.record.offsets[self.name][-len(self.added) :]
         lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
         if lora_a.weight.shape != self.old_a.shape:
@@ -136,7 +136,7 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
     if d.policy == "preserve":
         offsets.append(Offset(stored_b.float(), stored_a.float(), module.scaling[adapter_name]))
     if offsets:
-        layer_kind(module).subtract(base_layer(module), sum(o.delta() for o in offsets))
+        layer_kind(module).subtract(base_layer(module), total_delta(offsets))
         undo.added = offsets
         undo.record.offsets.setdefault(undo.name, []).extend(offsets)
     undo.record.initial[undo.name] = (stored_b, stored_a)
@@ -172,5 +172,5 @@ def restore_offsets(peft_model: nn.Module, record: InitRecord, adapter_name: str
             raise KeyError(f"the saved record names layer {name!r}, which adapter {adapter_name!r} does not have")
         if offsets:
             module = layers[name]
-            layer_kind(module).subtract(base_layer(module), sum(o.delta() for o in offsets))
+            layer_kind(module).subtract(base_layer(module), total_delta(offsets))
     set_record(peft_model, adapter_name, record)

@@ -31,7 +31,16 @@ class Offset:
     scaling: float
 
     def delta(self) -> Tensor:
-        return self.scaling * (self.B.float() @ self.A.float())
+        """`s·B·A` (m×n, fp32)."""
+        return torch.mm(self.B.float(), self.A.float()).mul_(self.scaling)
+
+
+def total_delta(offsets: list[Offset]) -> Tensor:
+    """`Σ s·B·A` over `offsets` (at least one), summed in place."""
+    out = offsets[0].delta()
+    for o in offsets[1:]:
+        out.add_(o.delta())
+    return out
 
 
 @dataclass
