@@ -6,7 +6,8 @@ timed) and returns the call that is timed; that call returns extra figures to re
 - `train_step`: one LoRA training step (AdamW) per batch, the adapter already in place.
 - `lora`: plain `get_peft_model` (PEFT's default init): the wrapping cost every init below includes.
 - `fisher` / `fisher-<selector>`: `get_peft_model` then `fisher_core.initialize` (default
-  `FisherConfig` plus `settings["fisher"]` overrides, `num_batches` = all batches).
+  `FisherConfig` plus `settings["fisher"]` overrides, `num_batches` = all batches and `stop_tol=None`,
+  so it reads exactly the floor's tokens; the default's early stop would only make it cheaper).
 - `lora_ga`: PEFT's `preprocess_loraga` (fp32 weight gradients of the target layers) then
   `get_peft_model` (which runs its SVDs and writes the base offsets).
 - `eva`: `get_peft_model` then `initialize_lora_eva_weights` (incremental PCA of layer inputs; it
@@ -91,7 +92,8 @@ def fisher(selector: str | None) -> Method:
     def method(model: nn.Module, batches: list[Batch], settings: dict) -> Timed:
         from fisher_core import FisherConfig, initialize
 
-        overrides = {**settings.get("fisher", {}), **({"selector": selector} if selector else {})}
+        # every batch is read (no early stop), so the init sees exactly the floor's tokens
+        overrides = {"stop_tol": None, **settings.get("fisher", {}), **({"selector": selector} if selector else {})}
         config = FisherConfig(num_batches=len(batches), progress=False, **overrides)
 
         def run() -> dict:
