@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from benchmarks.local_bpe import train_bpe
+
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "data"
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
@@ -22,19 +24,7 @@ def texts() -> list[str]:
 
 def train_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the shipped text, with pad/bos/eos/unk and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    fast = train_bpe(texts(), vocab_size, extra_specials=("<|user|>", "<|assistant|>"))
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

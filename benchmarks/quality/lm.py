@@ -56,22 +56,12 @@ def base_model(cache: Path | None = None, steps: int = 600) -> Path:
     target = (cache or cache_dir()) / (BASE_NAME if steps == 600 else f"{BASE_NAME}-{steps}steps")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.local_bpe import train_bpe
 
     text = [s for play in _play_speeches(COMEDIES, 3) for s in play]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(text, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    tokenizer = train_bpe(text, vocab_size=1024)
     stream = torch.tensor([i for s in text for i in tokenizer(s + "\n")["input_ids"]])
     chunks = stream[: len(stream) // SEQ * SEQ].view(-1, SEQ)
     config = LlamaConfig(
