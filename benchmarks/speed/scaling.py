@@ -5,7 +5,8 @@
 For each process count this launches `torchrun --nproc_per_node N` (gloo on CPU, nccl on CUDA) on
 this file; every process builds the same model, takes its share of the same global batches
 (`batches[rank::N]`) and times `estimate` (its forwards/backwards plus the final all-reduce of the
-sums) between two barriers. Reported: the slowest process's time, and the speed-up over 1 process.
+sums) and then `select` (each process solves its share of the layers, then all gather), each between
+two barriers. Reported: the slowest process's times, and the speed-ups over 1 process.
 On CPU every process gets `--threads` intra-op threads (default 1), so N processes use N cores.
 """
 
@@ -34,6 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--selector", default="natural", help="decides whether the mean gradient is collected")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (CPU)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank the selection solves for")
     p.add_argument("--port", type=int, default=29531)
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: result file
     return p.parse_args(argv)
@@ -45,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from benchmarks.speed.workload import PRESETS, build_model, make_batches
-    from fisher_core import FisherConfig, estimate
+    from fisher_core import FisherConfig, estimate, select
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -61,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
         shape.vocab, num_batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len, device=device
     )
     local = batches[rank::world]
-    config = FisherConfig(selector=args.selector, num_batches=len(local), progress=False)
+    config = FisherConfig(selector=args.selector, num_batches=len(local), stop_tol=None, progress=False)
     with torch.no_grad():  # warm-up, as in compare.py
         model(**{k: v for k, v in local[0].items() if k != "labels"})
     dist.barrier()
@@ -70,10 +72,20 @@ def worker(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.synchronize()
     dist.barrier()
-    seconds = torch.tensor([time.perf_counter() - t], dtype=torch.float64, device=device)
+    collect = time.perf_counter() - t
+    t = time.perf_counter()
+    select(stats, model, rank=args.rank, config=config)  # each process solves its share of the layers
+    dist.barrier()
+    seconds = torch.tensor([collect, time.perf_counter() - t], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     if rank == 0:
-        record = {"nprocs": world, "seconds": float(seconds), "tokens": stats.num_tokens, "device": device}
+        record = {
+            "nprocs": world,
+            "seconds": float(seconds[0]),
+            "select_seconds": float(seconds[1]),
+            "tokens": stats.num_tokens,
+            "device": device,
+        }
         args.worker.write_text(json.dumps(record))
     dist.destroy_process_group()
 
@@ -95,6 +107,8 @@ def launch(args: argparse.Namespace, nprocs: int) -> dict:
             args.selector,
             "--threads",
             str(args.threads),
+            "--rank",
+            str(args.rank),
         ]
         cmd = [
             sys.executable,
@@ -123,12 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
     records = [launch(args, n) for n in args.nprocs]
-    base = next((r["seconds"] for r in records if r["nprocs"] == 1), None)
-    print("| processes | collection seconds | speed-up over 1 | tokens (global) |")
-    print("|---:|---:|---:|---:|")
+    one = next((r for r in records if r["nprocs"] == 1), None)
+    print("| processes | collection s | speed-up | selection s | speed-up | tokens (global) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in records:
-        speedup = f"{base / r['seconds']:.2f}" if base else "–"
-        print(f"| {r['nprocs']} | {r['seconds']:.2f} | {speedup} | {r['tokens']} |", flush=True)
+        up = [f"{one[k] / r[k]:.2f}" if one else "–" for k in ("seconds", "select_seconds")]
+        print(
+            f"| {r['nprocs']} | {r['seconds']:.2f} | {up[0]} | {r['select_seconds']:.2f} | {up[1]} | {r['tokens']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
