@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
-from fisher_core.estimate.distributed import global_fingerprint, is_main_process
+from fisher_core.estimate.distributed import global_fingerprint, in_lockstep, is_main_process
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator
 from fisher_core.estimate.hooks import (
     PassState,
@@ -90,7 +90,7 @@ def estimate(
         torch.cuda.reset_peak_memory_stats()
     with estimation_mode(model), zero_adapters_bypassed(model), recording(model, modules, acc, state):
         progress = tqdm(
-            islice(batches, config.num_batches),
+            islice(in_lockstep(batches), config.num_batches),  # every process reads the same count
             total=config.num_batches,
             desc="fisher-lora statistics",
             unit="batch",

@@ -6,14 +6,18 @@ tensor at the end of the pass. Each process must call this the same number of ti
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
     from fisher_core.estimate.factors import LayerAccumulator
+
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -62,3 +66,29 @@ def global_fingerprint(local: str) -> str:
 
 def is_main_process() -> bool:
     return world_size() == 1 or dist.get_rank() == 0
+
+
+def in_lockstep(items: Iterable[T]) -> Iterator[T]:
+    """Yield items while *every* process still has one: under `torch.distributed` one MIN all-reduce of a
+    flag per item, so all processes read the same number of batches and meet at the same collectives (the
+    early-stopping checks, the final all-reduce) even when their shards differ in length. A process with
+    a longer shard leaves its extra items unread, with a warning."""
+    if world_size() == 1:
+        yield from items
+        return
+    device = _collective_device()
+    iterator = iter(items)
+    while True:
+        item = next(iterator, None)
+        flag = torch.tensor([0.0 if item is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if float(flag) == 0.0:
+            if item is not None:
+                warnings.warn(
+                    f"process {dist.get_rank()} has more calibration batches than another process; every process "
+                    "reads as many as the shortest shard (give every process the same number, e.g. with a "
+                    "DistributedSampler)",
+                    stacklevel=2,
+                )
+            return
+        yield item

@@ -6,6 +6,7 @@ Usage: torchrun --nproc_per_node N allreduce_worker.py OUT_DIR
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,8 +45,15 @@ def main(out: Path) -> None:
     reused = estimate(model, mine, target_modules=TARGETS, config=cached_cfg)  # every rank reads them back
     assert reused.meta.get("cache") and all(torch.equal(reused[n].grad_cov, stats[n].grad_cov) for n in stats)
     directions = select(stats, model, rank=4, config=cfg)
+    # shards of different lengths (1 and 3 batches), default config (early stopping on): no hang,
+    # every process reads as many batches as the shortest shard
+    uneven = global_batches()[:1] if rank == 0 else global_batches()[1:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        short = estimate(model, uneven, target_modules=TARGETS, config=FisherConfig(progress=False))
     torch.save(
         {
+            "uneven": (short.num_batches, short.num_tokens, [str(w.message) for w in caught]),
             "stats": {n: (s.input_cov, s.grad_cov, s.mean_grad, s.num_tokens) for n, s in stats.items()},
             "directions": {n: (d.B, d.A) for n, d in directions.items()},
             "solved_on": directions.solved_on,

@@ -64,3 +64,7 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
     assert solved_on == ranks[1]["solved_on"] and set(solved_on.values()) == {0, 1}
     for block in ("model.layers.0", "model.layers.1"):
         assert solved_on[f"{block}.self_attn.q_proj"] == solved_on[f"{block}.self_attn.v_proj"]
+    # uneven shards under the default (early-stopping) config: both stopped after the shortest shard's one batch
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[:2])
+    assert [r["uneven"][:2] for r in ranks] == [(1, tokens), (1, tokens)]
+    assert any("more calibration batches than another process" in w for w in ranks[1]["uneven"][2])
