@@ -116,3 +116,13 @@ def test_sketched_statistics_round_trip_through_the_cache(tmp_path):
         for what in ("input_cov", "grad_cov", "mean_grad"):
             a, b = getattr(first[name], what), getattr(second[name], what)
             assert type(a) is type(b) and all(torch.equal(x, y) for x, y in zip(parts(a), parts(b), strict=True))
+
+
+def test_a_sketch_too_small_for_the_rank_is_refused_with_what_to_set():
+    model = tiny_llama()
+    cfg = FisherConfig(progress=False, num_batches=2, selector="natural", solver="lowrank", sketch_rank=4)
+    stats = estimate(model, _batches(), target_modules=TARGETS, config=cfg)
+    with pytest.raises(
+        ValueError, match="holds rank 2, fewer than the 4 directions asked for: raise sketch_rank to at least 8"
+    ):
+        select(stats, model, rank=4, config=cfg)
