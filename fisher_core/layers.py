@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fisher_core.sharded import laid_out_like
+
 PEFT_PREFIX = "base_model.model."
 
 
@@ -41,7 +43,7 @@ class LayerKind:
         if not self.writable:
             raise TypeError(f"{self.name} weights cannot be written; use policy='zero'")
         w = layer.weight
-        d = (delta.T if self.transposed else delta).to(w.device, torch.float32)
+        d = laid_out_like(delta.T if self.transposed else delta, w, torch.float32)  # sharded like W under FSDP
         with torch.no_grad():
             if w.dtype == torch.float32:
                 w.sub_(d)  # the same rounding as below, without an m×n temporary

@@ -27,7 +27,10 @@ from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
 from fisher_core.select.sensitivity import select_sensitive
 from fisher_core.select.subspace import select_subspace
+from fisher_core.sharded import is_sharded, whole
 
+# selectors that read W's values (the others need only its shape, which a sharded W knows whole)
+READS_WEIGHTS = ("select", "fwsvd")
 SELECTORS: dict[str, Selector] = {
     "select": select_sensitive,
     "fwsvd": select_fwsvd,
@@ -119,6 +122,7 @@ def select(
         caps = ranks
     fn = SELECTORS[config.selector]
     spectra: dict = {}  # shared by every layer's solver: a shared factor is decomposed once
+    cands: dict[str, Candidates] = {}
 
     def solve(name: str) -> Candidates:
         weight, _, scaling, _ = plans[name]
@@ -126,7 +130,16 @@ def select(
 
     groups = {name: stats[name].input_group or name for name in plans}
     costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
-    cands, owners = solve_spread(list(plans), groups, costs, solve)
+    if config.selector in READS_WEIGHTS and any(is_sharded(w) for w, _, _, _ in plans.values()):
+        # FSDP-sharded weights whose values the selector reads: gather each layer's W only while it is solved,
+        # every process in the same order (a gather is a collective), so the solves are not spread
+        for name, (weight, r, scaling, rslora) in plans.items():
+            plans[name] = (whole(weight), r, scaling, rslora)
+            cands[name] = solve(name)
+            plans[name] = (weight, r, scaling, rslora)
+        owners = {}
+    else:
+        cands, owners = solve_spread(list(plans), groups, costs, solve)
     if config.rank_budget is not None:
         ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
     layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}

@@ -19,6 +19,7 @@ from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
+from fisher_core.sharded import is_sharded, laid_out_like, whole
 from fisher_core.write.record import InitRecord, Offset, get_record, set_record, total_delta
 
 logger = logging.getLogger("fisher_core")
@@ -51,12 +52,12 @@ def check_peft_model(model: nn.Module, adapter_name: str) -> None:
 
 def is_at_init(module: nn.Module, adapter_name: str, record: InitRecord | None, name: str) -> bool:
     """True when the adapter's product is still zero, or still what fisher-lora wrote."""
-    b = module.lora_B[adapter_name].weight
+    b = whole(module.lora_B[adapter_name].weight.detach())
     if record is not None and name in record.initial:
         b0, a0 = record.initial[name]
-        a = module.lora_A[adapter_name].weight
-        return torch.equal(b.detach().cpu(), b0) and torch.equal(a.detach().cpu(), a0)
-    return not bool(b.detach().any())
+        a = whole(module.lora_A[adapter_name].weight.detach())
+        return torch.equal(b.cpu(), b0) and torch.equal(a.cpu(), a0)
+    return not bool(b.any())
 
 
 def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "default", *, force: bool = False) -> None:
@@ -74,7 +75,7 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
         )
     for name, d in directions.items():
         kind = layer_kind(layers[name])
-        needs_write = d.policy == "preserve" or bool(layers[name].lora_B[adapter_name].weight.detach().any())
+        needs_write = d.policy == "preserve" or bool(whole(layers[name].lora_B[adapter_name].weight.detach()).any())
         if needs_write and not kind.writable:
             raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
     done: list[_Undo] = []
@@ -99,8 +100,8 @@ class _Undo:
 
     def __init__(self, name: str, module: nn.Module, adapter_name: str, record: InitRecord) -> None:
         self.name, self.module, self.adapter_name, self.record = name, module, adapter_name, record
-        self.old_b = module.lora_B[adapter_name].weight.detach().clone()
-        self.old_a = module.lora_A[adapter_name].weight.detach().clone()
+        self.old_b = whole(module.lora_B[adapter_name].weight.detach()).clone()  # whole, also under FSDP
+        self.old_a = whole(module.lora_A[adapter_name].weight.detach()).clone()
         self.old_initial = record.initial.get(name)
         self.added: list[Offset] = []  # set once these offsets have left the base weight
 
@@ -113,8 +114,8 @@ class _Undo:
             _resize(self.module, self.adapter_name, self.old_a.shape[0], None)
             lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
         with torch.no_grad():
-            lora_a.weight.copy_(self.old_a)
-            lora_b.weight.copy_(self.old_b)
+            lora_a.weight.copy_(laid_out_like(self.old_a, lora_a.weight))
+            lora_b.weight.copy_(laid_out_like(self.old_b, lora_b.weight))
         if self.old_initial is None:
             self.record.initial.pop(self.name, None)
         else:
@@ -130,9 +131,10 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
         _resize(module, adapter_name, d.rank, alpha)
     lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
     with torch.no_grad():
-        lora_a.weight.copy_(d.A.to(lora_a.weight.device, lora_a.weight.dtype))
-        lora_b.weight.copy_(d.B.to(lora_b.weight.device, lora_b.weight.dtype))
-    stored_b, stored_a = lora_b.weight.detach().cpu().clone(), lora_a.weight.detach().cpu().clone()
+        lora_a.weight.copy_(laid_out_like(d.A, lora_a.weight))
+        lora_b.weight.copy_(laid_out_like(d.B, lora_b.weight))
+    stored_b = whole(lora_b.weight.detach()).cpu().clone()  # as stored (cast to the adapter's dtype)
+    stored_a = whole(lora_a.weight.detach()).cpu().clone()
     if d.policy == "preserve":
         offsets.append(Offset(stored_b.float(), stored_a.float(), module.scaling[adapter_name]))
     if offsets:
@@ -145,6 +147,11 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
 def _resize(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
     """Give the adapter rank r; the scale s is kept unless `alpha` says otherwise (s = α/r)."""
     old_a, old_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+    if is_sharded(old_a.weight):
+        raise ValueError(
+            "rank_budget resizes LoRA layers, which FSDP has already sharded: drop rank_budget, or initialize "
+            "before the model is sharded (fully_shard)"
+        )
     scaling = module.scaling[adapter_name]
     new_a = nn.Linear(old_a.in_features, r, bias=False, device=old_a.weight.device, dtype=old_a.weight.dtype)
     new_b = nn.Linear(r, old_b.out_features, bias=False, device=old_b.weight.device, dtype=old_b.weight.dtype)

@@ -1,0 +1,60 @@
+"""torchrun worker: Fisher init of a PEFT model sharded with FSDP2 (`fully_shard`) vs the same model unsharded.
+
+Usage: torchrun --nproc_per_node 2 fsdp_worker.py OUT_DIR
+Both runs see the same per-process batches; rank 0 saves the whole LoRA factors and base weights of both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from allreduce_worker import global_batches
+from tiny import tiny_llama
+
+from fisher_core import FisherConfig, initialize
+from fisher_core.sharded import whole
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA factor and adapted base weight, whole (a collective under FSDP)."""
+    return {
+        n: whole(p.detach()).clone()
+        for n, p in model.named_parameters()
+        if "lora_" in n or any(f"{t}.base_layer.weight" in n for t in TARGETS)
+    }
+
+
+def run(selector: str, shard: bool, batches: list[dict]) -> dict[str, torch.Tensor]:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    if shard:
+        for block in model.base_model.model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
+    initialize(model, batches, config=config)
+    return weights(model)
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = global_batches()[rank::world]
+    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in (0, 1)]
+    result = {f"{selector}/{shard}": run(selector, bool(shard), mine) for selector, shard in runs}
+    if rank == 0:
+        torch.save(result, out / "fsdp.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

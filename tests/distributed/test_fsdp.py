@@ -1,0 +1,30 @@
+"""FSDP2-sharded models (`fully_shard`, gloo on CPU): the Fisher init writes, shard by shard, exactly what
+it writes into the same model unsharded — for `natural` (shapes only) and `fwsvd` (reads W, gathered per layer)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def test_fsdp_sharded_init_equals_the_unsharded_one(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(WORKER.parent), str(root)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    done = subprocess.run([*cmd, str(WORKER), str(tmp_path)], env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "fsdp.pt")
+    for selector in ("natural", "fwsvd"):
+        plain, sharded = result[f"{selector}/0"], result[f"{selector}/1"]
+        assert plain.keys() == sharded.keys() and any("lora_B" in k for k in plain)
+        for name, value in plain.items():
+            assert bool(value.any()), name  # every factor and base weight was written / kept
+            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=f"{selector} {name}")
