@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from fisher_core.sharded import is_sharded
 from fisher_core.write.peft import check_peft_model, lora_layers
 from fisher_core.write.record import get_record, stacked
 
@@ -36,6 +37,12 @@ def export_adapter(
     if not overwrite and any((path / f).exists() for f in ADAPTER_FILES):
         raise FileExistsError(f"{path} already holds an adapter; pass overwrite=True or choose another directory")
     record = get_record(peft_model, adapter_name)
+    if record is not None and record.changes_base and any(is_sharded(p) for p in peft_model.parameters()):
+        raise ValueError(
+            "exporting for the original base needs whole weights, and this model is sharded (FSDP): save the "
+            "adapter and its record (fisher_core.write.save_record) as trained, then on one process load the "
+            "original base with that adapter, call restore_offsets(model, load_record(dir)) and export_adapter"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allreduce_worker import global_batches
 from tiny import tiny_llama
 
-from fisher_core import FisherConfig, initialize
+from fisher_core import FisherConfig, export_adapter, initialize
 from fisher_core.sharded import whole
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -41,7 +41,13 @@ def run(selector: str, shard: bool, batches: list[dict]) -> dict[str, torch.Tens
         fully_shard(model)
     config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
     initialize(model, batches, config=config)
-    return weights(model)
+    out = weights(model)
+    if shard:  # exporting for the original base needs whole weights: refused with what to do instead
+        try:
+            export_adapter(model, Path(f"/nonexistent/export-{dist.get_rank()}"))
+        except ValueError as e:
+            out["export_error"] = str(e)
+    return out
 
 
 def main(out: Path) -> None:
