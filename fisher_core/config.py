@@ -7,7 +7,7 @@ arguments and the CLI flags, so a bad value fails in one place with a message th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -94,9 +94,8 @@ class FisherConfig(BaseModel):
         "spectra (None: max(4·r, 64)).",
     )
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
-    memory_budget: int | Literal["auto"] | None = Field(
+    memory_budget: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
         None,
-        ge=0,
         description="Bytes the statistics may take. Above it the largest factors are kept as rank-"
         "`sketch_rank` sketches (O(d·k) memory); 'auto' = half the free accelerator memory; None = no limit.",
     )

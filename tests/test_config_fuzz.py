@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fisher_axolotl.args import PREFIX, fisher_config
@@ -31,6 +31,8 @@ def _valid(cfg: FisherConfig) -> None:
 
 @settings(max_examples=80, deadline=None)
 @given(st.dictionaries(st.sampled_from(FIELDS), JUNK, max_size=4))
+@example(values={"memory_budget": "auto"})  # found by this test: `ge` once applied to "auto" and raised TypeError
+@example(values={"memory_budget": -1})
 def test_axolotl_keys_either_validate_or_fail_naming_the_key(values):
     try:
         cfg = fisher_config({PREFIX + k: v for k, v in values.items()})
