@@ -122,22 +122,19 @@ def select(
         caps = ranks
     fn = SELECTORS[config.selector]
     spectra: dict = {}  # shared by every layer's solver: a shared factor is decomposed once
-    cands: dict[str, Candidates] = {}
 
-    def solve(name: str) -> Candidates:
-        weight, _, scaling, _ = plans[name]
+    def solve(name: str, weight: Tensor | None = None) -> Candidates:
+        planned, _, scaling, _ = plans[name]
+        weight = planned if weight is None else weight
         return fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
 
     groups = {name: stats[name].input_group or name for name in plans}
     costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
     if config.selector in READS_WEIGHTS and any(is_sharded(w) for w, _, _, _ in plans.values()):
-        # FSDP-sharded weights whose values the selector reads: gather each layer's W only while it is solved,
-        # every process in the same order (a gather is a collective), so the solves are not spread
-        for name, (weight, r, scaling, rslora) in plans.items():
-            plans[name] = (whole(weight), r, scaling, rslora)
-            cands[name] = solve(name)
-            plans[name] = (weight, r, scaling, rslora)
-        owners = {}
+        # FSDP-sharded weights whose values the selector reads: each layer's W is gathered only while it is
+        # solved, by every process in the same order (a gather is a collective), so the solves are not spread
+        cands = {name: solve(name, whole(plans[name][0])) for name in plans}
+        owners: dict[str, int] = {}  # every process solved every layer
     else:
         cands, owners = solve_spread(list(plans), groups, costs, solve)
     if config.rank_budget is not None:
