@@ -16,6 +16,7 @@ from fisher_core.estimate import FisherStats, estimate
 from fisher_core.estimate.objective import Batch, LogitsFn, LossFn
 from fisher_core.layers import supported
 from fisher_core.select import Directions, select
+from fisher_core.sharded import whole_parameters
 from fisher_core.write.peft import apply, lora_layers
 
 logger = logging.getLogger("fisher_core")
@@ -98,12 +99,13 @@ def initialize(
             peft_model, batches, target_modules=layers, loss_fn=loss_fn, logits_fn=logits_fn, config=config
         )
     times["estimate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
-    times["select"] = time.perf_counter() - t
-    t = time.perf_counter()
-    apply(peft_model, directions, adapter_name, force=config.force)
-    times["write"] = time.perf_counter() - t
+    with whole_parameters(peft_model):  # FSDP1: weights whole while selecting and writing
+        t = time.perf_counter()
+        directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
+        times["select"] = time.perf_counter() - t
+        t = time.perf_counter()
+        apply(peft_model, directions, adapter_name, force=config.force)
+        times["write"] = time.perf_counter() - t
     report = InitReport(
         selector=config.selector,
         fisher_type=config.fisher_type,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fisher_core.sharded import laid_out_like
 
 PEFT_PREFIX = "base_model.model."
+FSDP1_SEGMENT = "_fsdp_wrapped_module."  # FullyShardedDataParallel's wrapper, once per wrapped unit
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 
 
 def canonical_name(name: str) -> str:
-    """A module name without PEFT's wrapper prefix, so a plain and a PEFT model agree on keys."""
+    """A module name without PEFT's wrapper prefix and FSDP1's wrapper segments, so a plain, a PEFT and an
+    FSDP-wrapped model agree on keys."""
+    name = name.replace(FSDP1_SEGMENT, "")
     return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 

@@ -343,6 +343,7 @@ def stages(preset, out: Path, which: list[str]) -> None:
         + [
             ("fisher", {"selector": "natural", **DEFAULT_STOP}),
             ("fisher", {"selector": "natural", "solver": "lowrank"}),
+            ("fisher", {"selector": "natural", "positions": "supervised"}),  # statistics from completions only
         ],
         # DPO's reference is the adapter-disabled model: only inits that leave the base alone (docs/trl.md)
         "dpo": [("lora", None), ("eva", None)]

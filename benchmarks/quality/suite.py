@@ -131,6 +131,7 @@ BASELINE = {
     "rank_budget": None,
     "position_fraction": 1.0,
     "stable_gamma": 16.0,
+    "positions": "attention",
 }
 # the library's default calibration since 2026-11-28 (session 2): up to 32 batches, stopping once converged
 DEFAULT_STOP = {"num_batches": 32, "stop_tol": 0.2}
@@ -143,6 +144,7 @@ TAGS = {
     "stop_tol": "stop",
     "position_fraction": "pf",
     "stable_gamma": "g",
+    "positions": "pos-",
 }
 
 
@@ -329,6 +331,8 @@ def encoder_stages(preset: Preset, out: Path, stages: list[str]) -> None:
                 {"solver": "lowrank", "sketch_rank": 32},  # a cheap sketch
                 {"rank_budget": preset.enc_rank * enc.adapted_layers},  # same total rank, allocated by Fisher mass
                 {"position_fraction": 0.25},  # statistics from a quarter of the positions
+                {"stable_gamma": 4.0},  # larger data-scaled factors (γ: LoRA-GA's scale knob)
+                {"stable_gamma": 64.0},  # smaller ones
             ):
                 enc.run("ablate", "fisher", seed=seed, **{**fisher_kwargs(top), **fields})
 

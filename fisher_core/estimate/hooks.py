@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_core.estimate.factors import StatsAccumulator
+from fisher_core.sharded import has_flat_shards
 
 
 @dataclass
@@ -155,6 +156,9 @@ def zero_adapters_bypassed(model: nn.Module) -> Iterator[None]:
     a scale and an add of the full output per layer (≈ 10 % of the pass at Llama-3-8B width). Only
     unmerged, variant-free (plain LoRA) layers are bypassed, through PEFT's own `disable_adapters` flag.
     """
+    if has_flat_shards(model):  # FSDP1: B is a per-process flat shard here, "is it zero" is not a global answer
+        yield
+        return
     bypassed = [
         m
         for m in model.modules()

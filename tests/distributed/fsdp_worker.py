@@ -1,4 +1,4 @@
-"""torchrun worker: Fisher init of a PEFT model sharded with FSDP2 (`fully_shard`) vs the same model unsharded.
+"""torchrun worker: Fisher init of a PEFT model sharded with FSDP2 (`fully_shard`) or FSDP1 vs the same model unsharded.
 
 Usage: torchrun --nproc_per_node 2 fsdp_worker.py OUT_DIR
 Both runs see the same per-process batches; rank 0 saves the whole LoRA factors and base weights of both.
@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allreduce_worker import global_batches
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, export_adapter, initialize
+from fisher_core.layers import canonical_name
 from fisher_core.sharded import whole
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -33,16 +34,23 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def run(selector: str, shard: bool, batches: list[dict]) -> dict[str, torch.Tensor]:
+def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """`shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root) or "fsdp1" (FullyShardedDataParallel)."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    if shard:
+    if shard == "fsdp2":
         for block in model.base_model.model.model.layers:
             fully_shard(block)
         fully_shard(model)
+    elif shard == "fsdp1":
+        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
     initialize(model, batches, config=config)
-    out = weights(model)
-    if shard:  # exporting for the original base needs whole weights: refused with what to do instead
+    if shard == "fsdp1":
+        with FullyShardedDataParallel.summon_full_params(model):
+            out = {canonical_name(n): v for n, v in weights(model).items()}
+    else:
+        out = weights(model)
+    if shard == "fsdp2":  # exporting for the original base needs whole weights: refused with what to do instead
         try:
             export_adapter(model, Path(f"/nonexistent/export-{dist.get_rank()}"))
         except ValueError as e:
@@ -54,8 +62,8 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = global_batches()[rank::world]
-    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in (0, 1)]
-    result = {f"{selector}/{shard}": run(selector, bool(shard), mine) for selector, shard in runs}
+    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1")]
+    result = {f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}
     if rank == 0:
         torch.save(result, out / "fsdp.pt")
     dist.barrier()

@@ -1,5 +1,5 @@
-"""FSDP2-sharded models (`fully_shard`, gloo on CPU): the Fisher init writes, shard by shard, exactly what
-it writes into the same model unsharded — for `natural` (shapes only) and `fwsvd` (reads W, gathered per layer)."""
+"""FSDP-sharded models (FSDP2 `fully_shard` and FSDP1, gloo on CPU): the Fisher init writes, shard by shard,
+exactly what it writes into the same model unsharded — for `natural` (shapes only) and `fwsvd` (reads W)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fisher_core.layers import canonical_name
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -23,9 +25,13 @@ def test_fsdp_sharded_init_equals_the_unsharded_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(tmp_path / "fsdp.pt")
     for selector in ("natural", "fwsvd"):
-        plain, sharded = result[f"{selector}/0"], result[f"{selector}/1"]
-        assert "restore_offsets" in sharded.pop("export_error")
-        assert plain.keys() == sharded.keys() and any("lora_B" in k for k in plain)
-        for name, value in plain.items():
-            assert bool(value.any()), name  # every factor and base weight was written / kept
-            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=f"{selector} {name}")
+        plain = result[f"{selector}/"]
+        assert "restore_offsets" in result[f"{selector}/fsdp2"].pop("export_error")
+        for kind in ("fsdp2", "fsdp1"):
+            sharded = {canonical_name(k): v for k, v in result[f"{selector}/{kind}"].items()}
+            assert {canonical_name(k) for k in plain} == sharded.keys() and any("lora_B" in k for k in plain)
+            for name, value in plain.items():
+                assert bool(value.any()), name  # every factor and base weight was written / kept
+                torch.testing.assert_close(
+                    sharded[canonical_name(name)], value, rtol=1e-5, atol=1e-6, msg=f"{kind} {selector} {name}"
+                )
