@@ -16,8 +16,9 @@ suite keeps what it measured; a rerun skips runs already recorded):
 - `calib`    the best Fisher config on every seed with 1, 4, 8, 16 and 64 calibration batches, damping
              1e-2 and 1e-1 (1e-3 is the screen's), and early stopping (`stop_tol` 0.3/0.2/0.1, at most
              32 batches).
-- `ablate`   the best Fisher config on every seed with sketched statistics (`solver="lowrank"`), with
-             rank allocation (`rank_budget` = the uniform total) and with a quarter of the positions.
+- `ablate`   the best Fisher config on every seed with sketched statistics (`solver="lowrank"`, k = 128
+             and 32), with rank allocation (`rank_budget` = the uniform total), with a quarter of the
+             positions, and with `stable_gamma` 4 and 64.
 - `sft`      causal-LM SFT (TRL SFTTrainer) of a tiny Llama pre-trained on comedies, tuned on tragedies.
 - `dpo`      DPO on the same model (chosen = the real next speech, rejected = its words shuffled).
 Then `results/<preset>/tables.md` and the loss-curve PNGs are (re)written from everything recorded.
