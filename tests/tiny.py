@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from benchmarks.local_bpe import train_bpe
+from benchmarks.tiny_models import llama_config, train_bpe
 
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "data"
 CHAT_TEMPLATE = (
@@ -30,19 +30,7 @@ def train_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def tiny_llama_config(vocab_size: int = 384, hidden: int = 32, layers: int = 2) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    return llama_config(vocab_size, hidden, layers, tie_word_embeddings=False)
 
 
 def tiny_llama(seed: int = 0, **kwargs) -> LlamaForCausalLM:

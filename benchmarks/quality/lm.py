@@ -56,27 +56,15 @@ def base_model(cache: Path | None = None, steps: int = 600) -> Path:
     target = (cache or cache_dir()) / (BASE_NAME if steps == 600 else f"{BASE_NAME}-{steps}steps")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from benchmarks.local_bpe import train_bpe
+    from benchmarks.tiny_models import llama_config, train_bpe
 
     text = [s for play in _play_speeches(COMEDIES, 3) for s in play]
     tokenizer = train_bpe(text, vocab_size=1024)
     stream = torch.tensor([i for s in text for i in tokenizer(s + "\n")["input_ids"]])
     chunks = stream[: len(stream) // SEQ * SEQ].view(-1, SEQ)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(len(tokenizer), hidden=128, layers=4, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)

@@ -20,7 +20,7 @@ WORKER = Path(__file__).with_name("allreduce_worker.py")
 
 
 def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_path):
-    root = Path(__file__).resolve().parents[2]  # `tiny` imports `benchmarks.local_bpe`
+    root = Path(__file__).resolve().parents[2]  # `tiny` imports `benchmarks.tiny_models`
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(root)])}
     cmd = [
         sys.executable,
