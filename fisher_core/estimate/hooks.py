@@ -75,14 +75,14 @@ def _forward_hook(name: str, acc: StatsAccumulator, state: PassState):
             return
         if not state.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
             layer.input_group = state.seen_inputs.setdefault(id(x), (name, x))[0]
+        rows = _rows(x.detach(), state, name)  # masked once, for both uses below
         projected = None  # x·Ω of a sketched input factor, reused by the layer's sketch of Ḡ
         if state.record_input:
-            rows = _rows(x.detach(), state, name)
             layer.tokens += rows.shape[0]
             if layer.input_group == name:
                 projected = layer.input_sum.add_outer(rows)
         if state.record_mean_grad:
-            state.saved_inputs[name] = (_rows(x.detach(), state, name), projected)
+            state.saved_inputs[name] = (rows, projected)
         output.register_hook(_grad_hook(name, acc, state))
 
     return hook
