@@ -2,11 +2,14 @@
 
     fisher-lora init --model DIR --data FILE.jsonl --rank 16 --targets q_proj,v_proj --out ADAPTER_DIR
     fisher-lora report ADAPTER_DIR
+    fisher-lora export --model ORIGINAL_DIR --adapter TRAINED_DIR --out DIR
 
 `init` writes a PEFT adapter directory that PEFT, TRL and Axolotl (`lora_model_dir`) start training
 from, the statistics (`fisher_stats.safetensors`) and `report.json`. Under the `preserve` policy the
 base weights change (`W − s·B·A`), so it also writes that residual base to `ADAPTER_DIR/residual_base`
 and names it as the base to train on; under `zero` the original base is the one to train on.
+`export` turns an adapter trained on a residual base (it has the record `fisher_init.safetensors` beside
+it, or in `--record`) into one that loads with plain PEFT on the original base.
 
 Exit codes: 0 done, 2 bad input (the reason on one line on stderr).
 """
@@ -110,7 +113,45 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("source", type=Path, help="adapter dir written by init, or a fisher_stats.safetensors")
     report.add_argument("--out", type=Path, help="directory for report.png/report.json (default: next to source)")
     report.add_argument("--top", type=int, default=4, help="layers whose spectra are drawn (default 4)")
+    export = sub.add_parser("export", help="make an adapter trained on a residual base load on the original base")
+    export.set_defaults(run=run_export)
+    export.add_argument("--model", required=True, type=Path, metavar="DIR", help="the ORIGINAL model directory")
+    export.add_argument("--adapter", required=True, type=Path, metavar="DIR", help="the trained adapter directory")
+    export.add_argument(
+        "--record", type=Path, metavar="DIR", help=f"directory holding {RECORD_FILE} (default: --adapter)"
+    )
+    export.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the exported adapter")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Original base + trained adapter, base offsets restored from the record, exported for the original base."""
+    from fisher_core.write import export_adapter, load_record, restore_offsets
+
+    record_dir = args.record or args.adapter
+    for flag, path in (("--adapter", args.adapter / "adapter_config.json"), ("--model", args.model / "config.json")):
+        if not path.is_file():
+            raise UsageError(f"{flag} {path.parent}: no {path.name} there")
+    record = load_record(record_dir)
+    if record is None:
+        raise UsageError(
+            f"{record_dir / RECORD_FILE}: no such file; an adapter without a record did not change the base "
+            "(policy zero) and already loads on the original base, or pass --record with the run's record"
+        )
+    if args.out.resolve() == args.adapter.resolve():
+        raise UsageError(f"--out {args.out} is the trained adapter itself; choose another directory")
+    if not args.overwrite and (args.out / "adapter_model.safetensors").exists():
+        raise UsageError(f"--out {args.out} already holds an adapter; pass --overwrite or another --out")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    model = PeftModel.from_pretrained(base, args.adapter)
+    restore_offsets(model, record)
+    export_adapter(model, args.out, overwrite=args.overwrite)
+    print(f"fisher-lora: wrote {args.out}, an adapter for the original base {args.model} (plain PEFT loads it)")
+    return 0
 
 
 def run_init(args: argparse.Namespace) -> int:

@@ -1,17 +1,20 @@
-"""Parameters sharded by FSDP: read whole, written shard by shard.
+"""Parameters sharded by FSDP or DeepSpeed ZeRO-3: read whole, written whole or shard by shard.
 
-Under `fully_shard` every parameter is a DTensor: its `shape` is the full (global) shape, its data only
-this process's shard. fisher-lora's statistics pass runs through FSDP's own forward/backward (which
-gathers each block's weights while it runs), the `natural` selector needs only shapes, and the writer
-lays every whole tensor it writes out like the parameter it goes into. Every process computes the same
-whole tensors, so each simply keeps its own shard of them (no communication). FSDP1's flat parameters
-are made whole around selection and writing instead (`whole_parameters`).
+Under `fully_shard` (FSDP2) every parameter is a DTensor: its `shape` is the full (global) shape, its
+data only this process's shard. fisher-lora's statistics pass runs through FSDP's own forward/backward
+(which gathers each block's weights while it runs), the `natural` selector needs only shapes, and the
+writer lays every whole tensor it writes out like the parameter it goes into. Every process computes the
+same whole tensors, so each simply keeps its own shard of them (no communication).
+
+FSDP1's flat parameters and ZeRO-3's partitioned ones (outside DeepSpeed's forward a ZeRO-3 parameter
+is an empty placeholder; `ds_shape` is its shape) are made whole around selection and writing instead
+(`whole_parameters`): FSDP1 the whole model, ZeRO-3 only the adapted layers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +26,13 @@ except ImportError:  # a torch without DTensor: nothing is ever sharded
 
 
 def is_sharded(t: Tensor) -> bool:
+    """An FSDP2 (DTensor) parameter."""
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_partitioned(t: Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (DeepSpeed tags each one with a `ds_id`)."""
+    return hasattr(t, "ds_id")
 
 
 def whole(t: Tensor) -> Tensor:
@@ -39,17 +48,40 @@ def laid_out_like(value: Tensor, param: Tensor, dtype: torch.dtype | None = None
     return value.to(param.device, dtype)
 
 
-@contextlib.contextmanager
-def whole_parameters(model: nn.Module) -> Iterator[None]:
-    """Inside: FSDP1 (`FullyShardedDataParallel`) parameters are whole, and what is written to them is
-    kept (`summon_full_params(writeback=True)`, a collective). A no-op for any other model; FSDP2's
-    DTensors need no summoning (see `whole` and `laid_out_like`)."""
-    if not has_flat_shards(model):
-        yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def sharding(model: nn.Module) -> str | None:
+    """How `model`'s parameters are split over processes: "FSDP2", "FSDP1", "ZeRO-3", or None (whole)."""
+    params = list(model.parameters())
+    if any(is_sharded(p) for p in params):
+        return "FSDP2"
+    if has_flat_shards(model):
+        return "FSDP1"
+    if any(is_partitioned(p) for p in params):
+        return "ZeRO-3"
+    return None
 
-    with FullyShardedDataParallel.summon_full_params(model, writeback=True):
+
+@contextlib.contextmanager
+def whole_parameters(model: nn.Module, layers: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Inside: parameters are whole, and what is written to them is kept (a collective: every process enters).
+
+    FSDP1: the whole model (`summon_full_params(writeback=True)`). DeepSpeed ZeRO-3: the parameters of
+    `layers` (the adapted layers: base weight, bias, LoRA factors), gathered, and on exit process 0's
+    values re-partitioned (`GatheredParameters(modifier_rank=0)`; every process writes the same values).
+    A no-op for any other model; FSDP2's DTensors need no gathering (see `whole` and `laid_out_like`).
+    """
+    kind = sharding(model)
+    if kind == "FSDP1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True):
+            yield
+    elif kind == "ZeRO-3":
+        import deepspeed
+
+        params = [p for layer in layers for p in layer.parameters() if is_partitioned(p)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
         yield
 
 

@@ -218,3 +218,13 @@ def test_preserve_output_exports_a_trained_adapter_for_the_original_base(preserv
     export_adapter(model, tmp_path / "shipped")
     shipped = PeftModel.from_pretrained(load_model(tiny_llama_dir), tmp_path / "shipped")
     torch.testing.assert_close(logits(shipped, ids), logits(trained, ids), rtol=0, atol=1e-5)
+    # the same route as one command (what a sharded training run's log tells the user to run)
+    args = ["--model", tiny_llama_dir, "--adapter", tmp_path / "trained", "--out", tmp_path / "cli"]
+    done = fisher_lora("export", *args, "--record", out)
+    assert done.returncode == 0, done.stderr
+    shipped = PeftModel.from_pretrained(load_model(tiny_llama_dir), tmp_path / "cli")
+    torch.testing.assert_close(logits(shipped, ids), logits(trained, ids), rtol=0, atol=1e-5)
+    again = fisher_lora("export", *args, "--record", out)  # nothing is overwritten without the flag
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    no_record = fisher_lora("export", *args, "--overwrite")  # the trained dir alone carries no record
+    assert no_record.returncode == 2 and "fisher_init.safetensors: no such file" in no_record.stderr

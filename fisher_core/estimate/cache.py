@@ -24,6 +24,7 @@ from fisher_core.estimate.factors import FisherStats, LayerStats
 from fisher_core.estimate.sums import FactorSketch, LowRank
 from fisher_core.io import atomic_path
 from fisher_core.layers import base_layer, layer_kind
+from fisher_core.sharded import whole
 
 logger = logging.getLogger("fisher_core")
 FORMAT = "fisher-lora-stats/1"
@@ -34,10 +35,13 @@ class CacheMismatchError(ValueError):
 
 
 def fingerprint(modules: Mapping[str, nn.Module]) -> str:
-    """sha256 over target names, shapes and a strided sample of each target's weight."""
+    """sha256 over target names, shapes and a strided sample of each target's weight.
+
+    Reads whole weights: on a sharded model call it inside `whole_parameters`, on every process.
+    """
     h = hashlib.sha256()
     for name, module in sorted(modules.items()):
-        w = layer_kind(module).weight(base_layer(module))
+        w = whole(layer_kind(module).weight(base_layer(module)))
         flat = w.reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(w.shape)}".encode())
@@ -75,7 +79,14 @@ def _settings(config: FisherConfig, data: str) -> dict[str, str]:
     }
 
 
-def save(stats: FisherStats, path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str) -> None:
+def save(
+    stats: FisherStats,
+    path: Path,
+    modules: Mapping[str, nn.Module],
+    config: FisherConfig,
+    data: str,
+    weights: str | None = None,
+) -> None:
     """Write `stats` atomically; shared input factors are stored once."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, object]] = {}
@@ -89,7 +100,7 @@ def save(stats: FisherStats, path: Path, modules: Mapping[str, nn.Module], confi
         layers[name] = {"num_tokens": s.num_tokens, "input_group": s.input_group or name, "kinds": kinds}
     meta = {
         **_settings(config, data),
-        "fingerprint": fingerprint(modules),
+        "fingerprint": weights or fingerprint(modules),
         "targets": json.dumps(sorted(modules)),
         "layers": json.dumps(layers),
         "num_batches_used": str(stats.num_batches),
@@ -99,8 +110,12 @@ def save(stats: FisherStats, path: Path, modules: Mapping[str, nn.Module], confi
     logger.info("fisher-lora: statistics cached at %s", path)
 
 
-def load_matching(path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str) -> FisherStats | None:
+def load_matching(
+    path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str, weights: str | None = None
+) -> FisherStats | None:
     """The cached statistics if `path` exists and matches; None if it does not exist.
+
+    `weights`: the modules' `fingerprint`, if already computed (default: computed here).
 
     Raises `CacheMismatchError` naming the first mismatch (delete the file or pass another
     `cache_path` to recompute).
@@ -123,7 +138,7 @@ def load_matching(path: Path, modules: Mapping[str, nn.Module], config: FisherCo
                 f"statistics cache {path} was computed with {key}={meta.get(key)!r}, this run needs {value!r}; "
                 "delete the file or set another cache_path to recompute"
             )
-    if meta.get("fingerprint") != fingerprint(modules):
+    if meta.get("fingerprint") != (weights or fingerprint(modules)):
         raise CacheMismatchError(
             f"statistics cache {path} was computed from other model weights (fingerprint differs); "
             "delete the file or set another cache_path to recompute"

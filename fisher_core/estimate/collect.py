@@ -41,6 +41,7 @@ from fisher_core.estimate.objective import (
 from fisher_core.estimate.plan import plan_sketches, resolve_budget
 from fisher_core.estimate.sums import is_finite, is_zero
 from fisher_core.layers import base_layer, find_targets, layer_kind
+from fisher_core.sharded import whole_parameters
 
 logger = logging.getLogger("fisher_core")
 
@@ -64,15 +65,17 @@ def estimate(
     """
     config = config or FisherConfig()
     modules = dict(target_modules) if isinstance(target_modules, Mapping) else find_targets(model, target_modules)
-    data = ""
+    data, weights = "", None
     if config.cache_path is not None:
-        from fisher_core.estimate.cache import data_fingerprint, load_matching
+        from fisher_core.estimate.cache import data_fingerprint, fingerprint, load_matching
 
         batches = iter(batches)
         first = next(batches, None)
         batches = chain([first], batches) if first is not None else batches
         data = global_fingerprint(data_fingerprint(first))  # the same on every process
-        cached = load_matching(config.cache_path, modules, config, data)
+        with whole_parameters(model, modules.values()):  # sharded weights: gathered by every process
+            weights = fingerprint(modules)
+        cached = load_matching(config.cache_path, modules, config, data, weights)
         if cached is not None:
             return cached
     _check_materialized(modules)
@@ -145,7 +148,7 @@ def estimate(
     if config.cache_path is not None and is_main_process():  # the statistics are global: one writer
         from fisher_core.estimate.cache import save
 
-        save(stats, config.cache_path, modules, config, data)
+        save(stats, config.cache_path, modules, config, data, weights)
     return stats
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_core.estimate.factors import StatsAccumulator
-from fisher_core.sharded import has_flat_shards
+from fisher_core.sharded import sharding
 
 
 @dataclass
@@ -156,7 +156,7 @@ def zero_adapters_bypassed(model: nn.Module) -> Iterator[None]:
     a scale and an add of the full output per layer (≈ 10 % of the pass at Llama-3-8B width). Only
     unmerged, variant-free (plain LoRA) layers are bypassed, through PEFT's own `disable_adapters` flag.
     """
-    if has_flat_shards(model):  # FSDP1: B is a per-process flat shard here, "is it zero" is not a global answer
+    if sharding(model) in ("FSDP1", "ZeRO-3"):  # B is this process's shard here: "is it zero" is not a global answer
         yield
         return
     bypassed = [

@@ -27,7 +27,7 @@ from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
 from fisher_core.select.sensitivity import select_sensitive
 from fisher_core.select.subspace import select_subspace
-from fisher_core.sharded import is_sharded, whole
+from fisher_core.sharded import is_partitioned, is_sharded, whole
 
 # selectors that read W's values (the others need only its shape, which a sharded W knows whole)
 READS_WEIGHTS = ("select", "fwsvd")
@@ -111,6 +111,11 @@ def select(
         module = modules[name]
         r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
         weight = layer_kind(module).weight(base_layer(module))
+        if is_partitioned(base_layer(module).weight) and weight.numel() == 0:
+            raise ValueError(
+                f"layer {name!r} is partitioned by DeepSpeed ZeRO-3 (its weight is a placeholder here): use "
+                "fisher_core.initialize, or call select inside fisher_core.sharded.whole_parameters(model, layers)"
+            )
         limit = min(weight.shape)
         if r > limit:
             raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")

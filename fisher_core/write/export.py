@@ -12,6 +12,7 @@ renamed into place; an existing adapter is never overwritten unless `overwrite=T
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -21,11 +22,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fisher_core.sharded import is_sharded
+from fisher_core.sharded import sharding
 from fisher_core.write.peft import check_peft_model, lora_layers
-from fisher_core.write.record import get_record, stacked
+from fisher_core.write.record import RECORD_FILE, get_record, save_record, stacked
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+RAW_DIR = "fisher_raw"
+logger = logging.getLogger("fisher_core")
 
 
 def export_adapter(
@@ -37,10 +40,11 @@ def export_adapter(
     if not overwrite and any((path / f).exists() for f in ADAPTER_FILES):
         raise FileExistsError(f"{path} already holds an adapter; pass overwrite=True or choose another directory")
     record = get_record(peft_model, adapter_name)
-    if record is not None and record.changes_base and any(is_sharded(p) for p in peft_model.parameters()):
+    kind = sharding(peft_model)
+    if kind is not None:
         raise ValueError(
-            "exporting for the original base needs whole weights, and this model is sharded (FSDP): save the "
-            "adapter and its record (fisher_core.write.save_record) as trained, then on one process load the "
+            f"exporting needs whole weights, and this model is sharded ({kind}): save the adapter as trained "
+            "(trainer.save_model) and its record (fisher_core.write.save_record), then on one process load the "
             "original base with that adapter, call restore_offsets(model, load_record(dir)) and export_adapter"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +70,44 @@ def export_adapter(
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def replace_with_export(peft_model: nn.Module, output_dir: str | Path, adapter_name: str = "default") -> bool:
+    """After a trainer saved the adapter it trained (on the residual base) in `output_dir`: make `output_dir`
+    hold the adapter for the ORIGINAL base, with the trained adapter and its record moved to `fisher_raw/`.
+
+    Call it on the process that saves. Returns whether `output_dir` now holds an export (logged). Nothing to
+    do when the base never changed (policy zero). A sharded model cannot be exported here (that needs whole
+    weights on one process): the trained adapter stays, its record is saved beside it, and a warning gives
+    the command that exports it afterwards (`fisher-lora export`).
+    """
+    output_dir = Path(output_dir)
+    record = get_record(peft_model, adapter_name)
+    if record is None or not record.changes_base:
+        return False
+    kind = sharding(peft_model)
+    if kind is not None:
+        save_record(record, output_dir)
+        logger.warning(
+            "fisher-lora: the model is sharded (%s), so %s holds the adapter for the residual base as trained, "
+            "with its base offsets (%s). For an adapter that loads on the original base run: "
+            "fisher-lora export --model ORIGINAL_BASE --adapter %s --out DIR",
+            kind, output_dir, RECORD_FILE, output_dir,
+        )  # fmt: skip
+        return False
+    raw = output_dir / RAW_DIR
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if (output_dir / name).exists():
+            shutil.move(output_dir / name, raw / name)
+    save_record(record, raw)
+    export_adapter(peft_model, output_dir, adapter_name, overwrite=True)
+    logger.info(
+        "fisher-lora: %s holds the adapter for the ORIGINAL base (plain PeftModel.from_pretrained); the adapter "
+        "as trained and its base offsets are in %s",
+        output_dir, raw,
+    )  # fmt: skip
+    return True
 
 
 def _save_converted(peft_model: nn.Module, directory: Path, adapter_name: str, record) -> None:

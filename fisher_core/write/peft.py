@@ -19,7 +19,7 @@ from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
-from fisher_core.sharded import is_sharded, laid_out_like, whole
+from fisher_core.sharded import is_partitioned, is_sharded, laid_out_like, whole, whole_parameters
 from fisher_core.write.record import InitRecord, Offset, get_record, set_record, total_delta
 
 logger = logging.getLogger("fisher_core")
@@ -147,10 +147,10 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
 def _resize(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
     """Give the adapter rank r; the scale s is kept unless `alpha` says otherwise (s = α/r)."""
     old_a, old_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
-    if is_sharded(old_a.weight):
+    if is_sharded(old_a.weight) or is_partitioned(old_a.weight):
         raise ValueError(
-            "rank_budget resizes LoRA layers, which FSDP has already sharded: drop rank_budget, or initialize "
-            "before the model is sharded (fully_shard)"
+            "rank_budget resizes LoRA layers, which FSDP or DeepSpeed ZeRO-3 has already sharded: drop rank_budget, "
+            "or initialize before the model is sharded (fully_shard, deepspeed.initialize)"
         )
     scaling = module.scaling[adapter_name]
     new_a = nn.Linear(old_a.in_features, r, bias=False, device=old_a.weight.device, dtype=old_a.weight.dtype)
@@ -174,10 +174,12 @@ def restore_offsets(peft_model: nn.Module, record: InitRecord, adapter_name: str
     layers = lora_layers(peft_model, adapter_name)
     if get_record(peft_model, adapter_name) is not None:
         raise RuntimeError(f"adapter {adapter_name!r} already carries a fisher-lora record; offsets were applied")
-    for name, offsets in record.offsets.items():
-        if name not in layers:
-            raise KeyError(f"the saved record names layer {name!r}, which adapter {adapter_name!r} does not have")
-        if offsets:
-            module = layers[name]
-            layer_kind(module).subtract(base_layer(module), total_delta(offsets))
+    missing = [name for name in record.offsets if name not in layers]
+    if missing:
+        raise KeyError(f"the saved record names layer {missing[0]!r}, which adapter {adapter_name!r} does not have")
+    with whole_parameters(peft_model, layers.values()):  # FSDP1, ZeRO-3: whole base weights to subtract from
+        for name, offsets in record.offsets.items():
+            if offsets:
+                module = layers[name]
+                layer_kind(module).subtract(base_layer(module), total_delta(offsets))
     set_record(peft_model, adapter_name, record)

@@ -17,7 +17,6 @@ Where each step happens in Axolotl's flow:
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,14 @@ from transformers import TrainerCallback, set_seed
 from fisher_axolotl.args import fisher_config
 from fisher_axolotl.kernels import plain_lora_forward
 from fisher_axolotl.loss import metrics_restored, trainer_loss_fn
-from fisher_core import export_adapter, initialize
+from fisher_core import initialize
 from fisher_core.layers import layer_kind
 from fisher_core.write import get_record, load_record, restore_offsets, save_record
-from fisher_core.write.export import ADAPTER_FILES
+from fisher_core.write.export import replace_with_export
 from fisher_core.write.peft import lora_layers
 
 LOG = get_logger("axolotl.integrations.fisher_lora")
 REPORT_FILE = "fisher_init_report.json"
-RAW_DIR = "fisher_raw"
 
 
 def enabled(cfg: Any) -> bool:
@@ -159,15 +157,5 @@ class FisherLoRAPlugin(BasePlugin):
             return
         if saved is None or saved == self.mtime_after_train:
             return
-        raw = out / RAW_DIR
-        raw.mkdir(exist_ok=True)
-        for name in ADAPTER_FILES:
-            if (out / name).exists():
-                shutil.move(out / name, raw / name)
-        save_record(record, raw)
-        export_adapter(self.model, out, overwrite=True)
         self.trained = False
-        LOG.info(
-            f"fisher-lora: {out} holds the adapter for the ORIGINAL base (plain PeftModel.from_pretrained); "
-            f"the raw training adapter and its base offsets are in {raw}"
-        )
+        replace_with_export(self.model, out)

@@ -2,17 +2,20 @@
 `DPOTrainer`, or a plain `Trainer` with a PEFT model) when training begins.
 
 What runs where:
-- `on_train_begin` (fresh run): `fisher_core.initialize` on the trainer's unwrapped PEFT model, over
+- `on_train_begin` (fresh run): `fisher_core.initialize` on the trainer's PEFT model (unwrapped; the root
+  wrapper under FSDP1), over
   `trainer.get_train_dataloader()` batches, with the trainer's own objective made a sum (`empirical`) or
   the policy's logits at completion positions (`true`). The optimizer already holds the LoRA
   Parameters; `apply` copies into them in place, so training starts from the written values. Under
   DDP every rank runs the same pass: statistics are all-reduced, selection is deterministic, so all
-  ranks write the same adapter. Random states, the trainer's metrics and `.grad` are left as they were.
+  ranks write the same adapter. DeepSpeed's fp32 master copies are refreshed from the written adapter.
+  Random states, the trainer's metrics and `.grad` are left as they were.
 - `on_train_begin` (resumed run, `global_step > 0`): no re-initialization; the base offsets saved in
   the checkpoint (`fisher_init.safetensors`) are subtracted from the freshly loaded original base.
 - `on_save`: the offsets record goes next to each checkpoint's raw adapter.
 - `trainer.save_model()` (the final, non-internal save): the raw adapter moves to `fisher_raw/` and an
-  adapter for the ORIGINAL base (`fisher_core.export_adapter`) takes its place.
+  adapter for the ORIGINAL base (`fisher_core.export_adapter`) takes its place; a sharded model keeps
+  the raw adapter and its record, and the log names the offline `fisher-lora export` command.
 
 DPO: its reference is the adapter-disabled model, which `preserve` would change; unless the trainer has
 a separate `ref_model` or precomputed reference log-probs, the policy becomes `zero` (logged), and an
@@ -24,24 +27,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from fisher_core import FisherConfig, InitReport, export_adapter, initialize
+from fisher_core import FisherConfig, InitReport, initialize
 from fisher_core.estimate.objective import LogitsFn, LossFn
 from fisher_core.write import get_record, load_record, restore_offsets, save_record
-from fisher_core.write.export import ADAPTER_FILES
+from fisher_core.write.export import replace_with_export
 from fisher_trl.objectives import policy_logits, reference_is_adapter_disabled, trainer_bookkeeping, trainer_loss_fn
 
 logger = logging.getLogger("fisher_trl")
-RAW_DIR = "fisher_raw"
 
 
 class FisherInitCallback(TrainerCallback):
@@ -90,7 +92,11 @@ class FisherInitCallback(TrainerCallback):
 
     @property
     def model(self) -> nn.Module:
+        """The PEFT model `initialize` runs on: the unwrapped one (DDP, DeepSpeed, FSDP2 shard in place),
+        except under FSDP1, whose passes must go through the root `FullyShardedDataParallel` wrapper."""
         trainer = self._trainer()
+        if isinstance(trainer.model_wrapped, FullyShardedDataParallel):
+            return trainer.model_wrapped
         return trainer.accelerator.unwrap_model(trainer.model)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
@@ -109,6 +115,7 @@ class FisherInitCallback(TrainerCallback):
                 config=config,
                 adapter_name=self.adapter_name,
             )
+        refresh_master_weights(trainer)
         if self.report_path is not None and state.is_world_process_zero:
             self.report.save(self.report_path)
 
@@ -118,20 +125,10 @@ class FisherInitCallback(TrainerCallback):
             save_record(record, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def export_final(self, output_dir: Path) -> None:
-        """Put an adapter for the original base in `output_dir`; the raw adapter and the record go to fisher_raw/."""
-        record = get_record(self.model, self.adapter_name)
-        if record is None or not record.changes_base or not self._trainer().args.should_save:
-            return  # nothing left the base (policy zero): the plain adapter is already correct
-        raw = output_dir / RAW_DIR
-        raw.mkdir(parents=True, exist_ok=True)
-        for name in ADAPTER_FILES:
-            if (output_dir / name).exists():
-                shutil.move(output_dir / name, raw / name)
-        save_record(record, raw)
-        export_adapter(self.model, output_dir, self.adapter_name, overwrite=True)
-        logger.info(
-            "fisher-lora: saved an adapter for the original base to %s (raw adapter in %s/)", output_dir, RAW_DIR
-        )
+        """Put an adapter for the original base in `output_dir`; the raw adapter and the record go to fisher_raw/
+        (`fisher_core.write.export.replace_with_export`)."""
+        if self._trainer().args.should_save:
+            replace_with_export(self.model, output_dir, self.adapter_name)
 
     def _resume(self, checkpoint: Path, step: int) -> None:
         record = load_record(checkpoint) if checkpoint.is_dir() else None
@@ -172,6 +169,15 @@ class FisherInitCallback(TrainerCallback):
                 "FisherInitCallback has no trainer: register it with FisherInitCallback(...).attach(trainer)"
             )
         return self.trainer
+
+
+def refresh_master_weights(trainer: Trainer) -> None:
+    """DeepSpeed's optimizers keep fp32 master copies of the trainable parameters (ZeRO stages 1-3, bf16/fp16)
+    and write them back into the model at every step: copy the adapter just written into them, or the first
+    step would restore the adapter it replaced."""
+    optimizer = getattr(trainer.model_wrapped, "optimizer", None) if trainer.is_deepspeed_enabled else None
+    if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def build(
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         report_to=[],
-        use_cpu=True,
+        use_cpu=training.pop("use_cpu", True),
         disable_tqdm=True,
         **training,
     )

@@ -1,0 +1,77 @@
+"""torchrun worker: Fisher init of a PEFT model partitioned by DeepSpeed ZeRO-3 vs the same model whole.
+
+Usage: DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 zero3_worker.py OUT_DIR
+Both runs see the same per-process batches; rank 0 saves statistics, LoRA factors and base weights of both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from allreduce_worker import global_batches
+from fsdp_worker import TARGETS, weights
+from tiny import tiny_llama
+
+from fisher_core import FisherConfig, estimate, export_adapter, initialize, select
+
+ZERO3 = {  # every parameter partitioned, however small (the default keeps parameters under 1e5 elements whole)
+    "train_micro_batch_size_per_gpu": 2,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+}
+
+
+def partitioned(model: torch.nn.Module) -> torch.nn.Module:
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ZERO3
+    )
+    return engine.module
+
+
+def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model = partitioned(model) if zero3 else model
+    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
+    # the statistics cache fingerprints whole weights: the whole model's run writes it, the partitioned one reuses it
+    cache = config.model_copy(update={"cache_path": out / f"{selector}.safetensors"})
+    reused = bool(estimate(model, batches, target_modules=TARGETS, config=cache).meta.get("cache"))
+    dist.barrier()  # written (by rank 0) before any process reads it
+    report = initialize(model, batches, config=config)
+    stats = {n: (s.input_cov, s.grad_cov, s.num_tokens) for n, s in report.stats.items()}
+    result: dict = {"cache_reused": reused, "stats": stats}
+    with deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else torch.no_grad():
+        result["weights"] = weights(model)
+    if zero3:
+        placeholder = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        result["partitioned"] = placeholder.numel() == 0  # outside a gather the weight is not whole here
+        for what, call in (
+            ("export_error", lambda: export_adapter(model, Path(f"/nonexistent/export-{dist.get_rank()}"))),
+            ("select_error", lambda: select(report.stats, model, config=config)),  # outside the gather: refused
+        ):
+            try:
+                call()
+            except ValueError as e:
+                result[what] = str(e)
+    return result
+
+
+def main(out: Path) -> None:
+    deepspeed.init_distributed("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = global_batches()[rank::world]
+    result = {f"{s}/{z}": run(s, z, mine, out) for s in ("natural", "fwsvd") for z in (False, True)}
+    if rank == 0:
+        torch.save(result, out / "zero3.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
