@@ -58,6 +58,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda (default: the worker's default)")
     p.add_argument("--profile", action="store_true", help="add fisher_core's time breakdown (slightly slower)")
     p.add_argument("--fisher-set", nargs="*", default=[], metavar="KEY=VALUE", help="FisherConfig overrides")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="every method's model checkpoints its blocks")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per method run")
     p.add_argument("--out", type=Path, default=None, help="write every raw result and the summary as JSON")
     return p.parse_args(argv)
@@ -85,6 +86,8 @@ def run_one(args: argparse.Namespace, method: str, preset: str, multiple: int) -
         argv.append("--profile")
     if args.fisher_set:
         argv += ["--fisher-set", *args.fisher_set]
+    if args.gradient_checkpointing:
+        argv.append("--gradient-checkpointing")
     if args.device and args.device.startswith("cuda"):  # CUDA cannot be forked: a new interpreter
         return _run_subprocess(argv, method, args.timeout)
     return _run_forked(argv, method, args.timeout)

@@ -2,7 +2,8 @@
 timed) and returns the call that is timed; that call returns extra figures to report (or {}).
 
 - `floor`: forward + input-gradient backward of the summed loss over every batch, no weight
-  gradient, no hooks: the physical lower bound of any gradient-statistics init.
+  gradient, no hooks: the physical lower bound of any gradient-statistics init. It runs in the
+  mode fisher's pass runs in (`estimation_mode`: eval, checkpointed blocks kept checkpointed).
 - `train_step`: one LoRA training step (AdamW) per batch, the adapter already in place.
 - `lora`: plain `get_peft_model` (PEFT's default init): the wrapping cost every init below includes.
 - `fisher` / `fisher-<selector>`: `get_peft_model` then `fisher_core.initialize` (default
@@ -43,6 +44,7 @@ def lora_kwargs(settings: dict) -> dict:
 
 
 def floor(model: nn.Module, batches: list[Batch], settings: dict) -> Timed:
+    from fisher_core.estimate.hooks import estimation_mode
     from fisher_core.estimate.objective import summed_cross_entropy, supervised_logits
 
     roots: list[torch.Tensor] = []
@@ -55,11 +57,12 @@ def floor(model: nn.Module, batches: list[Batch], settings: dict) -> Timed:
     model.get_input_embeddings().register_forward_hook(make_root)
 
     def run() -> dict:
-        for batch in batches:
-            roots.clear()
-            with torch.enable_grad():
-                loss = summed_cross_entropy(*supervised_logits(model, batch))
-            torch.autograd.grad(loss, roots)
+        with estimation_mode(model):
+            for batch in batches:
+                roots.clear()
+                with torch.enable_grad():
+                    loss = summed_cross_entropy(*supervised_logits(model, batch))
+                torch.autograd.grad(loss, roots)
         return {}
 
     return run
@@ -99,7 +102,8 @@ def fisher(selector: str | None) -> Method:
         def run() -> dict:
             peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(settings)))
             report = initialize(peft_model, batches, config=config)
-            return {"selector": config.selector, "phases": report.seconds}
+            held = int(report.stats.meta.get("held_peak_bytes", 0))  # inputs/gradients kept at once for Ḡ
+            return {"selector": config.selector, "phases": report.seconds, "held_peak_bytes": held}
 
         return run
 

@@ -43,6 +43,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="also time fisher_core's phases and linear algebra")
     p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="enable transformers' gradient checkpointing (non-reentrant) on the model, as a memory-bound run would",
+    )
+    p.add_argument(
         "--fisher-set",
         nargs="*",
         default=[],
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> dict:
 
         shape = replace(shape, layers=args.layers)
     model = build_model(shape, seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = make_batches(
         shape.vocab,
         num_batches=args.batches,
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
         "torch": torch.__version__,
         "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "threads": torch.get_num_threads(),
         "seconds": m.seconds,
         "peak_bytes": m.peak_bytes,

@@ -26,6 +26,7 @@ from fisher_core.estimate.hooks import (
     estimation_mode,
     input_embeddings,
     recording,
+    replayed_layers,
     zero_adapters_bypassed,
 )
 from fisher_core.estimate.objective import (
@@ -91,7 +92,8 @@ def estimate(
     started, used, stopped_early = time.perf_counter(), 0, False
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with estimation_mode(model), zero_adapters_bypassed(model), recording(model, modules, acc, state):
+    with estimation_mode(model) as blocks, zero_adapters_bypassed(model), recording(model, modules, acc, state):
+        state.replayed = replayed_layers(modules, blocks)
         progress = tqdm(
             islice(in_lockstep(batches), config.num_batches),  # every process reads the same count
             total=config.num_batches,
@@ -104,6 +106,7 @@ def estimate(
             _accumulate_batch(model, _to_device(batch, device), state, config, loss_fn, logits_fn, generator)
             state.grouped = True
             state.seen_inputs.clear()
+            state.last_input = None
             used += 1
             progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
             if monitor is not None and monitor.due(used) and monitor.converged(acc) and used >= 4:
@@ -145,6 +148,7 @@ def estimate(
         f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "",
     )
     stats.meta["seconds"] = f"{seconds:.3f}"
+    stats.meta["held_peak_bytes"] = str(state.held_peak)  # layer inputs/gradients kept at once for Ḡ
     if config.cache_path is not None and is_main_process():  # the statistics are global: one writer
         from fisher_core.estimate.cache import save
 

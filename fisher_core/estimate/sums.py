@@ -119,7 +119,8 @@ class PsdSketch:
         return [self.y, self.trace]
 
     def mean(self, tokens: int, shape: tuple[int, int]) -> FactorSketch:
-        return FactorSketch(self.omega.cpu(), (self.y / tokens).cpu(), float(self.trace) / tokens)
+        """Σ/N, divided in place (the sketch is not kept twice)."""
+        return FactorSketch(self.omega.cpu(), self.y.div_(tokens).cpu(), float(self.trace) / tokens)
 
 
 def _project(rows: Tensor, test: Tensor) -> Tensor:

@@ -188,13 +188,29 @@ def test_estimate_leaves_the_model_as_it_was():
     assert hooks == {n: list(m._forward_hooks) for n, m in model.named_modules()}
 
 
-def test_gradient_checkpointing_gives_the_same_statistics():
-    model = tiny_llama()
-    plain = estimate(model, _batches(), target_modules=LAYERS, config=_cfg(_batches()))
-    model.gradient_checkpointing_enable()
-    checkpointed = estimate(model, _batches(), target_modules=LAYERS, config=_cfg(_batches()))
-    for name in LAYERS:
-        assert _rel(checkpointed[name].grad_cov, plain[name].grad_cov) < 1e-6
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_gradient_checkpointing_stays_on_gives_the_same_statistics_and_holds_one_blocks_inputs(
+    fisher_type, reentrant
+):
+    """Checkpointed blocks stay checkpointed (replayed in the backward, run non-reentrant for the pass): no
+    statistic is counted twice, Ḡ pairs each g with the replay's x, so what is held for Ḡ at once is one
+    block's inputs instead of the whole batch's; the model's checkpointing setup is left as it was."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = _cfg(_batches(), fisher_type=fisher_type, mc_samples=2 if fisher_type == "true" else 1)
+    plain = estimate(tiny_llama(layers=4), _batches(), target_modules=targets, config=config)
+    model = tiny_llama(layers=4).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    func = model.model.layers[0]._gradient_checkpointing_func
+    checkpointed = estimate(model, _batches(), target_modules=targets, config=config)
+    assert model.training and model.model.layers[0]._gradient_checkpointing_func is func
+    assert plain.keys() == checkpointed.keys() and len(plain) == 28
+    for name, s in plain.items():
+        assert checkpointed[name].num_tokens == s.num_tokens
+        for what in ("input_cov", "grad_cov", "mean_grad"):
+            assert _rel(getattr(checkpointed[name], what), getattr(s, what)) < 1e-6, (name, what)
+    held, held_plain = int(checkpointed.meta["held_peak_bytes"]), int(plain.meta["held_peak_bytes"])
+    assert 0 < held <= held_plain / 3  # 4 blocks: about one block's inputs (+ a gradient) instead of all four
 
 
 def test_supervised_positions_restrict_the_samples():
