@@ -10,10 +10,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import deepspeed.ops as deepspeed_ops
 import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
+
+# DeepSpeed compiles an optional shared-memory all-reduce for CPU at its first collective; gloo is enough
+# here, and a machine without a C++ toolchain could not build it
+deepspeed_ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import deepspeed
+import deepspeed.ops as deepspeed_ops
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
@@ -20,6 +21,10 @@ from fsdp_worker import TARGETS, weights
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, export_adapter, initialize, select
+
+# DeepSpeed compiles an optional shared-memory all-reduce for CPU at its first collective; gloo is enough
+# here, and a machine without a C++ toolchain could not build it
+deepspeed_ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 ZERO3 = {  # every parameter partitioned, however small (the default keeps parameters under 1e5 elements whole)
     "train_micro_batch_size_per_gpu": 2,
