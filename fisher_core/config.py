@@ -96,8 +96,9 @@ class FisherConfig(BaseModel):
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
     memory_budget: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
         None,
-        description="Bytes the statistics may take. Above it the largest factors are kept as rank-"
-        "`sketch_rank` sketches (O(d·k) memory); 'auto' = half the free accelerator memory; None = no limit.",
+        description="Bytes the statistics, plus the layer inputs the pass holds for Ḡ, may take. Above it the "
+        "largest factors are kept as rank-`sketch_rank` sketches (O(d·k) memory), if need be from mid-pass on; "
+        "'auto' = half the free accelerator memory; None = no limit.",
     )
     cache_path: Path | None = Field(
         None, description="safetensors file for the statistics: reused when it matches, written otherwise."

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
-from fisher_core.estimate.distributed import global_fingerprint, in_lockstep, is_main_process
+from fisher_core.estimate.distributed import global_fingerprint, global_max, in_lockstep, is_main_process
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator
 from fisher_core.estimate.hooks import (
     PassState,
@@ -39,7 +39,7 @@ from fisher_core.estimate.objective import (
     summed_cross_entropy,
     supervised_logits,
 )
-from fisher_core.estimate.plan import plan_sketches, resolve_budget
+from fisher_core.estimate.plan import plan_for_held, plan_sketches, resolve_budget
 from fisher_core.estimate.sums import is_finite, is_zero
 from fisher_core.layers import base_layer, find_targets, layer_kind
 from fisher_core.sharded import whole_parameters
@@ -104,6 +104,18 @@ def estimate(
         monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
         for batch in progress:
             _accumulate_batch(model, _to_device(batch, device), state, config, loss_fn, logits_fn, generator)
+            if state.halves:  # a checkpointed layer's input and output gradient never met: Ḡ would be wrong
+                raise RuntimeError(
+                    f"gradient checkpointing: layers {sorted(state.halves)[:3]} were not replayed with their "
+                    "gradients; turn checkpointing off for the statistics (model.gradient_checkpointing_disable())"
+                )
+            if budget is not None:  # what the pass held for Ḡ counts against the budget too
+                held = global_max(state.held_peak)
+                tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held)
+                if tighter is not None:
+                    logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
+                    acc.sketch_more(tighter)
+                    sketched = tighter
             state.grouped = True
             state.seen_inputs.clear()
             state.last_input = None

@@ -50,7 +50,7 @@ class ConvergenceMonitor:
                 if probe is None:
                     continue
                 key = f"{name}/{what}"
-                if key in self.previous:
+                if key in self.previous and self.previous[key].shape == probe.shape:  # (not re-planned since)
                     change = torch.linalg.norm(probe - self.previous[key]) / torch.linalg.norm(probe).clamp_min(1e-30)
                     changes.append(float(change))
                 self.previous[key] = probe

@@ -64,6 +64,15 @@ def global_fingerprint(local: str) -> str:
     return hashlib.sha256("".join(str(g) for g in gathered).encode()).hexdigest()
 
 
+def global_max(local: int) -> int:
+    """The largest of every process's `local` (a collective)."""
+    if world_size() == 1:
+        return local
+    value = torch.tensor([local], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
+
+
 def is_main_process() -> bool:
     return world_size() == 1 or dist.get_rank() == 0
 

@@ -99,29 +99,45 @@ class StatsAccumulator:
         seed: int = 0,
         device: torch.device | None = None,
     ) -> None:
-        device = device or torch.device("cpu")
+        self.sketch_rank, self.seed = sketch_rank, seed
+        self.device = device or torch.device("cpu")
         sketched = sketched or {}
-
-        def factor(name: str, what: str, dim: int) -> Sum:
-            if what in sketched.get(name, ()):
-                return PsdSketch(dim, min(sketch_rank, dim), f"{name}/{what}", seed, device)
-            return DenseSum()
-
-        def cross(name: str, m: int, n: int) -> Sum:
-            if "mean_grad" in sketched.get(name, ()):
-                return CrossSketch(m, n, sketch_rank, name, seed, device)
-            return DenseSum()
-
         self.layers = {
             name: LayerAccumulator(
                 n,
                 m,
-                input_sum=factor(name, "input", n),
-                grad_sum=factor(name, "grad", m),
-                mean_grad_sum=cross(name, m, n) if with_mean_grad else None,
+                input_sum=self._new_sum(name, "input", m, n, "input" in sketched.get(name, ())),
+                grad_sum=self._new_sum(name, "grad", m, n, "grad" in sketched.get(name, ())),
+                mean_grad_sum=self._new_sum(name, "mean_grad", m, n, "mean_grad" in sketched.get(name, ()))
+                if with_mean_grad
+                else None,
             )
             for name, (m, n) in shapes.items()
         }
+
+    def _new_sum(self, name: str, what: str, m: int, n: int, sketch: bool) -> Sum:
+        """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch."""
+        if not sketch:
+            return DenseSum()
+        if what == "mean_grad":
+            return CrossSketch(m, n, self.sketch_rank, name, self.seed, self.device)
+        dim = n if what == "input" else m
+        return PsdSketch(dim, min(self.sketch_rank, dim), f"{name}/{what}", self.seed, self.device)
+
+    def sketch_more(self, sketched: Mapping[str, set[str]]) -> None:
+        """Keep the statistics `sketched` names as sketches from now on, each starting from what its dense sum
+        holds (exact: a sketch is linear in the sum, so it equals the one streamed from the first batch)."""
+        for name, whats in sketched.items():
+            layer = self.layers[name]
+            for what in whats:
+                attr = {"input": "input_sum", "grad": "grad_sum", "mean_grad": "mean_grad_sum"}[what]
+                dense = getattr(layer, attr)
+                if not isinstance(dense, DenseSum):
+                    continue
+                sketch = self._new_sum(name, what, layer.out_features, layer.in_features, True)
+                if dense.total is not None:
+                    sketch.absorb(dense.total)
+                setattr(layer, attr, sketch)
 
     def finalize(self, fisher_type: str, num_batches: int) -> FisherStats:
         """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov`."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fisher_core.estimate.factors import StatsAccumulator
+from fisher_core.estimate.factors import LayerAccumulator, StatsAccumulator
 from fisher_core.sharded import sharding
 
 
@@ -154,7 +154,13 @@ def _grad_hook(name: str, acc: StatsAccumulator, state: PassState):
     return hook
 
 
-def _meet(layer, state: PassState, name: str, x: Tensor | None = None, g: tuple | None = None) -> None:
+def _meet(
+    layer: LayerAccumulator,
+    state: PassState,
+    name: str,
+    x: Tensor | None = None,
+    g: tuple[Tensor, Tensor | None] | None = None,
+) -> None:
     """Ḡ += g xᵀ for a layer in a checkpointed block, once both halves arrived (in either order)."""
     waiting = state.halves.pop(name, None)
     if waiting is None:
@@ -200,16 +206,15 @@ def estimation_mode(model: nn.Module) -> Iterator[set[nn.Module]]:
     inside stay in eval), and run torch's non-reentrant checkpoint for the pass (a reentrant one does
     not support the input-gradient `autograd.grad`), replaying the whole block (no early stop, so
     every adapted layer's hook sees the replay). Other checkpointing flags (older transformers models
-    that checkpoint from the model's own loop) and every flag of a sharded model (FSDP, DeepSpeed
-    ZeRO-3) are turned off for the pass.
+    that checkpoint from the model's own loop) and every flag of a DeepSpeed ZeRO-3 model are turned
+    off for the pass.
     """
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     modes = {m: m.training for m in model.modules()}
     flags = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
-    # sharded models keep the plain pass: DeepSpeed ZeRO-3 releases the weights a non-reentrant replay
-    # reads back (torch's CheckpointError), and the FSDP replays are untested
-    kept = sharding(model) is None
+    # DeepSpeed ZeRO-3 releases the weights a non-reentrant replay reads back (torch's CheckpointError)
+    kept = sharding(model) != "ZeRO-3"
     blocks = {m for m, on in flags.items() if on and kept and _is_checkpointing_layer(m)}
     funcs = {m: m.__dict__.get("_gradient_checkpointing_func") for m in blocks}
     try:

@@ -115,6 +115,11 @@ class PsdSketch:
         self.trace.add_(flat.dot(flat), alpha=weight)  # Σ‖x_t‖², without a squared copy
         return projected
 
+    def absorb(self, total: Tensor) -> None:
+        """Add a dense sum `Σ x xᵀ` collected so far: `Y += total·Ω` (what streaming its rows would have added)."""
+        self.y.add_(total @ self.omega)
+        self.trace.add_(total.diagonal().sum())
+
     def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
         return [self.y, self.trace]
 
@@ -178,6 +183,11 @@ class CrossSketch:
         gp = rows_projected[:, : self.co_rank] if rows_projected is not None else _project(g, self.psi_t)
         self.y.add_(_outer(g, xp), alpha=weight)
         self.w.add_(_outer(gp, x), alpha=weight)
+
+    def absorb(self, total: Tensor) -> None:
+        """Add a dense sum `Σ g xᵀ` collected so far: `Y += total·Ω`, `W += Ψ·total`."""
+        self.y.add_(total @ self.omega)
+        self.w.add_(self.psi_t.T @ total)
 
     def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
         return [self.y, self.w]

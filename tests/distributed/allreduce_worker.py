@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, select
+from fisher_core.estimate.plan import planned_bytes
+from fisher_core.layers import base_layer, find_targets, layer_kind
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -51,8 +53,23 @@ def main(out: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         short = estimate(model, uneven, target_modules=TARGETS, config=FisherConfig(progress=False))
+    # a budget the held inputs for Ḡ overflow: rank 1's batches have no padding, so it holds more (a view of x,
+    # not a masked copy); the tightened plan must be the same on both ranks or the all-reduce would not match
+    targets = find_targets(model, TARGETS)
+    dense = planned_bytes({n: layer_kind(m).shape(base_layer(m)) for n, m in targets.items()}, True, {}, 8)
+    held = mine if rank == 0 else [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in mine]
+    budgeted = estimate(
+        model,
+        held,
+        target_modules=TARGETS,
+        config=cfg.model_copy(update={"memory_budget": dense + 1, "sketch_rank": 8}),
+    )
     torch.save(
         {
+            "budgeted": (
+                {n: [type(t).__name__ for t in (s.input_cov, s.grad_cov, s.mean_grad)] for n, s in budgeted.items()},
+                budgeted.meta["held_peak_bytes"],
+            ),
             "uneven": (short.num_batches, short.num_tokens, [str(w.message) for w in caught]),
             "stats": {n: (s.input_cov, s.grad_cov, s.mean_grad, s.num_tokens) for n, s in stats.items()},
             "directions": {n: (d.B, d.A) for n, d in directions.items()},

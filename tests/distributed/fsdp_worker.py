@@ -35,8 +35,12 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """`shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root) or "fsdp1" (FullyShardedDataParallel)."""
+    """`shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root) or "fsdp1" (FullyShardedDataParallel);
+    a "-ckpt" suffix: the blocks use gradient checkpointing, kept on for the statistics pass."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    if shard.endswith("-ckpt"):
+        shard = shard.removesuffix("-ckpt")
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard == "fsdp2":
         for block in model.base_model.model.model.layers:
             fully_shard(block)
@@ -63,6 +67,7 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = global_batches()[rank::world]
     runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1")]
+    runs += [("natural", "fsdp2-ckpt"), ("natural", "fsdp1-ckpt")]
     result = {f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}
     if rank == 0:
         torch.save(result, out / "fsdp.pt")

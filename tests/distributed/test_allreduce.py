@@ -68,3 +68,7 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[:2])
     assert [r["uneven"][:2] for r in ranks] == [(1, tokens), (1, tokens)]
     assert any("more calibration batches than another process" in w for w in ranks[1]["uneven"][2])
+    # a memory budget tightened mid-pass by what each rank holds for Ḡ: one plan for both (the larger hold)
+    (kinds0, held0), (kinds1, held1) = (r["budgeted"] for r in ranks)
+    assert int(held0) != int(held1) and kinds0 == kinds1
+    assert any(kind in ("FactorSketch", "LowRank") for kinds in kinds0.values() for kind in kinds)

@@ -190,9 +190,7 @@ def test_estimate_leaves_the_model_as_it_was():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("fisher_type", ["empirical", "true"])
-def test_gradient_checkpointing_stays_on_gives_the_same_statistics_and_holds_one_blocks_inputs(
-    fisher_type, reentrant
-):
+def test_gradient_checkpointing_stays_on_gives_the_same_statistics_and_holds_one_blocks_inputs(fisher_type, reentrant):
     """Checkpointed blocks stay checkpointed (replayed in the backward, run non-reentrant for the pass): no
     statistic is counted twice, Ḡ pairs each g with the replay's x, so what is held for Ḡ at once is one
     block's inputs instead of the whole batch's; the model's checkpointing setup is left as it was."""

@@ -7,8 +7,10 @@ import torch
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, select
-from fisher_core.estimate.plan import plan_sketches
+from fisher_core.estimate.factors import StatsAccumulator
+from fisher_core.estimate.plan import plan_sketches, planned_bytes
 from fisher_core.estimate.sums import CrossSketch, PsdSketch
+from fisher_core.layers import base_layer, find_targets, layer_kind
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -63,9 +65,58 @@ def test_plan_sketches_the_largest_factors_until_the_budget_holds():
         plan_sketches(shapes, False, 100, 8)
 
 
+def test_the_inputs_held_for_the_mean_gradient_count_against_the_budget():
+    """The layer inputs a pass holds for Ḡ count against the budget: a budget that holds the dense statistics
+    but not those inputs gets the statistics sketched mid-pass; with gradient checkpointing the pass holds one
+    block's inputs and the same budget keeps them dense; a budget the inputs alone fill is refused with what
+    to do."""
+
+    def run(checkpointing: bool, budget: int | None = None):
+        model = tiny_llama(layers=4)
+        if checkpointing:
+            model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = FisherConfig(progress=False, num_batches=2, memory_budget=budget, sketch_rank=8)
+        return estimate(model, _batches(), target_modules=TARGETS, config=config)
+
+    def sketched(stats) -> int:
+        return sum(
+            type(s.grad_cov).__name__ == "FactorSketch" or type(s.mean_grad).__name__ == "LowRank"
+            for s in stats.values()
+        )
+
+    held_plain, held_checkpointed = (int(run(c).meta["held_peak_bytes"]) for c in (False, True))
+    assert 0 < held_checkpointed < held_plain / 2
+    targets = find_targets(tiny_llama(layers=4), TARGETS)
+    statistics = planned_bytes({n: layer_kind(m).shape(base_layer(m)) for n, m in targets.items()}, True, {}, 128)
+    budget = statistics + (held_plain + held_checkpointed) // 2
+    assert sketched(run(False, budget)) > 0 and sketched(run(True, budget)) == 0
+    with pytest.raises(MemoryError, match=r"holds \d+ bytes of layer inputs for Ḡ.*gradient checkpointing"):
+        run(False, held_plain)
+
+
+def test_statistics_sketched_mid_pass_equal_sketches_streamed_from_the_start():
+    g = torch.Generator().manual_seed(3)
+    x, grads = torch.randn(40, 12, generator=g), torch.randn(40, 9, generator=g)
+    streamed = StatsAccumulator({"l": (9, 12)}, True, {"l": {"input", "grad", "mean_grad"}}, 6)
+    converted = StatsAccumulator({"l": (9, 12)}, True, {}, 6)
+    for part in (slice(0, 25), slice(25, 40)):
+        for acc in (streamed, converted):
+            layer = acc.layers["l"]
+            layer.input_sum.add_outer(x[part])
+            layer.grad_sum.add_outer(grads[part])
+            layer.mean_grad_sum.add_outer(grads[part], other=x[part])
+        if part.start == 0:
+            converted.sketch_more({"l": {"input", "grad", "mean_grad"}})
+    for attr in ("input_sum", "grad_sum", "mean_grad_sum"):
+        a, b = getattr(streamed.layers["l"], attr), getattr(converted.layers["l"], attr)
+        assert type(a) is type(b)
+        for ta, tb in zip(a.tensors((0, 0), torch.device("cpu")), b.tensors((0, 0), torch.device("cpu")), strict=True):
+            torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-5)
+
+
 def test_budgeted_estimate_keeps_sketches_and_selection_still_works():
     model = tiny_llama()
-    budget = 50_000  # dense statistics need ~153 kB
+    budget = 110_000  # dense statistics need ~153 kB, the pass holds ~57 kB of inputs for Ḡ
     cfg = FisherConfig(progress=False, num_batches=2, selector="natural", memory_budget=budget, sketch_rank=8)
     stats = estimate(model, _batches(), target_modules=TARGETS, config=cfg)
     kinds = {type(s.grad_cov).__name__ for s in stats.values()} | {type(s.mean_grad).__name__ for s in stats.values()}
@@ -97,7 +148,7 @@ def test_sketched_statistics_round_trip_through_the_cache(tmp_path):
         progress=False,
         num_batches=2,
         selector="natural",
-        memory_budget=50_000,
+        memory_budget=110_000,
         sketch_rank=8,
         cache_path=tmp_path / "s.safetensors",
     )
