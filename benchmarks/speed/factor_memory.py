@@ -7,8 +7,9 @@ All-linear targets of every decoder block (q, k, v, o, gate, up, down), fp32 sta
   have their own) and `S_G` (m×m) per layer;
 - `Ḡ` (m×n per layer), the mean gradient the `natural` selector needs on top of the factors;
 - LoRA-GA: one weight gradient (m×n) per layer, in fp32 and in the model's bf16;
-- sketch: every factor kept as a rank-k Nyström sketch (`d·k` numbers, plus its trace), and `Ḡ` as a
-  two-sided sketch (`m·k/2 + k·n`, `fisher_core.estimate.sums.CrossSketch`), k = `--sketch-multiple` × r.
+- sketch: every factor kept as a rank-k Nyström sketch (`2·d·k` numbers: the sums and the test matrix,
+  plus its trace), and `Ḡ` as a two-sided sketch (sums `m·k/2 + k·n`, test matrices `n·k/2 + m·k`,
+  `fisher_core.estimate.sums.CrossSketch`), k = `--sketch-multiple` × r.
 A second table gives the multiply-adds per token and block of collecting each representation
 against the floor's (forward + input-gradient backward through the linear layers, `2·Σ m·n`):
 dense factors cost `Σ d²` (one outer product per distinct factor), `Ḡ` costs `Σ m·n`; a factor sketch
@@ -40,9 +41,10 @@ def block_numbers(shape: Shape, k: int) -> dict[str, int]:
         "input_factors": sum(n * n for n in inputs.values()),
         "output_factors": sum(m * m for m in outputs),
         "mean_grad": sum(m * n for m, n in lin.values()),
-        "sketch_factors": sum(d * k for d in [*inputs.values(), *outputs]),
-        "sketch_mean_grad": sum(m * (k // 2) + k * n for m, n in lin.values()),
+        "sketch_factors": sum(2 * d * k for d in [*inputs.values(), *outputs]),  # Y and the test matrix Ω
+        "sketch_mean_grad": sum(m * (k // 2) + k * n + n * (k // 2) + m * k for m, n in lin.values()),  # Y, W, Ω, Ψ
         "sketch_factor_macs": sum(2 * d * k for d in [*inputs.values(), *outputs]),
+        "sketch_mean_grad_macs": sum(m * (k // 2) + k * n for m, n in lin.values()),  # reuses x·Ω and g·Ψ
         "largest_factor": max([*inputs.values(), *outputs]) ** 2,
     }
 
@@ -81,7 +83,7 @@ def cost_table(presets: list[str], rank: int, sketch_multiple: int) -> str:
         b = block_numbers(PRESETS[name], k)
         floor = 2 * b["mean_grad"]
         dense = b["input_factors"] + b["output_factors"]
-        sketch = b["sketch_factor_macs"] + b["sketch_mean_grad"]
+        sketch = b["sketch_factor_macs"] + b["sketch_mean_grad_macs"]
         lines.append(
             f"| {name} | {floor / 1e6:.0f}M | {dense / 1e6:.0f}M | {b['mean_grad'] / 1e6:.0f}M | "
             f"{(dense + b['mean_grad']) / floor:.2f} | {sketch / floor:.2f} |"

@@ -111,11 +111,14 @@ def estimate(
                 )
             if budget is not None:  # what the pass held for Ḡ counts against the budget too
                 held = global_max(state.held_peak)
-                tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held)
+                unread = [n for n, layer in acc.layers.items() if layer.input_group not in ("", n)]
+                tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held, unread)
                 if tighter is not None:
                     logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
                     acc.sketch_more(tighter)
                     sketched = tighter
+            if not state.grouped:
+                acc.drop_unread_inputs()
             state.grouped = True
             state.seen_inputs.clear()
             state.last_input = None

@@ -114,6 +114,8 @@ class StatsAccumulator:
             )
             for name, (m, n) in shapes.items()
         }
+        for layer in self.layers.values():
+            _share(layer)
 
     def _new_sum(self, name: str, what: str, m: int, n: int, sketch: bool) -> Sum:
         """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch."""
@@ -129,7 +131,7 @@ class StatsAccumulator:
         holds (exact: a sketch is linear in the sum, so it equals the one streamed from the first batch)."""
         for name, whats in sketched.items():
             layer = self.layers[name]
-            for what in whats:
+            for what in sorted(whats, key=("input", "grad", "mean_grad").index):
                 attr = {"input": "input_sum", "grad": "grad_sum", "mean_grad": "mean_grad_sum"}[what]
                 dense = getattr(layer, attr)
                 if not isinstance(dense, DenseSum):
@@ -138,6 +140,16 @@ class StatsAccumulator:
                 if dense.total is not None:
                     sketch.absorb(dense.total)
                 setattr(layer, attr, sketch)
+            _share(layer)
+
+    def drop_unread_inputs(self) -> None:
+        """Free the input sums of layers that read another layer's input (q/k/v, gate/up): that layer's sum
+        is theirs. Call once the groups are known (after the first forward)."""
+        for name, layer in self.layers.items():
+            if layer.input_group not in ("", name):
+                layer.input_sum = DenseSum()
+                if isinstance(layer.mean_grad_sum, CrossSketch):  # its own Ω, no longer a view of the sketch's
+                    layer.mean_grad_sum.omega = layer.mean_grad_sum.omega.clone()
 
     def finalize(self, fisher_type: str, num_batches: int) -> FisherStats:
         """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov`."""
@@ -167,3 +179,9 @@ class StatsAccumulator:
                 input_group=group,
             )
         return FisherStats(out, fisher_type=fisher_type, num_batches=num_batches)
+
+
+def _share(layer: LayerAccumulator) -> None:
+    """A sketched Ḡ takes the test matrices of the layer's sketched factors (same values, one copy)."""
+    if isinstance(layer.mean_grad_sum, CrossSketch):
+        layer.mean_grad_sum.share_test_matrices(layer.input_sum, layer.grad_sum)

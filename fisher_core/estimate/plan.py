@@ -1,7 +1,8 @@
 """Memory plan: which statistics stay dense and which become fixed-size sketches.
 
 Dense fp32 factors cost `4·(n² + m²)` bytes per layer (`S_A` shared by layers that read the same
-input), plus `4·m·n` for the mean gradient; a sketch costs `4·d·k`. When the dense total exceeds
+input), plus `4·m·n` for the mean gradient; a sketch costs `8·d·k` (its sums and its test matrix;
+a sketched Ḡ shares the test matrices of the layer's sketched factors). When the dense total exceeds
 `memory_budget`, the largest statistics are sketched first until the total fits; if even all
 sketches do not fit, the error names the budget and the need. The layer inputs the pass holds for Ḡ
 (until each layer's gradient arrives) count against the same budget: they are measured batch by batch,
@@ -12,7 +13,7 @@ into sketches of what they hold, exactly).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -38,6 +39,7 @@ def plan_sketches(
     sketch_rank: int,
     sketch_above: int | None = None,
     sketched: Mapping[str, set[str]] | None = None,
+    unread_inputs: Collection[str] = (),
 ) -> dict[str, set[str]]:
     """For each layer, the statistics ("input", "grad", "mean_grad") to keep as sketches.
 
@@ -45,7 +47,8 @@ def plan_sketches(
     ever used through their top part, and a sketch costs O(d·k) per token instead of O(d²)); the
     rest are sketched largest-first while the total exceeds `budget`. Input factors are counted
     per layer (sharing is only known after the first forward), so the plan errs on the safe side.
-    `sketched`: statistics already sketched (a plan being tightened keeps them).
+    `sketched`: statistics already sketched (a plan being tightened keeps them); `unread_inputs`: layers
+    known to read another layer's input, whose own input factor is not kept.
     """
     sketched = {name: set(whats) for name, whats in (sketched or {}).items()}
     if sketch_above is not None:
@@ -55,14 +58,24 @@ def plan_sketches(
                     sketched.setdefault(name, set()).add(what)
     if budget is None:
         return sketched
-    items = _items(shapes, with_mean_grad, sketch_rank)
-    total = planned_bytes(shapes, with_mean_grad, sketched, sketch_rank)
-    for dense, sketch, name, what in sorted(items, key=lambda i: (-i[0], i[2], i[3])):
+    total = planned_bytes(shapes, with_mean_grad, sketched, sketch_rank, unread_inputs)
+    candidates = [(n * n, name, "input") for name, (m, n) in shapes.items()]
+    candidates += [(m * m, name, "grad") for name, (m, n) in shapes.items()]
+    candidates += [(m * n, name, "mean_grad") for name, (m, n) in shapes.items()] if with_mean_grad else []
+    for _, name, what in sorted(candidates, key=lambda i: (-i[0], i[1], i[2])):
         if total <= budget:
             break
-        if sketch < dense and what not in sketched.get(name, ()):
-            sketched.setdefault(name, set()).add(what)
-            total -= dense - sketch
+        current = sketched.get(name, set())
+        if what in current:
+            continue
+        m, n = shapes[name]
+        own = name not in unread_inputs
+        change = _layer_bytes(m, n, with_mean_grad, current | {what}, sketch_rank, own) - _layer_bytes(
+            m, n, with_mean_grad, current, sketch_rank, own
+        )
+        if change < 0:
+            sketched[name] = current | {what}
+            total += change
     if total > budget:
         raise MemoryError(
             f"memory_budget={budget} bytes cannot hold the statistics of {len(shapes)} layers: even with every "
@@ -81,11 +94,17 @@ def plan_sketches(
 
 
 def planned_bytes(
-    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, sketched: Mapping[str, set[str]], sketch_rank: int
+    shapes: Mapping[str, tuple[int, int]],
+    with_mean_grad: bool,
+    sketched: Mapping[str, set[str]],
+    sketch_rank: int,
+    unread_inputs: Collection[str] = (),
 ) -> int:
-    """Bytes of the statistics under a plan: dense `4·d²` (`4·m·n` for Ḡ) or sketched `4·d·k` each."""
-    items = _items(shapes, with_mean_grad, sketch_rank)
-    return sum(sketch if what in sketched.get(name, ()) else dense for dense, sketch, name, what in items)
+    """Bytes of the statistics under a plan (`_layer_bytes` summed over the layers)."""
+    return sum(
+        _layer_bytes(m, n, with_mean_grad, sketched.get(name, set()), sketch_rank, name not in unread_inputs)
+        for name, (m, n) in shapes.items()
+    )
 
 
 def plan_for_held(
@@ -95,6 +114,7 @@ def plan_for_held(
     sketch_rank: int,
     sketched: Mapping[str, set[str]],
     held: int,
+    unread_inputs: Collection[str] = (),
 ) -> dict[str, set[str]] | None:
     """A tighter plan when the statistics plus the layer inputs the pass holds for Ḡ exceed the budget
     (None while they fit); MemoryError, saying what to change, when even sketching all cannot make room.
@@ -102,10 +122,13 @@ def plan_for_held(
     What is held is measured (the most at once so far, on any process), not planned: it grows with the
     tokens of a batch and is bounded by gradient checkpointing (one block's inputs), not by sketching.
     """
-    if budget is None or planned_bytes(shapes, with_mean_grad, sketched, sketch_rank) + held <= budget:
+    planned = planned_bytes(shapes, with_mean_grad, sketched, sketch_rank, unread_inputs)
+    if budget is None or planned + held <= budget:
         return None
     try:
-        return plan_sketches(shapes, with_mean_grad, budget - held, sketch_rank, sketched=sketched)
+        return plan_sketches(
+            shapes, with_mean_grad, budget - held, sketch_rank, sketched=sketched, unread_inputs=unread_inputs
+        )
     except MemoryError:
         raise MemoryError(
             f"memory_budget={budget} bytes: the pass holds {held} bytes of layer inputs for Ḡ at once, which "
@@ -115,16 +138,20 @@ def plan_for_held(
         ) from None
 
 
-def _items(
-    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, sketch_rank: int
-) -> list[tuple[int, int, str, str]]:
-    """(dense bytes, sketch bytes, layer, statistic) for every statistic of every layer."""
-    items: list[tuple[int, int, str, str]] = []
-    for name, (m, n) in shapes.items():
-        items.append((FLOAT_BYTES * n * n, FLOAT_BYTES * n * min(sketch_rank, n), name, "input"))
-        items.append((FLOAT_BYTES * m * m, FLOAT_BYTES * m * min(sketch_rank, m), name, "grad"))
-        if with_mean_grad:
-            co_rank = min(sketch_rank, m)  # as in sums.CrossSketch
-            k_y = max(1, min(sketch_rank, n, co_rank) // 2)
-            items.append((FLOAT_BYTES * m * n, FLOAT_BYTES * (m * k_y + co_rank * n), name, "mean_grad"))
-    return items
+def _layer_bytes(m: int, n: int, with_mean_grad: bool, sketched: set[str], k: int, own_input: bool = True) -> int:
+    """fp32 bytes of one m×n layer's statistics: a dense factor `d²`, a factor sketch `2·d·k` (its sums
+    and its test matrix), a dense `Ḡ` `m·n`, a sketched one `m·k_y + l·n` plus the test matrices it
+    does not share with sketched factors (`n·k_y`, `m·l`; as in `sums.CrossSketch`). A layer that reads
+    another's input (`own_input=False`) keeps no input factor."""
+    k_in, k_out = min(k, n), min(k, m)
+    numbers = 0 if not own_input else 2 * n * k_in if "input" in sketched else n * n
+    numbers += 2 * m * k_out if "grad" in sketched else m * m
+    if with_mean_grad:
+        if "mean_grad" in sketched:
+            k_y = max(1, min(k, n, k_out) // 2)
+            numbers += m * k_y + k_out * n
+            numbers += 0 if "input" in sketched and own_input else n * k_y
+            numbers += 0 if "grad" in sketched else m * k_out
+        else:
+            numbers += m * n
+    return FLOAT_BYTES * numbers

@@ -163,10 +163,17 @@ class CrossSketch:
     def __init__(self, rows: int, cols: int, k: int, name: str, seed: int, device: torch.device) -> None:
         self.co_rank = min(k, rows)
         self.k_y = max(1, min(k, cols, self.co_rank) // 2)
-        self.omega = random_matrix((cols, min(k, cols)), name + "/input", seed, device)[:, : self.k_y]
+        self.omega = random_matrix((cols, min(k, cols)), name + "/input", seed, device)[:, : self.k_y].contiguous()
         self.psi_t = random_matrix((rows, self.co_rank), name + "/grad", seed, device)  # Ψᵀ (m×l)
         self.y = torch.zeros(rows, self.k_y, device=device)
         self.w = torch.zeros(self.co_rank, cols, device=device)
+
+    def share_test_matrices(self, input_sketch: object, grad_sketch: object) -> None:
+        """Use the layer's factor sketches' test matrices (the same values) instead of holding copies."""
+        if isinstance(input_sketch, PsdSketch):
+            self.omega = input_sketch.omega[:, : self.k_y]
+        if isinstance(grad_sketch, PsdSketch):
+            self.psi_t = grad_sketch.omega[:, : self.co_rank]
 
     def add_outer(
         self,
