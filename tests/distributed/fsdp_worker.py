@@ -62,17 +62,25 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
     return out
 
 
-def main(out: Path) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = global_batches()[rank::world]
-    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1")]
-    runs += [("natural", "fsdp2-ckpt"), ("natural", "fsdp1-ckpt")]
-    result = {f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}
-    if rank == 0:
-        torch.save(result, out / "fsdp.pt")
+def my_batches() -> list[dict]:
+    """This process's share of the global batches."""
+    return global_batches()[dist.get_rank() :: dist.get_world_size()]
+
+
+def save_and_finish(result: dict, path: Path) -> None:
+    """Process 0 saves `result`; every process then leaves the process group."""
+    if dist.get_rank() == 0:
+        torch.save(result, path)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    mine = my_batches()
+    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1")]
+    runs += [("natural", "fsdp2-ckpt"), ("natural", "fsdp1-ckpt")]
+    save_and_finish({f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}, out / "fsdp.pt")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from allreduce_worker import global_batches
-from fsdp_worker import TARGETS, weights
+from fsdp_worker import TARGETS, my_batches, save_and_finish, weights
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, export_adapter, initialize, select
@@ -69,13 +68,9 @@ def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
 
 def main(out: Path) -> None:
     deepspeed.init_distributed("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = global_batches()[rank::world]
+    mine = my_batches()
     result = {f"{s}/{z}": run(s, z, mine, out) for s in ("natural", "fwsvd") for z in (False, True)}
-    if rank == 0:
-        torch.save(result, out / "zero3.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_and_finish(result, out / "zero3.pt")
 
 
 if __name__ == "__main__":
