@@ -6,15 +6,15 @@ data only this process's shard. fisher-lora's statistics pass runs through FSDP'
 writer lays every whole tensor it writes out like the parameter it goes into. Every process computes the
 same whole tensors, so each simply keeps its own shard of them (no communication).
 
-FSDP1's flat parameters and ZeRO-3's partitioned ones (outside DeepSpeed's forward a ZeRO-3 parameter
-is an empty placeholder; `ds_shape` is its shape) are made whole around selection and writing instead
-(`whole_parameters`): FSDP1 the whole model, ZeRO-3 only the adapted layers.
+FSDP1's flat parameters are made whole around selection and writing instead (`whole_parameters`, the
+whole model); ZeRO-3's partitioned ones (outside DeepSpeed's forward a ZeRO-3 parameter is an empty
+placeholder) one adapted layer at a time, only where values are read or written (`whole_layer`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -61,28 +61,30 @@ def sharding(model: nn.Module) -> str | None:
 
 
 @contextlib.contextmanager
-def whole_parameters(model: nn.Module, layers: Iterable[nn.Module] = ()) -> Iterator[None]:
-    """Inside: parameters are whole, and what is written to them is kept (a collective: every process enters).
-
-    FSDP1: the whole model (`summon_full_params(writeback=True)`). DeepSpeed ZeRO-3: the parameters of
-    `layers` (the adapted layers: base weight, bias, LoRA factors), gathered, and on exit process 0's
-    values re-partitioned (`GatheredParameters(modifier_rank=0)`; every process writes the same values).
-    A no-op for any other model; FSDP2's DTensors need no gathering (see `whole` and `laid_out_like`).
-    """
-    kind = sharding(model)
-    if kind == "FSDP1":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(model, writeback=True):
-            yield
-    elif kind == "ZeRO-3":
-        import deepspeed
-
-        params = [p for layer in layers for p in layer.parameters() if is_partitioned(p)]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield
-    else:
+def whole_parameters(model: nn.Module) -> Iterator[None]:
+    """Inside: FSDP1 (`FullyShardedDataParallel`) parameters are whole, and what is written to them is
+    kept (`summon_full_params(writeback=True)`, a collective: every process enters). A no-op for any other
+    model: FSDP2's DTensors need no gathering (`whole`, `laid_out_like`), ZeRO-3 gathers one layer at a
+    time (`whole_layer`)."""
+    if sharding(model) != "FSDP1":
         yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model, writeback=True):
+        yield
+
+
+def whole_layer(layer: nn.Module, write: bool = False) -> contextlib.AbstractContextManager:
+    """Inside: a DeepSpeed ZeRO-3 layer's parameters (base weight, bias, LoRA factors) are whole; with
+    `write`, process 0's values are re-partitioned on exit (every process writes the same values).
+    A collective for ZeRO-3 (every process enters, layer by layer in the same order); else a no-op."""
+    params = [p for p in layer.parameters() if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None)
 
 
 def has_flat_shards(model: nn.Module) -> bool:

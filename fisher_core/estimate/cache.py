@@ -24,7 +24,7 @@ from fisher_core.estimate.factors import FisherStats, LayerStats
 from fisher_core.estimate.sums import FactorSketch, LowRank
 from fisher_core.io import atomic_path
 from fisher_core.layers import base_layer, layer_kind
-from fisher_core.sharded import whole
+from fisher_core.sharded import whole, whole_layer
 
 logger = logging.getLogger("fisher_core")
 FORMAT = "fisher-lora-stats/1"
@@ -37,11 +37,13 @@ class CacheMismatchError(ValueError):
 def fingerprint(modules: Mapping[str, nn.Module]) -> str:
     """sha256 over target names, shapes and a strided sample of each target's weight.
 
-    Reads whole weights: on a sharded model call it inside `whole_parameters`, on every process.
+    Reads whole weights (a collective on a sharded model: every process calls it; FSDP1 inside
+    `whole_parameters`).
     """
     h = hashlib.sha256()
     for name, module in sorted(modules.items()):
-        w = whole(layer_kind(module).weight(base_layer(module)))
+        with whole_layer(base_layer(module)):
+            w = whole(layer_kind(module).weight(base_layer(module))).clone()
         flat = w.reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(w.shape)}".encode())

@@ -27,7 +27,7 @@ from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
 from fisher_core.select.sensitivity import select_sensitive
 from fisher_core.select.subspace import select_subspace
-from fisher_core.sharded import is_partitioned, is_sharded, whole
+from fisher_core.sharded import is_partitioned, is_sharded, whole, whole_layer
 
 # selectors that read W's values (the others need only its shape, which a sharded W knows whole)
 READS_WEIGHTS = ("select", "fwsvd")
@@ -110,12 +110,9 @@ def select(
             raise KeyError(f"statistics name layer {name!r}, which this model does not have; estimate on this model")
         module = modules[name]
         r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
-        weight = layer_kind(module).weight(base_layer(module))
-        if is_partitioned(base_layer(module).weight) and weight.numel() == 0:
-            raise ValueError(
-                f"layer {name!r} is partitioned by DeepSpeed ZeRO-3 (its weight is a placeholder here): use "
-                "fisher_core.initialize, or call select inside fisher_core.sharded.whole_parameters(model, layers)"
-            )
+        kind, base = layer_kind(module), base_layer(module)
+        # a ZeRO-3 weight is a placeholder here: its shape stands in, its values are gathered if read
+        weight = torch.empty(kind.shape(base), device="meta") if is_partitioned(base.weight) else kind.weight(base)
         limit = min(weight.shape)
         if r > limit:
             raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
@@ -135,10 +132,10 @@ def select(
 
     groups = {name: stats[name].input_group or name for name in plans}
     costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
-    if config.selector in READS_WEIGHTS and any(is_sharded(w) for w, _, _, _ in plans.values()):
-        # FSDP-sharded weights whose values the selector reads: each layer's W is gathered only while it is
+    if config.selector in READS_WEIGHTS and any(is_sharded(w) or w.is_meta for w, _, _, _ in plans.values()):
+        # sharded weights whose values the selector reads: each layer's W is gathered only while it is
         # solved, by every process in the same order (a gather is a collective), so the solves are not spread
-        cands = {name: solve(name, whole(plans[name][0])) for name in plans}
+        cands = {name: solve(name, _whole_weight(modules[name], plans[name][0])) for name in plans}
         owners: dict[str, int] = {}  # every process solved every layer
     else:
         cands, owners = solve_spread(list(plans), groups, costs, solve)
@@ -151,6 +148,15 @@ def select(
             directions.rank_pattern[name] = ranks[name]
             directions.alpha_pattern[name] = scaling * (math.sqrt(ranks[name]) if rslora else ranks[name])
     return directions
+
+
+def _whole_weight(module: nn.Module, weight: Tensor) -> Tensor:
+    """`W` whole: an FSDP2 DTensor all-gathered, a ZeRO-3 layer gathered (collectives); else as it is."""
+    if not weight.is_meta:
+        return whole(weight)
+    base = base_layer(module)
+    with whole_layer(base):
+        return layer_kind(module).weight(base).clone()
 
 
 def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solver:

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
-from fisher_core.sharded import is_partitioned, is_sharded, laid_out_like, whole, whole_parameters
+from fisher_core.sharded import is_partitioned, is_sharded, laid_out_like, whole, whole_layer, whole_parameters
 from fisher_core.write.record import InitRecord, Offset, get_record, set_record, total_delta
 
 logger = logging.getLogger("fisher_core")
+T = TypeVar("T")
 
 
 def lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
@@ -67,7 +69,7 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
     missing = [n for n in directions if n not in layers]
     if missing:
         raise KeyError(f"no LoRA layer for {missing[:3]} under adapter {adapter_name!r}; estimate on this model")
-    trained = [n for n in directions if not is_at_init(layers[n], adapter_name, record, n)]
+    trained = [n for n in directions if not _read(layers[n], is_at_init, layers[n], adapter_name, record, n)]
     if trained and not force:
         raise RuntimeError(
             f"adapter {adapter_name!r} is no longer at its initial value (e.g. {trained[0]!r}): it looks trained. "
@@ -75,24 +77,36 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
         )
     for name, d in directions.items():
         kind = layer_kind(layers[name])
-        needs_write = d.policy == "preserve" or bool(whole(layers[name].lora_B[adapter_name].weight.detach()).any())
+        needs_write = d.policy == "preserve" or _read(layers[name], _has_product, layers[name], adapter_name)
         if needs_write and not kind.writable:
             raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
     done: list[_Undo] = []
     try:
         for name, d in directions.items():
-            undo = _Undo(name, layers[name], adapter_name, record)
-            done.append(undo)
-            _write_layer(undo, d, directions.alpha_pattern.get(name))
+            with whole_layer(layers[name], write=True):  # ZeRO-3: one layer gathered at a time
+                undo = _Undo(name, layers[name], adapter_name, record)
+                done.append(undo)
+                _write_layer(undo, d, directions.alpha_pattern.get(name))
     except BaseException:
         for undo in reversed(done):
-            undo.revert()
+            with whole_layer(undo.module, write=True):
+                undo.revert()
         raise
     set_record(peft_model, adapter_name, record)
     if directions.rank_pattern:
         cfg = peft_model.peft_config[adapter_name]
         cfg.rank_pattern = {**cfg.rank_pattern, **directions.rank_pattern}
         cfg.alpha_pattern = {**cfg.alpha_pattern, **directions.alpha_pattern}
+
+
+def _read(layer: nn.Module, fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` with `layer`'s parameters whole (ZeRO-3: gathered for the call)."""
+    with whole_layer(layer):
+        return fn(*args)
+
+
+def _has_product(module: nn.Module, adapter_name: str) -> bool:
+    return bool(whole(module.lora_B[adapter_name].weight.detach()).any())
 
 
 class _Undo:
@@ -177,9 +191,10 @@ def restore_offsets(peft_model: nn.Module, record: InitRecord, adapter_name: str
     missing = [name for name in record.offsets if name not in layers]
     if missing:
         raise KeyError(f"the saved record names layer {missing[0]!r}, which adapter {adapter_name!r} does not have")
-    with whole_parameters(peft_model, layers.values()):  # FSDP1, ZeRO-3: whole base weights to subtract from
+    with whole_parameters(peft_model):  # FSDP1: whole base weights to subtract from (ZeRO-3: layer by layer)
         for name, offsets in record.offsets.items():
             if offsets:
                 module = layers[name]
-                layer_kind(module).subtract(base_layer(module), total_delta(offsets))
+                with whole_layer(module, write=True):
+                    layer_kind(module).subtract(base_layer(module), total_delta(offsets))
     set_record(peft_model, adapter_name, record)

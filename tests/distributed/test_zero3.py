@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-3 (gloo on CPU, 2 processes, every parameter partitioned): the Fisher init of the partitioned
 model equals the one of the same model whole — statistics through DeepSpeed's gathering passes, selection and
-writing on the gathered adapted layers — and what needs whole weights on one process (export) is refused."""
+writing gathering one adapted layer at a time — and what needs whole weights on one process (export) is refused."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ def test_zero3_partitioned_init_equals_the_whole_one(tmp_path):
         whole, zero3 = result[f"{selector}/False"], result[f"{selector}/True"]
         assert zero3["partitioned"] and zero3["cache_reused"] and not whole["cache_reused"]
         assert "ZeRO-3" in zero3["export_error"] and "restore_offsets" in zero3["export_error"]
-        assert "partitioned by DeepSpeed ZeRO-3" in zero3["select_error"] and "initialize" in zero3["select_error"]
         for name, (*factors, tokens) in whole["stats"].items():
             assert zero3["stats"][name][2] == tokens
             for got, want in zip(zero3["stats"][name][:2], factors, strict=True):
@@ -42,3 +41,6 @@ def test_zero3_partitioned_init_equals_the_whole_one(tmp_path):
             torch.testing.assert_close(
                 zero3["weights"][name], value, rtol=0, atol=2e-3 * scale, msg=f"{selector} {name}"
             )
+        for name, factors in whole["direct"].items():  # `select` on its own gathers what it reads
+            for got, want in zip(zero3["direct"][name], factors, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()), msg=name)

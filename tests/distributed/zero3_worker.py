@@ -49,20 +49,18 @@ def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
     dist.barrier()  # written (by rank 0) before any process reads it
     report = initialize(model, batches, config=config)
     stats = {n: (s.input_cov, s.grad_cov, s.num_tokens) for n, s in report.stats.items()}
-    result: dict = {"cache_reused": reused, "stats": stats}
+    # `select` called directly on the model after the init: ZeRO-3 layers gathered one at a time if read
+    direct = {n: (d.B, d.A) for n, d in select(report.stats, model, config=config).items()}
+    result: dict = {"cache_reused": reused, "stats": stats, "direct": direct}
     with deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else torch.no_grad():
         result["weights"] = weights(model)
     if zero3:
         placeholder = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
         result["partitioned"] = placeholder.numel() == 0  # outside a gather the weight is not whole here
-        for what, call in (
-            ("export_error", lambda: export_adapter(model, Path(f"/nonexistent/export-{dist.get_rank()}"))),
-            ("select_error", lambda: select(report.stats, model, config=config)),  # outside the gather: refused
-        ):
-            try:
-                call()
-            except ValueError as e:
-                result[what] = str(e)
+        try:
+            export_adapter(model, Path(f"/nonexistent/export-{dist.get_rank()}"))
+        except ValueError as e:
+            result["export_error"] = str(e)
     return result
 
 
