@@ -42,12 +42,12 @@ def fingerprint(modules: Mapping[str, nn.Module]) -> str:
     """
     h = hashlib.sha256()
     for name, module in sorted(modules.items()):
-        with whole_layer(base_layer(module)):
-            w = whole(layer_kind(module).weight(base_layer(module))).clone()
-        flat = w.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(w.shape)}".encode())
-        h.update(sample.numpy().tobytes())
+        with whole_layer(base_layer(module)):  # the sample is taken while the weight is whole: no full copy
+            w = whole(layer_kind(module).weight(base_layer(module)))
+            flat = w.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).contiguous()
+            h.update(f"{name}:{tuple(w.shape)}".encode())
+            h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
 
