@@ -59,6 +59,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="add fisher_core's time breakdown (slightly slower)")
     p.add_argument("--fisher-set", nargs="*", default=[], metavar="KEY=VALUE", help="FisherConfig overrides")
     p.add_argument("--gradient-checkpointing", action="store_true", help="every method's model checkpoints its blocks")
+    p.add_argument(
+        "--exact-rss", action="store_true", help="CPU peaks that follow live tensors (slower: not for times)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per method run")
     p.add_argument("--out", type=Path, default=None, help="write every raw result and the summary as JSON")
     return p.parse_args(argv)
@@ -88,6 +91,8 @@ def run_one(args: argparse.Namespace, method: str, preset: str, multiple: int) -
         argv += ["--fisher-set", *args.fisher_set]
     if args.gradient_checkpointing:
         argv.append("--gradient-checkpointing")
+    if args.exact_rss:
+        argv.append("--exact-rss")
     if args.device and args.device.startswith("cuda"):  # CUDA cannot be forked: a new interpreter
         return _run_subprocess(argv, method, args.timeout)
     return _run_forked(argv, method, args.timeout)

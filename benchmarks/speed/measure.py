@@ -7,11 +7,15 @@ Peak memory is what the call needed *above* the memory held when it started (mod
   `/proc/self/clear_refs`), so the peak is `VmHWM − VmRSS at start`. Where that is not allowed the
   lifetime high-water mark `resource.getrusage(...).ru_maxrss` is used and the result is flagged
   `exact=False` (a lower bound when set-up itself peaked higher). Python's `tracemalloc` does not
-  see torch's allocations, so it is not used. Run one method per fresh process.
+  see torch's allocations, so it is not used. Run one method per fresh process, and call
+  `unmap_freed_blocks()` first: glibc otherwise raises its mmap threshold as large blocks are freed
+  and keeps later ones in its heap, so the high-water mark carries tens of MiB of freed memory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import resource
 import time
@@ -54,6 +58,24 @@ def measure(fn: Callable[[], object], device: str) -> tuple[Measurement, object]
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Measurement(seconds, max(0, peak - start_bytes), exact), result
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+UNMAPPED_FROM = 64 * 1024
+
+
+def unmap_freed_blocks() -> bool:
+    """glibc: serve every allocation of ≥ 64 KiB from its own mapping, returned to the system when freed
+    (a fixed threshold also stops glibc's dynamic raising of it), and trim the heap's top above 128 KiB,
+    so the resident set follows the live tensors. False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, UNMAPPED_FROM)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * UNMAPPED_FROM)
+        )
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 def _reset_high_water_mark() -> bool:

@@ -103,7 +103,13 @@ def fisher(selector: str | None) -> Method:
             peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(settings)))
             report = initialize(peft_model, batches, config=config)
             held = int(report.stats.meta.get("held_peak_bytes", 0))  # inputs/gradients kept at once for Ḡ
-            return {"selector": config.selector, "phases": report.seconds, "held_peak_bytes": held}
+            adapter = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
+            return {
+                "selector": config.selector,
+                "phases": report.seconds,
+                "held_peak_bytes": held,
+                "adapter_bytes": adapter,  # the LoRA weights themselves, which every LoRA method allocates
+            }
 
         return run
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from benchmarks.speed.measure import measure
+from benchmarks.speed.measure import measure, unmap_freed_blocks
 from benchmarks.speed.methods import METHODS
 from benchmarks.speed.workload import PRESETS, build_model, make_batches
 
@@ -46,6 +46,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--gradient-checkpointing",
         action="store_true",
         help="enable transformers' gradient checkpointing (non-reentrant) on the model, as a memory-bound run would",
+    )
+    p.add_argument(
+        "--exact-rss",
+        action="store_true",
+        help="CPU: unmap freed blocks of >= 64 KiB so the RSS peak follows the live tensors (slows every "
+        "method by page faults: use for memory figures, not times)",
     )
     p.add_argument(
         "--fisher-set",
@@ -76,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     """Build the workload, time the method once, return the result record."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available here; pass --device cpu")
+    unmapped = args.exact_rss and not args.device.startswith("cuda") and unmap_freed_blocks()
     shape = PRESETS[args.preset]
     if args.layers is not None:
         from dataclasses import replace
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": m.seconds,
         "peak_bytes": m.peak_bytes,
         "peak_exact": m.exact,
+        "freed_blocks_unmapped": unmapped,
         **({"fisher_set": settings["fisher"]} if settings["fisher"] and args.method.startswith("fisher") else {}),
         **extra,
         **({"profile": dict(timers)} if args.profile else {}),

@@ -205,6 +205,7 @@ def _accumulate_batch(
                 logits, labels = supervised_logits(model, batch)
                 state.supervised += labels.numel()
                 loss = summed_cross_entropy(logits, labels)
+                del logits  # the backward keeps what the loss saved, as a training step does, not a second copy
             _backward(loss, state, retain=False, model=model, batch=batch)
             return
         logits, labels = (logits_fn or supervised_logits)(model, batch)

@@ -42,7 +42,7 @@ class PassState:
     halves: dict[str, tuple[Tensor | None, tuple[Tensor, Tensor | None] | None]] = field(default_factory=dict)
     last_input: tuple[weakref.ref, Tensor, str] | None = None  # the last input's rows (q/k/v read one x)
     held_peak: int = 0  # the most bytes held for Ḡ at once (this process, any batch)
-    seen_inputs: dict[int, tuple[str, Tensor]] = field(default_factory=dict)
+    seen_inputs: dict[int, tuple[str, weakref.ref]] = field(default_factory=dict)  # id(x) → first reader, x
     grouped: bool = False  # input groups are fixed after the first forward
     unmasked: set[str] = field(default_factory=set)  # layers whose shapes did not match the mask
     leaves: list[Tensor] = field(default_factory=list)  # what the input-gradient backward targets
@@ -58,6 +58,15 @@ class PassState:
         rows = _rows(x.detach(), self, name)
         self.last_input = (weakref.ref(x), rows, name)
         return rows
+
+    def first_reader(self, x: Tensor, name: str) -> str:
+        """The first layer that read the tensor `x` in this forward (`name` if none did). Held by weak
+        reference: keeping every layer's input alive until the batch ends would cost a whole forward's
+        activations (a dead entry's id may be reused by a new tensor, which then starts a new group)."""
+        seen = self.seen_inputs.get(id(x))
+        if seen is None or seen[1]() is not x:
+            self.seen_inputs[id(x)] = seen = (name, weakref.ref(x))
+        return seen[0]
 
     def note_held(self) -> None:
         """Update `held_peak` with the bytes now kept for Ḡ (a storage shared by layers counted once)."""
@@ -120,7 +129,7 @@ def _forward_hook(name: str, acc: StatsAccumulator, state: PassState):
                 _meet(layer, state, name, x=state.rows_of(x, name))
             return
         if not state.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
-            layer.input_group = state.seen_inputs.setdefault(id(x), (name, x))[0]
+            layer.input_group = state.first_reader(x, name)
         rows = state.rows_of(x, name)  # masked once, for both uses below and the layers sharing x
         projected = None  # x·Ω of a sketched input factor, reused by the layer's sketch of Ḡ
         if state.record_input:

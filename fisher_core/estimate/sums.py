@@ -25,16 +25,17 @@ import torch
 from torch import Tensor
 
 
-def _outer(rows: Tensor, other: Tensor) -> Tensor:
-    """`rowsᵀ · other` with an fp32 result, outside any autocast region.
+def _add_outer(total: Tensor, rows: Tensor, other: Tensor, weight: float = 1.0) -> Tensor:
+    """`total += weight · rowsᵀ other` in fp32, in place, outside any autocast region.
 
-    On CUDA, half-precision activations are multiplied on the tensor cores with fp32 accumulation
-    (`out_dtype`), as fast as the model's own matmuls; elsewhere they are upcast first.
+    Elsewhere than CUDA half precision this is one `addmm_` into `total`: no d_a×d_b temporary (a dense
+    factor would otherwise exist twice during each update). On CUDA, half-precision activations are
+    multiplied on the tensor cores with fp32 accumulation (`out_dtype`), as fast as the model's own matmuls.
     """
     with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the model's autocast region
         if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and other.dtype == rows.dtype:
-            return torch.mm(rows.T, other, out_dtype=torch.float32)
-        return rows.float().T @ other.float()
+            return total.add_(torch.mm(rows.T, other, out_dtype=torch.float32), alpha=weight)
+        return total.addmm_(rows.float().T, other.float(), alpha=weight)
 
 
 def random_matrix(shape: tuple[int, int], name: str, seed: int, device: torch.device) -> Tensor:
@@ -58,10 +59,10 @@ class DenseSum:
         other_projected: Tensor | None = None,
     ) -> None:
         """Add `weight · rowsᵀ other` (`other` = `rows` if None); a dense sum needs no projections."""
-        update = _outer(rows, rows if other is None else other)
-        if weight != 1.0:
-            update.mul_(weight)
-        self.total = update if self.total is None else self.total.add_(update)
+        other = rows if other is None else other
+        if self.total is None:
+            self.total = torch.zeros(rows.shape[1], other.shape[1], device=rows.device)
+        _add_outer(self.total, rows, other, weight)
 
     def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
         if self.total is None:
@@ -110,7 +111,7 @@ class PsdSketch:
         """Add the rows' outer products; return their projection `rows·Ω` (a cross sketch reuses it)."""
         rows = rows.float()
         projected = _project(rows, self.omega)
-        self.y.add_(_outer(rows, projected), alpha=weight)
+        _add_outer(self.y, rows, projected, weight)
         flat = rows.reshape(-1)
         self.trace.add_(flat.dot(flat), alpha=weight)  # Σ‖x_t‖², without a squared copy
         return projected
@@ -188,8 +189,8 @@ class CrossSketch:
         g, x = rows.float(), other.float()
         xp = other_projected[:, : self.k_y] if other_projected is not None else _project(x, self.omega)
         gp = rows_projected[:, : self.co_rank] if rows_projected is not None else _project(g, self.psi_t)
-        self.y.add_(_outer(g, xp), alpha=weight)
-        self.w.add_(_outer(gp, x), alpha=weight)
+        _add_outer(self.y, g, xp, weight)
+        _add_outer(self.w, gp, x, weight)
 
     def absorb(self, total: Tensor) -> None:
         """Add a dense sum `Σ g xᵀ` collected so far: `Y += total·Ω`, `W += Ψ·total`."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import weakref
+
 import pytest
 import torch
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, select
 from fisher_core.estimate.factors import StatsAccumulator
+from fisher_core.estimate.objective import supervised_logits
 from fisher_core.estimate.plan import plan_sketches, planned_bytes
 from fisher_core.estimate.sums import CrossSketch, PsdSketch
 from fisher_core.layers import base_layer, find_targets, layer_kind
@@ -179,3 +183,44 @@ def test_a_sketch_too_small_for_the_rank_is_refused_with_what_to_set():
         ValueError, match="holds rank 2, fewer than the 4 directions asked for: raise sketch_rank to at least 8"
     ):
         select(stats, model, rank=4, config=cfg)
+
+
+def test_the_logits_are_not_held_through_the_backward(monkeypatch):
+    """The pass keeps what a training step keeps: the loss's saved tensors, not a second copy of the
+    logits (at a 128k vocabulary the logits of a 16k-token batch are gigabytes)."""
+    collect = importlib.import_module("fisher_core.estimate.collect")
+    logits_refs: list[weakref.ref] = []
+
+    def recorded(model, batch):
+        logits, labels = supervised_logits(model, batch)
+        logits_refs.append(weakref.ref(logits))
+        return logits, labels
+
+    monkeypatch.setattr(collect, "supervised_logits", recorded)
+    model = tiny_llama()
+    held_in_backward: list[bool] = []
+
+    def watch(module, args, output) -> None:
+        output.register_hook(lambda grad: held_in_backward.append(logits_refs[-1]() is not None))
+
+    model.model.layers[0].mlp.down_proj.register_forward_hook(watch)
+    estimate(model, _batches(), target_modules=TARGETS, config=FisherConfig(num_batches=2, progress=False))
+    assert held_in_backward == [False, False]
+
+
+def test_the_first_forward_does_not_keep_the_layer_inputs_alive():
+    """Grouping layers by the input they read (q/k/v, gate/up) must not hold every layer's input until
+    the backward: that is a whole forward's activations, which the model itself frees (down_proj's)."""
+    model = tiny_llama().requires_grad_(False)  # frozen, as under PEFT: no weight gradient saves the inputs
+    inputs: list[weakref.ref] = []
+    alive_in_backward: list[int] = []
+    for block in model.model.layers:
+        block.mlp.down_proj.register_forward_hook(lambda m, args, out: inputs.append(weakref.ref(args[0])))
+
+    def watch(module, args, output) -> None:
+        output.register_hook(lambda grad: alive_in_backward.append(sum(ref() is not None for ref in inputs)))
+
+    model.lm_head.register_forward_hook(watch)
+    config = FisherConfig(num_batches=1, progress=False, selector="fwsvd")  # no Ḡ: no input is held for it
+    estimate(model, _batches(), target_modules=TARGETS, config=config)
+    assert len(inputs) == 2 and alive_in_backward == [0]
