@@ -99,7 +99,7 @@ def initialize(
             peft_model, batches, target_modules=layers, loss_fn=loss_fn, logits_fn=logits_fn, config=config
         )
     times["estimate"] = time.perf_counter() - t
-    with whole_parameters(peft_model):  # FSDP1: weights whole while selecting and writing (ZeRO-3: layer by layer)
+    with whole_parameters(peft_model):  # FSDP1: entered once for both (one unit whole at a time inside)
         t = time.perf_counter()
         directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
         times["select"] = time.perf_counter() - t

@@ -6,15 +6,17 @@ data only this process's shard. fisher-lora's statistics pass runs through FSDP'
 writer lays every whole tensor it writes out like the parameter it goes into. Every process computes the
 same whole tensors, so each simply keeps its own shard of them (no communication).
 
-FSDP1's flat parameters are made whole around selection and writing instead (`whole_parameters`, the
-whole model); ZeRO-3's partitioned ones (outside DeepSpeed's forward a ZeRO-3 parameter is an empty
-placeholder) one adapted layer at a time, only where values are read or written (`whole_layer`).
+FSDP1's flat parameters and ZeRO-3's partitioned ones (outside DeepSpeed's forward a ZeRO-3 parameter is
+an empty placeholder) are made whole one adapted layer at a time, only where values are read or written
+(`whole_layer`): under FSDP1 the unit that holds the layer (one decoder block when blocks are wrapped,
+as accelerate's transformer wrap policy does), under ZeRO-3 the layer's own parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -60,25 +62,84 @@ def sharding(model: nn.Module) -> str | None:
     return None
 
 
+# FSDP1 inside `whole_parameters`: each module → the FSDP unit whose flat parameter holds it (None: whole there)
+_FSDP1_UNITS: ContextVar[dict[nn.Module, nn.Module | None] | None] = ContextVar("fsdp1_units", default=None)
+
+
 @contextlib.contextmanager
 def whole_parameters(model: nn.Module) -> Iterator[None]:
-    """Inside: FSDP1 (`FullyShardedDataParallel`) parameters are whole, and what is written to them is
-    kept (`summon_full_params(writeback=True)`, a collective: every process enters). A no-op for any other
-    model: FSDP2's DTensors need no gathering (`whole`, `laid_out_like`), ZeRO-3 gathers one layer at a
-    time (`whole_layer`)."""
-    if sharding(model) != "FSDP1":
+    """The region where layers are read and written whole, one at a time (`whole_layer`). FSDP1
+    (`FullyShardedDataParallel`): the outermost units' own parameters (embeddings, head, and everything
+    when nothing is wrapped inside) are whole throughout; a unit wrapped inside (a decoder block) is made
+    whole only within `whole_layer` of a layer it holds. Written values are kept (`writeback=True`; a
+    collective: every process enters). Re-entrant. A no-op for any other model: FSDP2's DTensors need no gathering
+    (`whole`, `laid_out_like`), ZeRO-3 gathers a layer's parameters in `whole_layer`."""
+    if _FSDP1_UNITS.get() is not None or sharding(model) != "FSDP1":  # already inside, or nothing to do
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    with FullyShardedDataParallel.summon_full_params(model, writeback=True):
-        yield
+    units, roots = _fsdp1_units(model)
+    with contextlib.ExitStack() as stack:
+        for root in roots:  # the root first: FSDP1's lazy initialization must start there
+            stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=True))
+        token = _FSDP1_UNITS.set({m: None if unit in roots else unit for m, unit in units.items()})
+        try:
+            yield
+        finally:
+            _FSDP1_UNITS.reset(token)
+
+
+def _fsdp1_units(model: nn.Module) -> tuple[dict[nn.Module, nn.Module | None], list[nn.Module]]:
+    """Each module of `model` → the innermost `FullyShardedDataParallel` that is it or contains it; and the
+    outermost units (those inside no other)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units: dict[nn.Module, nn.Module | None] = {}
+    roots: list[nn.Module] = []
+    stack: list[tuple[nn.Module, nn.Module | None]] = [(model, None)]
+    while stack:
+        module, outer = stack.pop()
+        unit = outer
+        if isinstance(module, FullyShardedDataParallel):
+            unit = module
+            if outer is None:
+                roots.append(module)
+        units[module] = unit
+        stack.extend((child, unit) for child in module.children())
+    return units, roots
+
+
+def gathered_by_layer(layer: nn.Module) -> bool:
+    """Whether `layer`'s parameters are whole only inside `whole_layer(layer)` (elsewhere: placeholders or
+    shards whose shape is not the layer's): DeepSpeed ZeRO-3, or FSDP1 inside `whole_parameters` when an
+    inner unit (a block) holds the layer."""
+    units = _FSDP1_UNITS.get()
+    if units is not None and units.get(layer) is not None:
+        return True
+    return any(is_partitioned(p) for p in layer.parameters())
+
+
+def in_flat_shards(layer: nn.Module) -> bool:
+    """Whether FSDP1 holds `layer` in a flat parameter (only known inside `whole_parameters`): its modules
+    cannot be replaced."""
+    return layer in (_FSDP1_UNITS.get() or {})
 
 
 def whole_layer(layer: nn.Module, write: bool = False) -> contextlib.AbstractContextManager:
-    """Inside: a DeepSpeed ZeRO-3 layer's parameters (base weight, bias, LoRA factors) are whole; with
-    `write`, process 0's values are re-partitioned on exit (every process writes the same values).
-    A collective for ZeRO-3 (every process enters, layer by layer in the same order); else a no-op."""
+    """Inside: `layer`'s parameters (base weight, bias, LoRA factors) are whole. DeepSpeed ZeRO-3: gathered;
+    with `write`, process 0's values are re-partitioned on exit (every process writes the same values).
+    FSDP1 inside `whole_parameters`: the unit holding the layer is made whole (with the units inside it),
+    its written values kept with `write`. A collective in both cases (every process enters, layer by layer
+    in the same order); else a no-op."""
+    units = _FSDP1_UNITS.get()
+    if units is not None:
+        unit = units.get(layer)
+        if unit is None:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(unit, recurse=True, writeback=write)
     params = [p for p in layer.parameters() if is_partitioned(p)]
     if not params:
         return contextlib.nullcontext()

@@ -74,7 +74,7 @@ def estimate(
         first = next(batches, None)
         batches = chain([first], batches) if first is not None else batches
         data = global_fingerprint(data_fingerprint(first))  # the same on every process
-        with whole_parameters(model):  # FSDP1's flat shards made whole (ZeRO-3: gathered layer by layer)
+        with whole_parameters(model):  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
             weights = fingerprint(modules)
         cached = load_matching(config.cache_path, modules, config, data, weights)
         if cached is not None:

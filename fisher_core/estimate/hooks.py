@@ -187,10 +187,14 @@ def _require_grad(state: PassState):
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return output
-        if not output.requires_grad:
-            output = output.detach().requires_grad_(True)
-        state.leaves.append(output)
-        return output
+        if output.requires_grad:
+            state.leaves.append(output)
+            return output
+        leaf = output.detach().requires_grad_(True)
+        state.leaves.append(leaf)
+        # the model reads a view, not the leaf: FSDP1 hooks a frozen block's inputs with a multi-grad hook,
+        # which cannot handle a leaf inside `autograd.grad` (torch's RuntimeError "A leaf node was passed …")
+        return leaf.view_as(leaf)
 
     return hook
 

@@ -27,7 +27,7 @@ from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
 from fisher_core.select.sensitivity import select_sensitive
 from fisher_core.select.subspace import select_subspace
-from fisher_core.sharded import is_partitioned, is_sharded, whole, whole_layer
+from fisher_core.sharded import gathered_by_layer, is_sharded, whole, whole_layer, whole_parameters
 
 # selectors that read W's values (the others need only its shape, which a sharded W knows whole)
 READS_WEIGHTS = ("select", "fwsvd")
@@ -102,56 +102,59 @@ def select(
     Under `torch.distributed` this is a collective, like `estimate`: every process calls it, each solves
     a share of the layers (`fisher_core.select.parallel`) and all return the same directions.
     """
-    config = config or FisherConfig()
-    modules = {canonical_name(n): m for n, m in model.named_modules()}
-    plans: dict[str, tuple[Tensor, int, float, bool]] = {}
-    for name in stats:
-        if name not in modules:
-            raise KeyError(f"statistics name layer {name!r}, which this model does not have; estimate on this model")
-        module = modules[name]
-        r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
-        kind, base = layer_kind(module), base_layer(module)
-        # a ZeRO-3 weight is a placeholder here: its shape stands in, its values are gathered if read
-        weight = torch.empty(kind.shape(base), device="meta") if is_partitioned(base.weight) else kind.weight(base)
-        limit = min(weight.shape)
-        if r > limit:
-            raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
-        plans[name] = (weight, r, scaling, rslora)
-    ranks = {name: plan[1] for name, plan in plans.items()}
-    if config.rank_budget is not None:
-        caps = {name: min(math.ceil(config.rank_cap * r), min(w.shape)) for name, (w, r, _, _) in plans.items()}
-    else:
-        caps = ranks
-    fn = SELECTORS[config.selector]
-    spectra: dict = {}  # shared by every layer's solver: a shared factor is decomposed once
+    with whole_parameters(model):  # FSDP1: one unit whole at a time (`whole_layer`)
+        config = config or FisherConfig()
+        modules = {canonical_name(n): m for n, m in model.named_modules()}
+        plans: dict[str, tuple[Tensor, int, float, bool]] = {}
+        for name in stats:
+            if name not in modules:
+                raise KeyError(
+                    f"statistics name layer {name!r}, which this model does not have; estimate on this model"
+                )
+            module = modules[name]
+            r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
+            kind, base = layer_kind(module), base_layer(module)
+            # a ZeRO-3 / FSDP1 weight is not whole here: its shape stands in, its values are gathered if read
+            weight = torch.empty(kind.shape(base), device="meta") if gathered_by_layer(base) else kind.weight(base)
+            limit = min(weight.shape)
+            if r > limit:
+                raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
+            plans[name] = (weight, r, scaling, rslora)
+        ranks = {name: plan[1] for name, plan in plans.items()}
+        if config.rank_budget is not None:
+            caps = {name: min(math.ceil(config.rank_cap * r), min(w.shape)) for name, (w, r, _, _) in plans.items()}
+        else:
+            caps = ranks
+        fn = SELECTORS[config.selector]
+        spectra: dict = {}  # shared by every layer's solver: a shared factor is decomposed once
 
-    def solve(name: str, weight: Tensor | None = None) -> Candidates:
-        planned, _, scaling, _ = plans[name]
-        weight = planned if weight is None else weight
-        return fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
+        def solve(name: str, weight: Tensor | None = None) -> Candidates:
+            planned, _, scaling, _ = plans[name]
+            weight = planned if weight is None else weight
+            return fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
 
-    groups = {name: stats[name].input_group or name for name in plans}
-    costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
-    if config.selector in READS_WEIGHTS and any(is_sharded(w) or w.is_meta for w, _, _, _ in plans.values()):
-        # sharded weights whose values the selector reads: each layer's W is gathered only while it is
-        # solved, by every process in the same order (a gather is a collective), so the solves are not spread
-        cands = {name: solve(name, _whole_weight(modules[name], plans[name][0])) for name in plans}
-        owners: dict[str, int] = {}  # every process solved every layer
-    else:
-        cands, owners = solve_spread(list(plans), groups, costs, solve)
-    if config.rank_budget is not None:
-        ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
-    layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
-    directions = Directions(layers, selector=config.selector, policy=config.policy, solved_on=owners)
-    if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
-        for name, (_, _, scaling, rslora) in plans.items():
-            directions.rank_pattern[name] = ranks[name]
-            directions.alpha_pattern[name] = scaling * (math.sqrt(ranks[name]) if rslora else ranks[name])
-    return directions
+        groups = {name: stats[name].input_group or name for name in plans}
+        costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
+        if config.selector in READS_WEIGHTS and any(is_sharded(w) or w.is_meta for w, _, _, _ in plans.values()):
+            # sharded weights whose values the selector reads: each layer's W is gathered only while it is
+            # solved, by every process in the same order (a gather is a collective), so the solves are not spread
+            cands = {name: solve(name, _whole_weight(modules[name], plans[name][0])) for name in plans}
+            owners: dict[str, int] = {}  # every process solved every layer
+        else:
+            cands, owners = solve_spread(list(plans), groups, costs, solve)
+        if config.rank_budget is not None:
+            ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
+        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
+        directions = Directions(layers, selector=config.selector, policy=config.policy, solved_on=owners)
+        if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
+            for name, (_, _, scaling, rslora) in plans.items():
+                directions.rank_pattern[name] = ranks[name]
+                directions.alpha_pattern[name] = scaling * (math.sqrt(ranks[name]) if rslora else ranks[name])
+        return directions
 
 
 def _whole_weight(module: nn.Module, weight: Tensor) -> Tensor:
-    """`W` whole: an FSDP2 DTensor all-gathered, a ZeRO-3 layer gathered (collectives); else as it is."""
+    """`W` whole: an FSDP2 DTensor all-gathered, a ZeRO-3 layer or FSDP1 unit gathered (collectives); else as it is."""
     if not weight.is_meta:
         return whole(weight)
     base = base_layer(module)

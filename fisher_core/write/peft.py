@@ -20,7 +20,15 @@ from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
-from fisher_core.sharded import is_partitioned, is_sharded, laid_out_like, whole, whole_layer, whole_parameters
+from fisher_core.sharded import (
+    in_flat_shards,
+    is_partitioned,
+    is_sharded,
+    laid_out_like,
+    whole,
+    whole_layer,
+    whole_parameters,
+)
 from fisher_core.write.record import InitRecord, Offset, get_record, set_record, total_delta
 
 logger = logging.getLogger("fisher_core")
@@ -64,39 +72,41 @@ def is_at_init(module: nn.Module, adapter_name: str, record: InitRecord | None, 
 
 def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "default", *, force: bool = False) -> None:
     """Write `directions` into the LoRA layers of `adapter_name` (and the base, under `preserve`)."""
-    layers = lora_layers(peft_model, adapter_name)
-    record = get_record(peft_model, adapter_name) or InitRecord()
-    missing = [n for n in directions if n not in layers]
-    if missing:
-        raise KeyError(f"no LoRA layer for {missing[:3]} under adapter {adapter_name!r}; estimate on this model")
-    trained = [n for n in directions if not _read(layers[n], is_at_init, layers[n], adapter_name, record, n)]
-    if trained and not force:
-        raise RuntimeError(
-            f"adapter {adapter_name!r} is no longer at its initial value (e.g. {trained[0]!r}): it looks trained. "
-            "Re-initializing would discard that training; pass force=True to fold it into the base and re-initialize"
-        )
-    for name, d in directions.items():
-        kind = layer_kind(layers[name])
-        needs_write = d.policy == "preserve" or _read(layers[name], _has_product, layers[name], adapter_name)
-        if needs_write and not kind.writable:
-            raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
-    done: list[_Undo] = []
-    try:
+    with whole_parameters(peft_model):  # FSDP1: one unit whole at a time (`whole_layer`)
+        layers = lora_layers(peft_model, adapter_name)
+        record = get_record(peft_model, adapter_name) or InitRecord()
+        missing = [n for n in directions if n not in layers]
+        if missing:
+            raise KeyError(f"no LoRA layer for {missing[:3]} under adapter {adapter_name!r}; estimate on this model")
+        trained = [n for n in directions if not _read(layers[n], is_at_init, layers[n], adapter_name, record, n)]
+        if trained and not force:
+            raise RuntimeError(
+                f"adapter {adapter_name!r} is no longer at its initial value (e.g. {trained[0]!r}): it looks "
+                "trained. Re-initializing would discard that training; pass force=True to fold it into the base and "
+                "re-initialize"
+            )
         for name, d in directions.items():
-            with whole_layer(layers[name], write=True):  # ZeRO-3: one layer gathered at a time
-                undo = _Undo(name, layers[name], adapter_name, record)
-                done.append(undo)
-                _write_layer(undo, d, directions.alpha_pattern.get(name))
-    except BaseException:
-        for undo in reversed(done):
-            with whole_layer(undo.module, write=True):
-                undo.revert()
-        raise
-    set_record(peft_model, adapter_name, record)
-    if directions.rank_pattern:
-        cfg = peft_model.peft_config[adapter_name]
-        cfg.rank_pattern = {**cfg.rank_pattern, **directions.rank_pattern}
-        cfg.alpha_pattern = {**cfg.alpha_pattern, **directions.alpha_pattern}
+            kind = layer_kind(layers[name])
+            needs_write = d.policy == "preserve" or _read(layers[name], _has_product, layers[name], adapter_name)
+            if needs_write and not kind.writable:
+                raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
+        done: list[_Undo] = []
+        try:
+            for name, d in directions.items():
+                with whole_layer(layers[name], write=True):  # ZeRO-3: one layer gathered at a time
+                    undo = _Undo(name, layers[name], adapter_name, record)
+                    done.append(undo)
+                    _write_layer(undo, d, directions.alpha_pattern.get(name))
+        except BaseException:
+            for undo in reversed(done):
+                with whole_layer(undo.module, write=True):
+                    undo.revert()
+            raise
+        set_record(peft_model, adapter_name, record)
+        if directions.rank_pattern:
+            cfg = peft_model.peft_config[adapter_name]
+            cfg.rank_pattern = {**cfg.rank_pattern, **directions.rank_pattern}
+            cfg.alpha_pattern = {**cfg.alpha_pattern, **directions.alpha_pattern}
 
 
 def _read(layer: nn.Module, fn: Callable[..., T], *args: object) -> T:
@@ -161,7 +171,7 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
 def _resize(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
     """Give the adapter rank r; the scale s is kept unless `alpha` says otherwise (s = α/r)."""
     old_a, old_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
-    if is_sharded(old_a.weight) or is_partitioned(old_a.weight):
+    if is_sharded(old_a.weight) or is_partitioned(old_a.weight) or in_flat_shards(module):
         raise ValueError(
             "rank_budget resizes LoRA layers, which FSDP or DeepSpeed ZeRO-3 has already sharded: drop rank_budget, "
             "or initialize before the model is sharded (fully_shard, deepspeed.initialize)"
@@ -191,7 +201,7 @@ def restore_offsets(peft_model: nn.Module, record: InitRecord, adapter_name: str
     missing = [name for name in record.offsets if name not in layers]
     if missing:
         raise KeyError(f"the saved record names layer {missing[0]!r}, which adapter {adapter_name!r} does not have")
-    with whole_parameters(peft_model):  # FSDP1: whole base weights to subtract from (ZeRO-3: layer by layer)
+    with whole_parameters(peft_model):  # FSDP1 and ZeRO-3: one layer's weights whole at a time
         for name, offsets in record.offsets.items():
             if offsets:
                 module = layers[name]

@@ -6,13 +6,16 @@ Both runs see the same per-process batches; rank 0 saves the whole LoRA factors 
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allreduce_worker import global_batches
@@ -35,7 +38,8 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """`shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root) or "fsdp1" (FullyShardedDataParallel);
+    """`shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root), "fsdp1" (FullyShardedDataParallel,
+    one unit) or "fsdp1-blocks" (a unit per block);
     a "-ckpt" suffix: the blocks use gradient checkpointing, kept on for the statistics pass."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     if shard.endswith("-ckpt"):
@@ -47,19 +51,52 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
         fully_shard(model)
     elif shard == "fsdp1":
         model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    elif shard == "fsdp1-blocks":  # one unit per decoder block, as accelerate's transformer wrap policy makes
+        blocks = ModuleWrapPolicy({type(model.base_model.model.model.layers[0])})
+        model = FullyShardedDataParallel(
+            model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=blocks
+        )
     config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
-    initialize(model, batches, config=config)
-    if shard == "fsdp1":
+    with counting_whole_units(model) as whole_at_once:
+        initialize(model, batches, config=config)
+    if shard.startswith("fsdp1"):
         with FullyShardedDataParallel.summon_full_params(model):
             out = {canonical_name(n): v for n, v in weights(model).items()}
     else:
         out = weights(model)
+    if shard.startswith("fsdp1"):
+        out["whole_at_once"] = torch.tensor(whole_at_once)
     if shard == "fsdp2":  # exporting for the original base needs whole weights: refused with what to do instead
         try:
             export_adapter(model, Path(f"/nonexistent/export-{dist.get_rank()}"))
         except ValueError as e:
             out["export_error"] = str(e)
     return out
+
+
+@contextlib.contextmanager
+def counting_whole_units(root: torch.nn.Module) -> Iterator[list[int]]:
+    """Yields [most inner FSDP1 units whole at once, times the whole model was made whole]: a call-through
+    wrapper of `summon_full_params` that only counts."""
+    summon = FullyShardedDataParallel.summon_full_params
+    live, counts = [0], [0, 0]
+
+    @contextlib.contextmanager
+    def counted(module: torch.nn.Module, *args, **kwargs) -> Iterator[None]:
+        whole_model = module is root and kwargs.get("recurse", True)
+        with summon(module, *args, **kwargs):
+            live[0] += module is not root
+            counts[0], counts[1] = max(counts[0], live[0]), counts[1] + whole_model
+            try:
+                yield
+            finally:
+                live[0] -= module is not root
+
+    FullyShardedDataParallel.summon_full_params = staticmethod(counted)
+    try:
+        yield counts
+    finally:
+        FullyShardedDataParallel.summon_full_params = staticmethod(summon)
 
 
 def my_batches() -> list[dict]:
@@ -78,7 +115,7 @@ def save_and_finish(result: dict, path: Path) -> None:
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     mine = my_batches()
-    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1")]
+    runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1", "fsdp1-blocks")]
     runs += [("natural", "fsdp2-ckpt"), ("natural", "fsdp1-ckpt")]
     save_and_finish({f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}, out / "fsdp.pt")
 

@@ -29,8 +29,12 @@ def test_fsdp_sharded_init_equals_the_unsharded_one(tmp_path):
         plain = result[f"{selector}/"]
         assert "restore_offsets" in result[f"{selector}/fsdp2"].pop("export_error")
         checkpointed = ("fsdp2-ckpt", "fsdp1-ckpt") if selector == "natural" else ()  # gradient checkpointing kept on
-        for kind in ("fsdp2", "fsdp1", *checkpointed):
+        # one unit: its parameters are whole throughout, never summoned again; a unit per block: one at a time
+        assert result[f"{selector}/fsdp1"].pop("whole_at_once").tolist() == [0, 0]
+        assert result[f"{selector}/fsdp1-blocks"].pop("whole_at_once").tolist() == [1, 0]
+        for kind in ("fsdp2", "fsdp1", "fsdp1-blocks", *checkpointed):
             result[f"{selector}/{kind}"].pop("export_error", None)
+            result[f"{selector}/{kind}"].pop("whole_at_once", None)
             sharded = {canonical_name(k): v for k, v in result[f"{selector}/{kind}"].items()}
             assert {canonical_name(k) for k in plain} == sharded.keys() and any("lora_B" in k for k in plain)
             for name, value in plain.items():
