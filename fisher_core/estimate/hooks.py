@@ -218,17 +218,18 @@ def estimation_mode(model: nn.Module) -> Iterator[set[nn.Module]]:
     checkpointed: they alone are put in training mode (their flag gates checkpointing; the modules
     inside stay in eval), and run torch's non-reentrant checkpoint for the pass (a reentrant one does
     not support the input-gradient `autograd.grad`), replaying the whole block (no early stop, so
-    every adapted layer's hook sees the replay). Other checkpointing flags (older transformers models
-    that checkpoint from the model's own loop) and every flag of a DeepSpeed ZeRO-3 model are turned
-    off for the pass.
+    every adapted layer's hook sees the replay). Under DeepSpeed ZeRO-3 the replay skips torch's
+    metadata check: ZeRO-3 releases the frozen weights the replay saved by reference (shape [0] at
+    check time) and gathers them again before each module's backward, so the values used are whole
+    (tested equal to the unpartitioned model). Other checkpointing flags (older transformers models
+    that checkpoint from the model's own loop) are turned off for the pass.
     """
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     modes = {m: m.training for m in model.modules()}
     flags = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
-    # DeepSpeed ZeRO-3 releases the weights a non-reentrant replay reads back (torch's CheckpointError)
-    kept = sharding(model) != "ZeRO-3"
-    blocks = {m for m, on in flags.items() if on and kept and _is_checkpointing_layer(m)}
+    check = "none" if sharding(model) == "ZeRO-3" else "default"  # see the docstring
+    blocks = {m for m, on in flags.items() if on and _is_checkpointing_layer(m)}
     funcs = {m: m.__dict__.get("_gradient_checkpointing_func") for m in blocks}
     try:
         model.eval()
@@ -236,7 +237,7 @@ def estimation_mode(model: nn.Module) -> Iterator[set[nn.Module]]:
             m.gradient_checkpointing = m in blocks
         for m in blocks:
             m.training = True
-            m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+            m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, determinism_check=check)
         with set_checkpoint_early_stop(False):
             yield blocks
     finally:

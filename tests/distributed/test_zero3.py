@@ -41,6 +41,18 @@ def test_zero3_partitioned_init_equals_the_whole_one(tmp_path):
             torch.testing.assert_close(
                 zero3["weights"][name], value, rtol=0, atol=2e-3 * scale, msg=f"{selector} {name}"
             )
+        if selector == "natural":  # gradient checkpointing kept on: the same statistics, fewer inputs held for Ḡ
+            checkpointed = result["natural/True-ckpt"]
+            assert checkpointed["held"] < zero3["held"]
+            for name, (*factors, tokens) in whole["stats"].items():
+                assert checkpointed["stats"][name][2] == tokens
+                want_mean = whole["mean_grads"][name]
+                for got, want in zip(
+                    (*checkpointed["stats"][name][:2], checkpointed["mean_grads"][name]),
+                    (*factors, want_mean),
+                    strict=True,
+                ):
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
         for name, factors in whole["direct"].items():  # `select` on its own gathers what it reads
             for got, want in zip(zero3["direct"][name], factors, strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()), msg=name)

@@ -52,6 +52,8 @@ def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
     # `select` called directly on the model after the init: ZeRO-3 layers gathered one at a time if read
     direct = {n: (d.B, d.A) for n, d in select(report.stats, model, config=config).items()}
     result: dict = {"cache_reused": reused, "stats": stats, "direct": direct}
+    result["held"] = int(report.stats.meta["held_peak_bytes"])
+    result["mean_grads"] = {n: s.mean_grad for n, s in report.stats.items()}
     with deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else torch.no_grad():
         result["weights"] = weights(model)
     if zero3:
@@ -64,10 +66,24 @@ def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
     return result
 
 
+def checkpointed(batches: list[dict]) -> dict:
+    """Statistics of the partitioned model with gradient checkpointing on (kept on for the pass)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None)
+    stats = estimate(partitioned(model), batches, target_modules=TARGETS, config=config)
+    return {
+        "stats": {n: (s.input_cov, s.grad_cov, s.num_tokens) for n, s in stats.items()},
+        "mean_grads": {n: s.mean_grad for n, s in stats.items()},
+        "held": int(stats.meta["held_peak_bytes"]),
+    }
+
+
 def main(out: Path) -> None:
     deepspeed.init_distributed("gloo")
     mine = my_batches()
     result = {f"{s}/{z}": run(s, z, mine, out) for s in ("natural", "fwsvd") for z in (False, True)}
+    result["natural/True-ckpt"] = checkpointed(mine)
     save_and_finish(result, out / "zero3.pt")
 
 
