@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -62,32 +63,56 @@ def sharding(model: nn.Module) -> str | None:
     return None
 
 
-# FSDP1 inside `whole_parameters`: each module → the FSDP unit whose flat parameter holds it (None: whole there)
-_FSDP1_UNITS: ContextVar[dict[nn.Module, nn.Module | None] | None] = ContextVar("fsdp1_units", default=None)
+@dataclass
+class _Fsdp1Region:
+    """FSDP1 inside `whole_parameters`: each module → the unit whose flat parameter holds it (None: whole
+    throughout), and the one inner unit now whole (kept whole until a layer of another unit is asked
+    for, so consecutive layers of a block share one all-gather)."""
+
+    units: dict[nn.Module, nn.Module | None]
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    whole_unit: nn.Module | None = None
+
+    def make_whole(self, unit: nn.Module) -> None:
+        if unit is self.whole_unit:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        self.held.close()  # the previous unit sharded again, what was written to it kept
+        self.whole_unit = None
+        self.held.enter_context(FullyShardedDataParallel.summon_full_params(unit, recurse=True, writeback=True))
+        self.whole_unit = unit
+
+
+_FSDP1: ContextVar[_Fsdp1Region | None] = ContextVar("fsdp1_region", default=None)
 
 
 @contextlib.contextmanager
 def whole_parameters(model: nn.Module) -> Iterator[None]:
-    """The region where layers are read and written whole, one at a time (`whole_layer`). FSDP1
+    """The region where layers are read and written whole, one unit at a time (`whole_layer`). FSDP1
     (`FullyShardedDataParallel`): the outermost units' own parameters (embeddings, head, and everything
     when nothing is wrapped inside) are whole throughout; a unit wrapped inside (a decoder block) is made
-    whole only within `whole_layer` of a layer it holds. Written values are kept (`writeback=True`; a
-    collective: every process enters). Re-entrant. A no-op for any other model: FSDP2's DTensors need no gathering
-    (`whole`, `laid_out_like`), ZeRO-3 gathers a layer's parameters in `whole_layer`."""
-    if _FSDP1_UNITS.get() is not None or sharding(model) != "FSDP1":  # already inside, or nothing to do
+    whole when `whole_layer` asks for a layer it holds, and stays whole until a layer of another unit is
+    asked for (so at most one inner unit is whole). Written values are kept (`writeback=True`). A collective:
+    every process enters, and asks for the same layers in the same order. Re-entrant. A no-op for any other
+    model: FSDP2's DTensors need no gathering (`whole`, `laid_out_like`), ZeRO-3 gathers a layer's
+    parameters in `whole_layer`."""
+    if _FSDP1.get() is not None or sharding(model) != "FSDP1":  # already inside, or nothing to do
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     units, roots = _fsdp1_units(model)
+    region = _Fsdp1Region({m: None if unit in roots else unit for m, unit in units.items()})
     with contextlib.ExitStack() as stack:
         for root in roots:  # the root first: FSDP1's lazy initialization must start there
             stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=True))
-        token = _FSDP1_UNITS.set({m: None if unit in roots else unit for m, unit in units.items()})
+        stack.enter_context(region.held)  # closed before the roots: inner units first
+        token = _FSDP1.set(region)
         try:
             yield
         finally:
-            _FSDP1_UNITS.reset(token)
+            _FSDP1.reset(token)
 
 
 def _fsdp1_units(model: nn.Module) -> tuple[dict[nn.Module, nn.Module | None], list[nn.Module]]:
@@ -114,8 +139,8 @@ def gathered_by_layer(layer: nn.Module) -> bool:
     """Whether `layer`'s parameters are whole only inside `whole_layer(layer)` (elsewhere: placeholders or
     shards whose shape is not the layer's): DeepSpeed ZeRO-3, or FSDP1 inside `whole_parameters` when an
     inner unit (a block) holds the layer."""
-    units = _FSDP1_UNITS.get()
-    if units is not None and units.get(layer) is not None:
+    region = _FSDP1.get()
+    if region is not None and region.units.get(layer) is not None:
         return True
     return any(is_partitioned(p) for p in layer.parameters())
 
@@ -123,23 +148,22 @@ def gathered_by_layer(layer: nn.Module) -> bool:
 def in_flat_shards(layer: nn.Module) -> bool:
     """Whether FSDP1 holds `layer` in a flat parameter (only known inside `whole_parameters`): its modules
     cannot be replaced."""
-    return layer in (_FSDP1_UNITS.get() or {})
+    region = _FSDP1.get()
+    return region is not None and layer in region.units
 
 
 def whole_layer(layer: nn.Module, write: bool = False) -> contextlib.AbstractContextManager:
     """Inside: `layer`'s parameters (base weight, bias, LoRA factors) are whole. DeepSpeed ZeRO-3: gathered;
     with `write`, process 0's values are re-partitioned on exit (every process writes the same values).
-    FSDP1 inside `whole_parameters`: the unit holding the layer is made whole (with the units inside it),
-    its written values kept with `write`. A collective in both cases (every process enters, layer by layer
-    in the same order); else a no-op."""
-    units = _FSDP1_UNITS.get()
-    if units is not None:
-        unit = units.get(layer)
-        if unit is None:
-            return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel.summon_full_params(unit, recurse=True, writeback=write)
+    FSDP1 inside `whole_parameters`: the unit holding the layer is made whole (with the units inside it) and
+    stays whole after the context, until another unit is asked for; written values are kept. A collective in
+    both cases (every process enters, layer by layer in the same order); else a no-op."""
+    region = _FSDP1.get()
+    if region is not None:
+        unit = region.units.get(layer)
+        if unit is not None:
+            region.make_whole(unit)
+        return contextlib.nullcontext()
     params = [p for p in layer.parameters() if is_partitioned(p)]
     if not params:
         return contextlib.nullcontext()

@@ -76,10 +76,10 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
 
 @contextlib.contextmanager
 def counting_whole_units(root: torch.nn.Module) -> Iterator[list[int]]:
-    """Yields [most inner FSDP1 units whole at once, times the whole model was made whole]: a call-through
-    wrapper of `summon_full_params` that only counts."""
+    """Yields [most inner FSDP1 units whole at once, times the whole model was made whole, times an inner
+    unit was made whole]: a call-through wrapper of `summon_full_params` that only counts."""
     summon = FullyShardedDataParallel.summon_full_params
-    live, counts = [0], [0, 0]
+    live, counts = [0], [0, 0, 0]
 
     @contextlib.contextmanager
     def counted(module: torch.nn.Module, *args, **kwargs) -> Iterator[None]:
@@ -87,6 +87,7 @@ def counting_whole_units(root: torch.nn.Module) -> Iterator[list[int]]:
         with summon(module, *args, **kwargs):
             live[0] += module is not root
             counts[0], counts[1] = max(counts[0], live[0]), counts[1] + whole_model
+            counts[2] += module is not root
             try:
                 yield
             finally:
