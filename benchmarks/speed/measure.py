@@ -78,6 +78,13 @@ def unmap_freed_blocks() -> bool:
         return False
 
 
+def held_bytes(device: str) -> int:
+    """Memory held now: CUDA's allocated bytes, or the process's resident set on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    return _status_kib("VmRSS") * 1024
+
+
 def _reset_high_water_mark() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")

@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from benchmarks.speed.measure import held_bytes
 from benchmarks.speed.workload import Batch
 
 Timed = Callable[[], dict]
@@ -100,7 +101,9 @@ def fisher(selector: str | None) -> Method:
         config = FisherConfig(num_batches=len(batches), progress=False, **overrides)
 
         def run() -> dict:
+            before = held_bytes(settings.get("device", "cpu"))
             peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(settings)))
+            wrapping = held_bytes(settings.get("device", "cpu")) - before  # exact with --exact-rss on CPU
             report = initialize(peft_model, batches, config=config)
             held = int(report.stats.meta.get("held_peak_bytes", 0))  # inputs/gradients kept at once for Ḡ
             adapter = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
@@ -109,6 +112,7 @@ def fisher(selector: str | None) -> Method:
                 "phases": report.seconds,
                 "held_peak_bytes": held,
                 "adapter_bytes": adapter,  # the LoRA weights themselves, which every LoRA method allocates
+                "wrapping_bytes": wrapping,  # what get_peft_model added: the adapter and PEFT's wrapper objects
             }
 
         return run

@@ -99,7 +99,12 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         device=args.device,
     )
-    settings = {"rank": args.rank, "targets": list(shape.linears()), "fisher": overrides(args.fisher_set)}
+    settings = {
+        "rank": args.rank,
+        "targets": list(shape.linears()),
+        "fisher": overrides(args.fisher_set),
+        "device": args.device,
+    }
     timed = METHODS[args.method](model, batches, settings)
     with torch.no_grad():  # warm-up: first-call allocations and kernel selection, same for every method
         model(**{k: v for k, v in batches[0].items() if k != "labels"})

@@ -117,8 +117,6 @@ def estimate(
                     logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
                     acc.sketch_more(tighter)
                     sketched = tighter
-            if not state.grouped:
-                acc.drop_unread_inputs()
             state.grouped = True
             state.seen_inputs.clear()
             state.last_input = None

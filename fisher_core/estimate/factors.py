@@ -102,27 +102,30 @@ class StatsAccumulator:
         self.sketch_rank, self.seed = sketch_rank, seed
         self.device = device or torch.device("cpu")
         sketched = sketched or {}
-        self.layers = {
-            name: LayerAccumulator(
+        self.layers = {}
+        for name, (m, n) in shapes.items():
+            layer = LayerAccumulator(
                 n,
                 m,
                 input_sum=self._new_sum(name, "input", m, n, "input" in sketched.get(name, ())),
                 grad_sum=self._new_sum(name, "grad", m, n, "grad" in sketched.get(name, ())),
-                mean_grad_sum=self._new_sum(name, "mean_grad", m, n, "mean_grad" in sketched.get(name, ()))
-                if with_mean_grad
-                else None,
             )
-            for name, (m, n) in shapes.items()
-        }
-        for layer in self.layers.values():
-            _share(layer)
+            if with_mean_grad:
+                layer.mean_grad_sum = self._new_sum(
+                    name, "mean_grad", m, n, "mean_grad" in sketched.get(name, ()), layer
+                )
+            self.layers[name] = layer
 
-    def _new_sum(self, name: str, what: str, m: int, n: int, sketch: bool) -> Sum:
-        """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch."""
+    def _new_sum(
+        self, name: str, what: str, m: int, n: int, sketch: bool, layer: LayerAccumulator | None = None
+    ) -> Sum:
+        """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch (a sketched Ḡ
+        shares the test matrices of `layer`'s sketched factors)."""
         if not sketch:
             return DenseSum()
         if what == "mean_grad":
-            return CrossSketch(m, n, self.sketch_rank, name, self.seed, self.device)
+            factors = (layer.input_sum, layer.grad_sum) if layer is not None else (None, None)
+            return CrossSketch(m, n, self.sketch_rank, name, self.seed, self.device, *factors)
         dim = n if what == "input" else m
         return PsdSketch(dim, min(self.sketch_rank, dim), f"{name}/{what}", self.seed, self.device)
 
@@ -134,22 +137,22 @@ class StatsAccumulator:
             for what in sorted(whats, key=("input", "grad", "mean_grad").index):
                 attr = {"input": "input_sum", "grad": "grad_sum", "mean_grad": "mean_grad_sum"}[what]
                 dense = getattr(layer, attr)
-                if not isinstance(dense, DenseSum):
+                unread = what == "input" and layer.input_group not in ("", name)  # another layer's sum is its
+                if not isinstance(dense, DenseSum) or unread:
                     continue
-                sketch = self._new_sum(name, what, layer.out_features, layer.in_features, True)
+                sketch = self._new_sum(name, what, layer.out_features, layer.in_features, True, layer)
                 if dense.total is not None:
                     sketch.absorb(dense.total)
                 setattr(layer, attr, sketch)
             _share(layer)
 
-    def drop_unread_inputs(self) -> None:
-        """Free the input sums of layers that read another layer's input (q/k/v, gate/up): that layer's sum
-        is theirs. Call once the groups are known (after the first forward)."""
-        for name, layer in self.layers.items():
-            if layer.input_group not in ("", name):
-                layer.input_sum = DenseSum()
-                if isinstance(layer.mean_grad_sum, CrossSketch):  # its own Ω, no longer a view of the sketch's
-                    layer.mean_grad_sum.omega = layer.mean_grad_sum.omega.clone()
+    def drop_input(self, name: str) -> None:
+        """Free the input sum of a layer that reads another layer's input (q/k/v, gate/up): that layer's sum is
+        its. Called as soon as the first forward shows it, so the sum is never held beside the batch's pass."""
+        layer = self.layers[name]
+        layer.input_sum = DenseSum()
+        if isinstance(layer.mean_grad_sum, CrossSketch):  # its own Ω, no longer a view of the sketch's
+            layer.mean_grad_sum.omega = layer.mean_grad_sum.omega.clone()
 
     def finalize(self, fisher_type: str, num_batches: int) -> FisherStats:
         """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov`."""

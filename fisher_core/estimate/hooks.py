@@ -130,6 +130,8 @@ def _forward_hook(name: str, acc: StatsAccumulator, state: PassState):
             return
         if not state.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
             layer.input_group = state.first_reader(x, name)
+            if layer.input_group != name:
+                acc.drop_input(name)
         rows = state.rows_of(x, name)  # masked once, for both uses below and the layers sharing x
         projected = None  # x·Ω of a sketched input factor, reused by the layer's sketch of Ḡ
         if state.record_input:

@@ -161,11 +161,26 @@ class CrossSketch:
     `Ψ = random_matrix((m, l), name + "/grad")ᵀ`, the test matrices of the layer's own factor sketches.
     """
 
-    def __init__(self, rows: int, cols: int, k: int, name: str, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        k: int,
+        name: str,
+        seed: int,
+        device: torch.device,
+        input_sketch: object = None,
+        grad_sketch: object = None,
+    ) -> None:
+        """`input_sketch`, `grad_sketch`: the layer's factor sums; their test matrices are used where they are
+        sketches (the same values, not drawn again)."""
         self.co_rank = min(k, rows)
         self.k_y = max(1, min(k, cols, self.co_rank) // 2)
-        self.omega = random_matrix((cols, min(k, cols)), name + "/input", seed, device)[:, : self.k_y].contiguous()
-        self.psi_t = random_matrix((rows, self.co_rank), name + "/grad", seed, device)  # Ψᵀ (m×l)
+        self.share_test_matrices(input_sketch, grad_sketch)
+        if not isinstance(input_sketch, PsdSketch):
+            self.omega = random_matrix((cols, min(k, cols)), name + "/input", seed, device)[:, : self.k_y].contiguous()
+        if not isinstance(grad_sketch, PsdSketch):
+            self.psi_t = random_matrix((rows, self.co_rank), name + "/grad", seed, device)  # Ψᵀ (m×l)
         self.y = torch.zeros(rows, self.k_y, device=device)
         self.w = torch.zeros(self.co_rank, cols, device=device)
 

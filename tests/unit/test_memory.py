@@ -224,3 +224,18 @@ def test_the_first_forward_does_not_keep_the_layer_inputs_alive():
     config = FisherConfig(num_batches=1, progress=False, selector="fwsvd")  # no Ḡ: no input is held for it
     estimate(model, _batches(), target_modules=TARGETS, config=config)
     assert len(inputs) == 2 and alive_in_backward == [0]
+
+
+def test_a_tighter_plan_does_not_bring_back_an_input_sum_nobody_reads():
+    """k/v read q's input: their own input sums are freed, and a plan that sketches "input" everywhere
+    (as the scale path does) must not allocate them again."""
+    shapes = {"q": (16, 16), "k": (8, 16), "v": (8, 16)}
+    acc = StatsAccumulator(shapes, True, {}, sketch_rank=4)
+    for follower in ("k", "v"):
+        acc.layers[follower].input_group = "q"
+        acc.drop_input(follower)
+    acc.sketch_more({name: {"input", "grad", "mean_grad"} for name in shapes})
+    assert isinstance(acc.layers["q"].input_sum, PsdSketch)
+    for follower in ("k", "v"):
+        assert acc.layers[follower].input_sum.total is None  # an empty dense sum: nothing allocated
+        assert isinstance(acc.layers[follower].grad_sum, PsdSketch)
