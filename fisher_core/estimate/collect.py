@@ -27,6 +27,7 @@ from fisher_core.estimate.hooks import (
     input_embeddings,
     recording,
     replayed_layers,
+    rooted,
     zero_adapters_bypassed,
 )
 from fisher_core.estimate.objective import (
@@ -276,8 +277,7 @@ def _float_inputs_require_grad(model: nn.Module, batch: Batch) -> tuple[Batch, l
     out, leaves = dict(batch), []
     for k, v in batch.items():
         if isinstance(v, Tensor) and v.is_floating_point():
-            out[k] = v.detach().requires_grad_(True)
-            leaves.append(out[k])
+            out[k] = rooted(v, leaves)
     return out, leaves
 
 

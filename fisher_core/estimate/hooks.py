@@ -192,13 +192,18 @@ def _require_grad(state: PassState):
         if output.requires_grad:
             state.leaves.append(output)
             return output
-        leaf = output.detach().requires_grad_(True)
-        state.leaves.append(leaf)
-        # the model reads a view, not the leaf: FSDP1 hooks a frozen block's inputs with a multi-grad hook,
-        # which cannot handle a leaf inside `autograd.grad` (torch's RuntimeError "A leaf node was passed …")
-        return leaf.view_as(leaf)
+        return rooted(output, state.leaves)
 
     return hook
+
+
+def rooted(t: Tensor, leaves: list[Tensor]) -> Tensor:
+    """A view of `t` as a new leaf that requires grad (the leaf appended to `leaves`, which the backward
+    targets). The model reads the view, not the leaf: FSDP1 hooks a frozen unit's inputs with a multi-grad
+    hook, which cannot take a leaf inside `autograd.grad` (torch's "A leaf node was passed …" error)."""
+    leaf = t.detach().requires_grad_(True)
+    leaves.append(leaf)
+    return leaf.view_as(leaf)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
