@@ -17,8 +17,9 @@ suite keeps what it measured; a rerun skips runs already recorded):
              1e-2 and 1e-1 (1e-3 is the screen's), and early stopping (`stop_tol` 0.3/0.2/0.1, at most
              32 batches).
 - `ablate`   the best Fisher config on every seed with sketched statistics (`solver="lowrank"`, k = 128
-             and 32), with rank allocation (`rank_budget` = the uniform total), with a quarter of the
-             positions, and with `stable_gamma` 4 and 64.
+             and 32), under a `memory_budget` of LoRA-GA's memory and of 0.3× that, with rank allocation
+             (`rank_budget` = the uniform total), with a quarter of the positions, and with `stable_gamma`
+             4 and 64.
 - `sft`      causal-LM SFT (TRL SFTTrainer) of a tiny Llama pre-trained on comedies, tuned on tragedies.
 - `dpo`      DPO on the same model (chosen = the real next speech, rejected = its words shuffled).
 Then `results/<preset>/tables.md` and the loss-curve PNGs are (re)written from everything recorded.
@@ -133,6 +134,7 @@ BASELINE = {
     "position_fraction": 1.0,
     "stable_gamma": 16.0,
     "positions": "attention",
+    "memory_budget": None,
 }
 # the library's default calibration since 2026-11-28 (session 2): up to 32 batches, stopping once converged
 DEFAULT_STOP = {"num_batches": 32, "stop_tol": 0.2}
@@ -146,6 +148,7 @@ TAGS = {
     "position_fraction": "pf",
     "stable_gamma": "g",
     "positions": "pos-",
+    "memory_budget": "mb",
 }
 
 
@@ -164,6 +167,8 @@ def fisher_label(config: FisherConfig) -> str:
     for name, tag in TAGS.items():
         value = getattr(config, name)
         if value != BASELINE[name]:
+            if name == "memory_budget" and isinstance(value, int):
+                value = f"{value / 1e6:.3g}M"  # bytes, in MB
             label += f"-{tag}{value:g}" if isinstance(value, (int, float)) else f"-{tag}{value}"
     return label
 
@@ -186,13 +191,19 @@ class Encoder:
         self.out = out
 
     @property
-    def adapted_layers(self) -> int:
-        """How many linear layers the LoRA config adapts (for a `rank_budget` equal to the uniform total)."""
+    def adapted_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of every linear layer the LoRA config adapts."""
         from benchmarks.quality.encoder import load_classifier
         from benchmarks.quality.methods import BERT_TARGETS
-        from fisher_core.layers import find_targets
+        from fisher_core.layers import base_layer, find_targets, layer_kind
 
-        return len(find_targets(load_classifier(self.task.num_labels, 0), list(BERT_TARGETS)))
+        targets = find_targets(load_classifier(self.task.num_labels, 0), list(BERT_TARGETS))
+        return [layer_kind(m).shape(base_layer(m)) for m in targets.values()]
+
+    @property
+    def lora_ga_bytes(self) -> int:
+        """What PEFT's LoRA-GA holds above the floor: fp32 gradients of the adapted weights."""
+        return sum(4 * m * n for m, n in self.adapted_shapes)
 
     def run_label(self, stage: str, label: str, *, seed: int, lr: float) -> dict:
         """`run` for a label of the tables: a PEFT method, or a Fisher config made by `fisher_label`."""
@@ -330,7 +341,11 @@ def encoder_stages(preset: Preset, out: Path, stages: list[str]) -> None:
             for fields in (
                 {"solver": "lowrank"},  # every statistic a rank-128 sketch (the scale path)
                 {"solver": "lowrank", "sketch_rank": 32},  # a cheap sketch
-                {"rank_budget": preset.enc_rank * enc.adapted_layers},  # same total rank, allocated by Fisher mass
+                {"rank_budget": preset.enc_rank * len(enc.adapted_shapes)},  # same total, allocated by Fisher mass
+                # LoRA-GA's memory, and 0.3× that: at d = 384 a rank-128 sketch is hardly smaller than the dense
+                # factor, so these budgets need k = 8r and 2r (the least `natural` allows)
+                {"memory_budget": enc.lora_ga_bytes, "sketch_rank": 8 * preset.enc_rank},
+                {"memory_budget": int(0.3 * enc.lora_ga_bytes), "sketch_rank": 2 * preset.enc_rank},
                 {"position_fraction": 0.25},  # statistics from a quarter of the positions
                 {"stable_gamma": 4.0},  # larger data-scaled factors (γ: LoRA-GA's scale knob)
                 {"stable_gamma": 64.0},  # smaller ones
