@@ -90,8 +90,8 @@ class FisherConfig(BaseModel):
     sketch_rank: int | None = Field(
         None,
         ge=1,
-        description="k of the sketched statistics (None: max(128, 4·r)) and of the low-rank solver's top "
-        "spectra (None: max(4·r, 64)).",
+        description="k of the sketched statistics (None: max(128, 4·r), halved while a `memory_budget` cannot "
+        "hold the sketches, down to 2·r) and of the low-rank solver's top spectra (None: max(4·r, 64)).",
     )
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
     memory_budget: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(

@@ -343,7 +343,8 @@ def encoder_stages(preset: Preset, out: Path, stages: list[str]) -> None:
                 {"solver": "lowrank", "sketch_rank": 32},  # a cheap sketch
                 {"rank_budget": preset.enc_rank * len(enc.adapted_shapes)},  # same total, allocated by Fisher mass
                 # LoRA-GA's memory, and 0.3× that: at d = 384 a rank-128 sketch is hardly smaller than the dense
-                # factor, so these budgets need k = 8r and 2r (the least `natural` allows)
+                # factor, so these budgets need k = 8r and 2r (what the planner now picks by itself; set here so
+                # the recorded labels stay)
                 {"memory_budget": enc.lora_ga_bytes, "sketch_rank": 8 * preset.enc_rank},
                 {"memory_budget": int(0.3 * enc.lora_ga_bytes), "sketch_rank": 2 * preset.enc_rank},
                 {"position_fraction": 0.25},  # statistics from a quarter of the positions

@@ -8,6 +8,7 @@ The backward targets the input embeddings' output, so no parameter ever receives
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -83,10 +84,9 @@ def estimate(
     _check_materialized(modules)
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     device = _device(model)
-    sketch_rank = config.sketch_rank or default_sketch_rank(modules)
     budget = resolve_budget(config.memory_budget, device)
     sketch_above = {"auto": config.exact_max_dim, "exact": None, "lowrank": 0}[config.solver]
-    sketched = plan_sketches(shapes, config.needs_mean_grad, budget, sketch_rank, sketch_above)
+    sketched, sketch_rank = _plan(shapes, config, budget, sketch_above, modules)
     acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
     state = PassState()
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -173,8 +173,37 @@ def estimate(
 def default_sketch_rank(modules: Mapping[str, nn.Module]) -> int:
     """k when `sketch_rank` is None: 128, or 4× the largest LoRA rank of the layers if that is more (a
     sketched Ḡ then holds 2·r directions, enough for `rank_budget`'s default cap of 2·r)."""
-    ranks = [max(m.r.values()) for m in modules.values() if isinstance(getattr(m, "r", None), dict) and m.r]
-    return max([128, *(4 * r for r in ranks)])
+    return max([128, *(4 * r for r in _lora_ranks(modules))])
+
+
+def _lora_ranks(modules: Mapping[str, nn.Module]) -> list[int]:
+    return [max(m.r.values()) for m in modules.values() if isinstance(getattr(m, "r", None), dict) and m.r]
+
+
+def _plan(
+    shapes: Mapping[str, tuple[int, int]],
+    config: FisherConfig,
+    budget: int | None,
+    sketch_above: int | None,
+    modules: Mapping[str, nn.Module],
+) -> tuple[dict[str, set[str]], int]:
+    """The memory plan and its sketch rank k: `sketch_rank` as set, or (None) the default halved while the
+    budget cannot hold even sketches, down to the least the selector can use (a sketched Ḡ holds k/2
+    directions: 2·r, or 2·ρ·r under `rank_budget`). A budget below that is refused with both numbers."""
+    k = config.sketch_rank or default_sketch_rank(modules)
+    ranks = _lora_ranks(modules)
+    least = 2 * max(ranks) * (math.ceil(config.rank_cap) if config.rank_budget is not None else 1) if ranks else k
+    while True:
+        try:
+            sketched = plan_sketches(shapes, config.needs_mean_grad, budget, k, sketch_above)
+        except MemoryError:
+            if config.sketch_rank is not None or k // 2 < least:
+                raise
+            k //= 2
+            continue
+        if k < (config.sketch_rank or default_sketch_rank(modules)):
+            logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, k)
+        return sketched, k
 
 
 def _accumulate_batch(
