@@ -113,12 +113,30 @@ def save_and_finish(result: dict, path: Path) -> None:
     dist.destroy_process_group()
 
 
+def rank_budget_refusal(batches: list[dict]) -> str:
+    """The error `rank_budget` gets on an FSDP1 model with a unit per block (it would replace LoRA modules
+    inside FSDP1's flat parameters)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    blocks = ModuleWrapPolicy({type(model.base_model.model.model.layers[0])})
+    model = FullyShardedDataParallel(
+        model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=blocks
+    )
+    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, rank_budget=4 * 3 * 2)
+    try:
+        initialize(model, batches, config=config)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     mine = my_batches()
     runs = [(selector, shard) for selector in ("natural", "fwsvd") for shard in ("", "fsdp2", "fsdp1", "fsdp1-blocks")]
     runs += [("natural", "fsdp2-ckpt"), ("natural", "fsdp1-ckpt")]
-    save_and_finish({f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}, out / "fsdp.pt")
+    result = {f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}
+    result["rank_budget_refusal"] = rank_budget_refusal(mine)
+    save_and_finish(result, out / "fsdp.pt")
 
 
 if __name__ == "__main__":

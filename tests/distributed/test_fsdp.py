@@ -26,6 +26,7 @@ def test_fsdp_sharded_init_equals_the_unsharded_one(tmp_path):
     done = subprocess.run([*cmd, str(WORKER), str(tmp_path)], env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(tmp_path / "fsdp.pt")
+    assert "rank_budget" in result.pop("rank_budget_refusal")  # it would replace modules inside flat parameters
     for selector in ("natural", "fwsvd"):
         plain = result[f"{selector}/"]
         assert "restore_offsets" in result[f"{selector}/fsdp2"].pop("export_error")
