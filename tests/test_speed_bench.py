@@ -47,6 +47,19 @@ def test_compare_reports_every_method_against_the_floor_with_fisher_phases(tmp_p
     assert "| fisher |" in capsys.readouterr().out
 
 
+def test_exact_rss_records_peaks_that_follow_live_tensors_and_what_the_wrapping_added(tmp_path):
+    from benchmarks.speed import compare
+
+    out = tmp_path / "exact.json"
+    compare.main([*TINY, "--methods", "floor", "fisher", "--repeats", "1", "--exact-rss", "--out", str(out)])
+    records = {r["method"]: r for r in json.loads(out.read_text())["runs"][0]["records"]}
+    assert all(r["freed_blocks_unmapped"] for r in records.values())  # glibc here: the mmap threshold is fixed
+    fisher = records["fisher"]
+    # get_peft_model's own allocation covers at least the adapter's weights (PEFT's objects come on top)
+    assert fisher["wrapping_bytes"] >= 0.5 * fisher["adapter_bytes"] > 0
+    assert fisher["peak_bytes"] > 0
+
+
 @pytest.mark.slow
 def test_gpu_script_falls_back_to_cpu_at_tiny_size_and_prints_init_floor_and_lora_ga(tmp_path):
     env = {
