@@ -51,11 +51,8 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
         fully_shard(model)
     elif shard == "fsdp1":
         model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
-    elif shard == "fsdp1-blocks":  # one unit per decoder block, as accelerate's transformer wrap policy makes
-        blocks = ModuleWrapPolicy({type(model.base_model.model.model.layers[0])})
-        model = FullyShardedDataParallel(
-            model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=blocks
-        )
+    elif shard == "fsdp1-blocks":
+        model = fsdp1_per_block(model)
     config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
     with counting_whole_units(model) as whole_at_once:
         initialize(model, batches, config=config)
@@ -113,14 +110,16 @@ def save_and_finish(result: dict, path: Path) -> None:
     dist.destroy_process_group()
 
 
+def fsdp1_per_block(model: torch.nn.Module) -> FullyShardedDataParallel:
+    """FSDP1 with one unit per decoder block, as accelerate's transformer wrap policy makes."""
+    blocks = ModuleWrapPolicy({type(model.base_model.model.model.layers[0])})
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=blocks)
+
+
 def rank_budget_refusal(batches: list[dict]) -> str:
     """The error `rank_budget` gets on an FSDP1 model with a unit per block (it would replace LoRA modules
     inside FSDP1's flat parameters)."""
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    blocks = ModuleWrapPolicy({type(model.base_model.model.model.layers[0])})
-    model = FullyShardedDataParallel(
-        model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=blocks
-    )
+    model = fsdp1_per_block(get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
     config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, rank_budget=4 * 3 * 2)
     try:
         initialize(model, batches, config=config)
