@@ -81,6 +81,19 @@ def encode(task: TextClassification, max_length: int = 48, path: Path | None = N
     return split(task.train_texts, task.train_labels), split(task.test_texts, task.test_labels)
 
 
+def tokenize(splits: list, max_length: int = 32, path: Path | None = None) -> list[Split]:
+    """Each of `splits` (objects with `texts` and `labels`) tokenized with MiniLM's tokenizer, rows
+    truncated to `max_length` tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path or minilm_dir())
+    out = []
+    for rows in splits:
+        ids = tok(list(rows.texts), truncation=True, max_length=max_length)["input_ids"]
+        out.append(Split(tuple(torch.tensor(row) for row in ids), torch.tensor(rows.labels)))
+    return out
+
+
 def batch_stream(split: Split, batch_size: int, seed: int) -> Iterator[Batch]:
     """Endless seeded batches: each epoch a fresh permutation from `torch.Generator().manual_seed(seed)`."""
     gen = torch.Generator().manual_seed(seed)

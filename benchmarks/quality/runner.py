@@ -43,6 +43,7 @@ class RunSpec:
     head_warmup: int = 0
     head_lr: float = 2e-3
     eval_at: tuple[float, ...] = EVAL_AT
+    warmup: float = 0.0  # fraction of `steps` with a linear warm-up before the linear decay
     fisher: FisherConfig | None = None
     device: str = "cpu"
 
@@ -57,6 +58,8 @@ class CurvePoint:
     test_loss: float
     test_accuracy: float
     train_loss: float | None  # mean training loss since the previous point (None at step 0)
+    val_loss: float | None = None  # on the validation split, when the run has one
+    val_accuracy: float | None = None
 
 
 @dataclass
@@ -79,9 +82,15 @@ class RunResult:
 
 
 def run(
-    spec: RunSpec, train: Split, test: Split, num_labels: int, log: Callable[[str], None] | None = None
+    spec: RunSpec,
+    train: Split,
+    test: Split,
+    num_labels: int,
+    log: Callable[[str], None] | None = None,
+    val: Split | None = None,
 ) -> RunResult:
-    """Run `spec` on the tokenized `train`/`test` splits; `log` receives one line per evaluation."""
+    """Run `spec` on the tokenized `train`/`test` splits (and `val`, evaluated at the same points, for
+    validation-based stopping); `log` receives one line per evaluation."""
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
     model = load_classifier(num_labels, spec.seed).to(device)
@@ -100,7 +109,7 @@ def run(
     model = adapter.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / spec.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.steps, spec.warmup))
     checkpoints = sorted({round(f * spec.steps) for f in spec.eval_at})
     curve: list[CurvePoint] = []
     train_seconds = eval_seconds = 0.0
@@ -110,8 +119,9 @@ def run(
         if step in checkpoints:
             t = time.perf_counter()
             loss, acc = evaluate(model, test, device=device)
+            val_loss, val_acc = evaluate(model, val, device=device) if val is not None else (None, None)
             eval_seconds += time.perf_counter() - t
-            curve.append(CurvePoint(step, loss, acc, sum(losses) / len(losses) if losses else None))
+            curve.append(CurvePoint(step, loss, acc, sum(losses) / len(losses) if losses else None, val_loss, val_acc))
             losses.clear()
             if log:
                 log(f"{spec.label:>16} step {step:4d}  test loss {loss:.4f}  acc {acc:.3f}")
@@ -136,6 +146,18 @@ def run(
         init_phases=adapter.phases,
         init_batches=adapter.batches,
     )
+
+
+def lr_factor(steps: int, warmup: float) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: linear from 0 to 1 over `warmup·steps`, then linear to 0."""
+    ramp = max(1, round(warmup * steps)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        return max(0.0, 1.0 - (step - ramp) / max(1, steps - ramp))
+
+    return factor
 
 
 def _on(device: torch.device, batches: Iterator[dict]) -> Iterator[dict]:

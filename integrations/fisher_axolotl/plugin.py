@@ -10,9 +10,15 @@ Where each step happens in Axolotl's flow:
   fused LoRA kernels routed around (see `kernels`), then the JSON report goes to `output_dir`.
   Resumed run: no initialization; the base offsets recorded in the checkpoint are restored.
 - checkpoints: each `checkpoint-N/` keeps the raw adapter and gets `fisher_init.safetensors`.
-- `post_train` after the final save: when the base was changed (policy `preserve`), the raw adapter
-  moves to `output_dir/fisher_raw/` and `output_dir` gets the exported adapter, which loads with plain
-  PEFT on the original base.
+- `post_train` after the final save (Axolotl calls it once after training and once after its save, which
+  for RL runs is `model.save_pretrained`, not `trainer.save_model`): when the base was changed (policy
+  `preserve`), the raw adapter moves to `output_dir/fisher_raw/` and `output_dir` gets the exported
+  adapter, which loads with plain PEFT on the original base.
+
+Every decision (policy per objective — DPO/IPO without `rl_adapter_ref_model` get `zero`, since their
+reference is the adapter-disabled model; KTO/ORPO/SimPO are refused —, the summed loss, what the pass
+leaves untouched, checkpoint records, resume) is the shared trainer glue's (`fisher_trainer`), the same
+as the TRL callback's; this module maps Axolotl's hooks onto it.
 """
 
 from __future__ import annotations
@@ -23,16 +29,23 @@ from typing import Any
 import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
 from fisher_axolotl.args import fisher_config
 from fisher_axolotl.kernels import plain_lora_forward
-from fisher_axolotl.loss import metrics_restored, trainer_loss_fn
 from fisher_core import initialize
 from fisher_core.layers import layer_kind
-from fisher_core.write import get_record, load_record, restore_offsets, save_record
 from fisher_core.write.export import replace_with_export
 from fisher_core.write.peft import lora_layers
+from fisher_trainer import (
+    RecordInCheckpoints,
+    check_objective,
+    policy_logits,
+    resume,
+    step0_policy,
+    summed_loss_fn,
+    trainer_state_preserved,
+)
 
 LOG = get_logger("axolotl.integrations.fisher_lora")
 REPORT_FILE = "fisher_init_report.json"
@@ -63,24 +76,6 @@ def unwritable_base(cfg: Any, model: torch.nn.Module) -> str | None:
     return None
 
 
-def _mtime(path: Path) -> int | None:
-    return path.stat().st_mtime_ns if path.exists() else None
-
-
-class FisherCheckpointRecord(TrainerCallback):
-    """Writes the base-offset record into every checkpoint, for resuming."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def on_save(self, args, state, control, **kwargs):
-        record = get_record(self.model, "default")
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and record is not None and record.changes_base and checkpoint.is_dir():
-            save_record(record, checkpoint)
-        return control
-
-
 class FisherLoRAPlugin(BasePlugin):
     """Initializes Axolotl's LoRA/QLoRA adapter from Fisher statistics of the training data."""
 
@@ -88,8 +83,7 @@ class FisherLoRAPlugin(BasePlugin):
         super().__init__()
         self.model: torch.nn.Module | None = None
         self.is_main_process = True
-        self.trained = False
-        self.mtime_after_train: int | None = None
+        self.post_train_calls = 0
 
     def get_input_args(self) -> str:
         return "fisher_axolotl.args.FisherArgs"
@@ -113,49 +107,31 @@ class FisherLoRAPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if not enabled(cfg):
             return
+        check_objective(trainer)
         model = trainer.model
         self.model, self.is_main_process = model, trainer.accelerator.is_main_process
-        trainer.add_callback(FisherCheckpointRecord(model))
+        trainer.add_callback(RecordInCheckpoints(lambda: model))
         checkpoint = resume_checkpoint(cfg)
         if checkpoint is not None:
-            self._resume(model, checkpoint)
+            LOG.info(f"fisher-lora: {resume(model, checkpoint)}")
             return
         config = fisher_config(cfg)
-        reason = unwritable_base(cfg, model) if config.policy == "preserve" else None
-        if reason is not None:
-            LOG.info(f"fisher-lora: the base cannot be written ({reason}), using policy 'zero' (B = 0, base untouched)")
-            config = fisher_config(cfg, policy="zero")
-        with plain_lora_forward(model) as undone, metrics_restored(trainer), torch.random.fork_rng():
+        config = step0_policy(config, trainer, unwritable_base(cfg, model) if config.policy == "preserve" else None)
+        loss_fn = summed_loss_fn(trainer) if config.fisher_type == "empirical" else None
+        with plain_lora_forward(model) as undone, trainer_state_preserved(trainer):
             if undone:
                 LOG.info(f"fisher-lora: {undone} fused LoRA kernels bypassed during the statistics pass")
-            report = initialize(model, trainer.get_train_dataloader(), loss_fn=trainer_loss_fn(trainer), config=config)
+            batches = trainer.get_train_dataloader()
+            report = initialize(model, batches, loss_fn=loss_fn, logits_fn=policy_logits, config=config)
         LOG.info(report.summary())
         if self.is_main_process:
             path = report.save(Path(cfg.output_dir) / REPORT_FILE)
             LOG.info(f"fisher-lora: per-layer report written to {path}")
 
-    def _resume(self, model: torch.nn.Module, checkpoint: Path) -> None:
-        record = load_record(checkpoint)
-        if record is not None:
-            restore_offsets(model, record)
-        LOG.info(
-            f"fisher-lora: resuming from {checkpoint}: adapters come from the checkpoint, not re-initialized"
-            + (f" (base offsets of {len(record.offsets)} layers restored)" if record is not None else "")
-        )
-
     def post_train(self, cfg, model):
-        """Called after `trainer.train()` and again after the final save; exports after the save."""
+        """Axolotl calls this after `trainer.train()` and again after its final save: export after the save."""
         if not enabled(cfg) or self.model is None:
             return
-        out = Path(cfg.output_dir)
-        saved = _mtime(out / "adapter_model.safetensors")
-        if not self.trained:  # first call: training ended, the final save has not happened yet
-            self.trained, self.mtime_after_train = True, saved
-            return
-        record = get_record(self.model, "default")
-        if not self.is_main_process or record is None or not record.changes_base:
-            return
-        if saved is None or saved == self.mtime_after_train:
-            return
-        self.trained = False
-        replace_with_export(self.model, out)
+        self.post_train_calls += 1
+        if self.post_train_calls == 2 and self.is_main_process:
+            replace_with_export(self.model, Path(cfg.output_dir))

@@ -17,21 +17,17 @@ What runs where:
   adapter for the ORIGINAL base (`fisher_core.export_adapter`) takes its place; a sharded model keeps
   the raw adapter and its record, and the log names the offline `fisher-lora export` command.
 
-DPO: its reference is the adapter-disabled model, which `preserve` would change; unless the trainer has
-a separate `ref_model` or precomputed reference log-probs, the policy becomes `zero` (logged), and an
-explicit `policy='preserve'` is refused.
+The decisions (policy per objective, the summed loss, what the pass leaves untouched, checkpoints, resume,
+export) are the shared trainer glue's (`fisher_trainer`), the same as Axolotl's; this module maps TRL's
+hooks onto them. DPO/IPO without a separate `ref_model` get policy `zero` (their reference is the
+adapter-disabled model); KTO, ORPO, CPO and the online trainers are refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -39,9 +35,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from fisher_core import FisherConfig, InitReport, initialize
 from fisher_core.estimate.objective import LogitsFn, LossFn
-from fisher_core.write import get_record, load_record, restore_offsets, save_record
-from fisher_core.write.export import replace_with_export
-from fisher_trl.objectives import policy_logits, reference_is_adapter_disabled, trainer_bookkeeping, trainer_loss_fn
+from fisher_trainer import (
+    RecordInCheckpoints,
+    SaveExports,
+    check_objective,
+    policy_logits,
+    resume,
+    step0_policy,
+    summed_loss_fn,
+    trainer_state_preserved,
+)
 
 logger = logging.getLogger("fisher_trl")
 
@@ -75,20 +78,23 @@ class FisherInitCallback(TrainerCallback):
         self.report_path = Path(report_path) if report_path is not None else None
         self.trainer: Trainer | None = None
         self.report: InitReport | None = None
+        self.export: SaveExports | None = None
 
     def attach(self, trainer: Trainer) -> FisherInitCallback:
-        """Give the callback its trainer, register it, and make the final `save_model` export for the original base."""
+        """Give the callback its trainer and register it: checkpoints carry the base offsets, and the final
+        `save_model` ships an adapter for the original base (`fisher_trainer.SaveExports`)."""
+        if self.loss_fn is None:
+            check_objective(trainer)
         self.trainer = trainer
         trainer.add_callback(self)
-        save_model = trainer.save_model
-
-        def save_and_export(output_dir: str | None = None, _internal_call: bool = False) -> None:
-            save_model(output_dir, _internal_call)
-            if not _internal_call:
-                self.export_final(Path(output_dir or trainer.args.output_dir))
-
-        trainer.save_model = save_and_export
+        trainer.add_callback(RecordInCheckpoints(lambda: self.model, self.adapter_name))
+        self.export = SaveExports(trainer, lambda: self.model, self.adapter_name)
         return self
+
+    def detach(self) -> None:
+        """Give the trainer back its own `save_model` (done by itself after the final export)."""
+        if self.export is not None:
+            self.export.restore()
 
     @property
     def model(self) -> nn.Module:
@@ -101,12 +107,13 @@ class FisherInitCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if state.global_step > 0:
-            self._resume(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", state.global_step)
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name))
             return
         trainer = self._trainer()
-        config = self._config_for(trainer)
-        loss_fn = self.loss_fn or (trainer_loss_fn(trainer) if config.fisher_type == "empirical" else None)
-        with rng_preserved(), trainer_bookkeeping(trainer), trainer.compute_loss_context_manager():
+        config = step0_policy(self.config, trainer)
+        loss_fn = self.loss_fn or (summed_loss_fn(trainer) if config.fisher_type == "empirical" else None)
+        with trainer_state_preserved(trainer), trainer.compute_loss_context_manager():
             self.report = initialize(
                 self.model,
                 trainer.get_train_dataloader(),
@@ -118,50 +125,6 @@ class FisherInitCallback(TrainerCallback):
         refresh_master_weights(trainer)
         if self.report_path is not None and state.is_world_process_zero:
             self.report.save(self.report_path)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        record = get_record(self.model, self.adapter_name)
-        if record is not None and record.changes_base and state.is_world_process_zero:
-            save_record(record, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-
-    def export_final(self, output_dir: Path) -> None:
-        """Put an adapter for the original base in `output_dir`; the raw adapter and the record go to fisher_raw/
-        (`fisher_core.write.export.replace_with_export`)."""
-        if self._trainer().args.should_save:
-            replace_with_export(self.model, output_dir, self.adapter_name)
-
-    def _resume(self, checkpoint: Path, step: int) -> None:
-        record = load_record(checkpoint) if checkpoint.is_dir() else None
-        if record is not None and record.changes_base:
-            restore_offsets(self.model, record, self.adapter_name)
-            what = (
-                f"restored the base offsets of {sum(1 for o in record.offsets.values() if o)} layers from {checkpoint}"
-            )
-        elif checkpoint.is_dir():
-            what = f"{checkpoint} records no base offsets (policy zero), nothing to restore"
-        else:
-            raise FileNotFoundError(
-                f"resumed at step {step} but {checkpoint} does not exist: fisher-lora needs the checkpoint's "
-                "fisher_init.safetensors; resume from a checkpoint under args.output_dir"
-            )
-        logger.info("fisher-lora: resumed at step %d, not re-initializing; %s", step, what)
-
-    def _config_for(self, trainer: Trainer) -> FisherConfig:
-        config = self.config
-        if config.policy != "preserve" or not reference_is_adapter_disabled(trainer):
-            return config
-        if "policy" in config.model_fields_set:
-            raise ValueError(
-                f"{type(trainer).__name__} computes its reference with the adapter disabled; policy='preserve' would "
-                "change that reference. Use policy='zero', pass a separate ref_model, or set "
-                "precompute_ref_log_probs=True"
-            )
-        logger.warning(
-            "fisher-lora: %s uses the adapter-disabled model as its reference, which policy 'preserve' would change; "
-            "using policy 'zero'",
-            type(trainer).__name__,
-        )
-        return config.model_copy(update={"policy": "zero"})
 
     def _trainer(self) -> Trainer:
         if self.trainer is None:
@@ -178,16 +141,3 @@ def refresh_master_weights(trainer: Trainer) -> None:
     optimizer = getattr(trainer.model_wrapped, "optimizer", None) if trainer.is_deepspeed_enabled else None
     if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
         optimizer.refresh_fp32_params()
-
-
-@contextlib.contextmanager
-def rng_preserved() -> Iterator[None]:
-    """Run without consuming the training run's randomness (python, numpy, torch CPU and CUDA)."""
-    py, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)

@@ -37,9 +37,11 @@ def build(
     steps: int = 2,
     batch_size: int = 4,
     save_steps: int | None = None,
+    ref_model: Any = None,
     **training: Any,
 ) -> tuple[Trainer, FisherInitCallback | None]:
-    """An SFT or DPO trainer on the tiny data; with `fisher` (FisherConfig keywords) a callback is attached."""
+    """An SFT or DPO trainer on the tiny data; with `fisher` (FisherConfig keywords) a callback is attached.
+    `ref_model` (DPO only) is a separate reference model."""
     trainer_cls, config_cls, data_file = TASKS[task]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -59,7 +61,10 @@ def build(
         **training,
     )
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    extra = {"ref_model": ref_model} if ref_model is not None else {}
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, **extra
+    )
     callback = FisherInitCallback(**fisher).attach(trainer) if fisher is not None else None
     return trainer, callback
 

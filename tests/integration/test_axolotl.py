@@ -185,7 +185,7 @@ def test_same_seed_gives_same_adapter(fresh, fresh_again):
 def test_resume_restores_offsets_and_does_not_reinitialize(fresh, resumed, tiny_llama_dir):
     out, log = resumed
     lines = fisher_lines(log)
-    assert any("resuming from" in line and "not re-initialized" in line for line in lines), lines
+    assert any("resuming from" in line and "not re-initializing" in line for line in lines), lines
     assert not any("directions from" in line for line in lines)
     assert not (out / "fisher_init_report.json").exists()
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -196,7 +196,7 @@ def test_resume_restores_offsets_and_does_not_reinitialize(fresh, resumed, tiny_
 
 def test_qlora_uses_zero_policy_and_says_so(qlora):
     out, log = qlora
-    assert any("(bnb-4bit layers), using policy 'zero'" in line for line in fisher_lines(log)), fisher_lines(log)
+    assert any("(bnb-4bit layers); using policy 'zero'" in line for line in fisher_lines(log)), fisher_lines(log)
     report = json.loads((out / "fisher_init_report.json").read_text())
     assert report["policy"] == "zero" and len(report["layers"]) == LAYERS
     assert not (out / "fisher_raw").exists()  # the base is untouched: the plain save is already correct
@@ -210,12 +210,14 @@ def test_bad_fisher_key_fails_validation_naming_it(tiny_llama_dir, work):
     assert not (work / "bad" / "adapter_config.json").exists()
 
 
-def test_dpo_initializes_from_dpo_loss_and_exports(dpo, tiny_llama_dir):
+def test_dpo_initializes_from_dpo_loss_with_the_base_untouched(dpo, tiny_llama_dir):
+    """DPO's reference is the adapter-disabled model, so the policy is `zero` and the plain save is the adapter
+    (its reference staying the original model at lr 0 is tested in test_trainer_glue.py)."""
     out, log = dpo
-    assert any("directions from empirical Fisher" in line for line in fisher_lines(log)), fisher_lines(log)
+    assert any("directions from empirical Fisher (zero)" in line for line in fisher_lines(log)), fisher_lines(log)
     assert len(json.loads((out / "fisher_init_report.json").read_text())["layers"]) == LAYERS
-    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(2))
-    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()
-    torch.testing.assert_close(
-        logits(exported, ids), logits(trained_model(tiny_llama_dir, out), ids), rtol=1e-4, atol=1e-4
-    )
+    assert not (out / "fisher_raw").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    trained = load_file(out / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # it trained from B = 0
+    PeftModel.from_pretrained(base, out)  # loads on the original base

@@ -15,7 +15,8 @@ pytest.importorskip("axolotl")
 
 from fisher_axolotl.args import FisherArgs, fisher_config
 from fisher_axolotl.kernels import is_fused_kernel, plain_lora_forward
-from fisher_axolotl.loss import metrics_restored, trainer_loss_fn
+from fisher_trainer import summed_loss_fn as trainer_loss_fn
+from fisher_trainer import trainer_state_preserved as metrics_restored
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fisher_trl.objectives import policy_logits, trainer_loss_fn
+from fisher_trainer import policy_logits
+from fisher_trainer import summed_loss_fn as trainer_loss_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
 import trl_tiny
@@ -54,6 +55,20 @@ def test_dpo_preserve_with_precomputed_reference_matches_plain_first_step(tiny_l
     assert callback.report.policy == "preserve"
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy", "num_tokens"):
         assert fisher.state.log_history[0][key] == pytest.approx(plain.state.log_history[0][key], abs=1e-5), key
+
+
+def test_dpo_with_a_separate_reference_model_keeps_preserve_and_its_reference(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    trainer, callback = trl_tiny.build(
+        "dpo", tiny_llama_dir, tmp_path, fisher=FISHER, steps=2, learning_rate=0.0, ref_model=reference, **EXACT
+    )
+    trainer.train()
+    assert callback.report.policy == "preserve"  # the reference is another model: writing this base is safe
+    for entry in trainer.state.log_history[:2]:  # lr 0: the policy is the original model, like the reference
+        assert entry["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+        assert abs(entry["rewards/chosen"]) < 1e-5 and abs(entry["rewards/rejected"]) < 1e-5
 
 
 def test_dpo_objective_is_summed_over_pairs_and_true_fisher_reads_completions(tiny_llama_dir, tmp_path):

@@ -14,8 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from fisher_core.write.record import RECORD_FILE
+from fisher_trainer import policy_logits
+from fisher_trainer import summed_loss_fn as trainer_loss_fn
 from fisher_trl import FisherInitCallback
-from fisher_trl.objectives import policy_logits, trainer_loss_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
 import trl_tiny
@@ -124,7 +125,7 @@ def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path
     with caplog.at_level(logging.INFO, logger="fisher_trl"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     lines = [r.message for r in caplog.records if "not re-initializing" in r.message]
-    assert len(lines) == 1 and "restored the base offsets of 14 layers" in lines[0]
+    assert len(lines) == 1 and "base offsets of 14 layers restored" in lines[0]
     assert callback.report is None
     final_full, final_resumed = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
     for name, p in final_full.items():

@@ -1,0 +1,325 @@
+"""The quality protocol, one command: does an init make fine-tuning better on tasks it was not tuned on?
+
+    python -m benchmarks.quality.protocol                     # CPU preset, 2 worker processes
+    python -m benchmarks.quality.protocol --preset gpu        # the larger version (one GPU)
+    python -m benchmarks.quality.protocol --tables-only       # rewrite the tables from what is recorded
+
+Every method runs the same recipe on each of the four encoder tasks of `tasks.py` (MiniLM-L6, r = 8,
+AdamW with warm-up and linear decay, the same 16 calibration batches for every data-driven init):
+1. `grid`   seed 0 at every lr of `lr_grid`; a method whose best lr sits at an edge of what it ran gets
+            the next lr beyond it (×2 or ×½), until its best lr is bracketed;
+2. `seeds`  the remaining seeds at each method's own best lr, and at 0.5×, 1× and 2× default LoRA's
+            best lr (the lr-robustness table: the lr a user copies from a LoRA recipe).
+A run's quality is read at its best validation checkpoint (validation-based stopping, the test split is
+never used to choose) and at the end; the curve gives 10/25/50/75/100 % of the steps.
+
+Runs append to `results/<preset>/protocol.jsonl` as they finish (a line per run, under a file lock, so
+workers share one file and an interrupted protocol resumes where it stopped); `tables.md` and a plot
+are written from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one protocol. `cpu` fits a shared 2-core machine; `gpu` is the larger version."""
+
+    device: str = "cpu"
+    tasks: tuple[str, ...] = ("play-genre", "fortune-source", "docstring-library", "word-sentiment")
+    methods: tuple[str, ...] = ("lora", "fisher", "fisher-zero", "eva", "lora_ga")
+    lr_grid: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 120
+    batch_size: int = 16
+    max_length: int = 32
+    rank: int = 8
+    warmup: float = 0.1
+    head_warmup: int = 10
+    calibration: int = 16
+    sizes: tuple[int, int, int] = (200, 40, 64)  # rows per label: train, validation, test
+    robust: tuple[str, ...] = ("lora", "fisher", "fisher-zero")  # seeded at 0.5×/1×/2× LoRA's best lr
+    eval_at: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+PRESETS = {
+    "cpu": Preset(),
+    "gpu": Preset(
+        device="cuda",
+        methods=("lora", "fisher", "fisher-zero", "eva", "lora_ga", "pissa", "olora", "gaussian", "mica"),
+        lr_grid=(1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+        seeds=(0, 1, 2, 3, 4),
+        robust=("lora", "fisher", "fisher-zero", "eva", "lora_ga", "pissa"),
+        steps=400,
+        max_length=64,
+        sizes=(400, 96, 192),
+    ),
+    # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
+    "tiny": Preset(
+        tasks=("word-sentiment",),
+        methods=("lora", "fisher"),
+        lr_grid=(1e-3,),
+        seeds=(0, 1),
+        steps=2,
+        batch_size=4,
+        head_warmup=1,
+        calibration=1,
+        sizes=(8, 4, 4),
+        eval_at=(0.5, 1.0),
+    ),
+}
+
+
+@dataclass(frozen=True, order=True)
+class RunKey:
+    """One run of the protocol."""
+
+    task: str
+    method: str
+    lr: float
+    seed: int
+
+    def name(self) -> str:
+        return f"{self.task}/{self.method}/lr{self.lr:g}/s{self.seed}"
+
+
+# ---------------------------------------------------------------- what to run (pure functions of the records)
+
+
+def stopped(record: dict) -> dict:
+    """The curve point with the lowest validation loss: where validation-based stopping would stop."""
+    return min(record["curve"], key=lambda p: p["val_loss"])
+
+
+def best_lr(records: list[dict], task: str, method: str) -> float | None:
+    """The lr of `method` on `task` with the lowest mean validation loss at the stopping point (seed-0 grid
+    and whatever other seeds ran at that lr)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in records:
+        if r["task"] == task and r["method"] == method and "curve" in r:
+            by_lr.setdefault(r["lr"], []).append(stopped(r)["val_loss"])
+    return min(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr])) if by_lr else None
+
+
+def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
+    """Seed-0 runs still missing from the grid, plus one lr beyond an edge where the best lr sits there."""
+    seed = preset.seeds[0]
+    todo = []
+    for task in preset.tasks:
+        for method in preset.methods:
+            ran = sorted({r["lr"] for r in records if (r["task"], r["method"], r["seed"]) == (task, method, seed)})
+            missing = [lr for lr in preset.lr_grid if lr not in ran]
+            if missing:
+                todo += [RunKey(task, method, lr, seed) for lr in missing]
+                continue
+            best = best_lr([r for r in records if r["seed"] == seed], task, method)
+            if best == ran[0] and best / 2 >= preset.lr_grid[0] / 8:
+                todo.append(RunKey(task, method, best / 2, seed))
+            elif best == ran[-1] and best * 2 <= preset.lr_grid[-1] * 8:
+                todo.append(RunKey(task, method, best * 2, seed))
+    return todo
+
+
+def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
+    """The other seeds at each method's best lr and at 0.5×/1×/2× default LoRA's best lr (once the grid is done;
+    seed 0 ran those lrs in the bracketed grid, and only seed 0's runs choose an lr)."""
+    todo: set[RunKey] = set()
+    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
+    for task in preset.tasks:
+        lora = best_lr(seed0, task, "lora")
+        for method in preset.methods:
+            own = best_lr(seed0, task, method)
+            lrs = {own} | ({lora / 2, lora, lora * 2} if lora and method in preset.robust else set())
+            todo |= {RunKey(task, method, lr, s) for lr in lrs if lr for s in preset.seeds[1:]}
+    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    return sorted(todo - done)
+
+
+def plan(preset: Preset, records: list[dict]) -> list[RunKey]:
+    """What to run next: the grid until it is bracketed everywhere, then the seeds."""
+    return grid_runs(preset, records) or seed_runs(preset, records)
+
+
+# ---------------------------------------------------------------- running
+
+
+def results_path(preset_name: str) -> Path:
+    return RESULTS / preset_name / "protocol.jsonl"
+
+
+def load(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`.lock (workers share one results file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def claim(path: Path, preset: Preset) -> RunKey | None:
+    """The next planned run that neither is recorded nor claimed by another live worker; waits while every
+    planned run is claimed (their results decide what comes next). None: nothing left to run."""
+    claims = path.with_suffix(".claims")
+    while True:
+        with locked(path):
+            taken = json.loads(claims.read_text()) if claims.is_file() else {}
+            taken = {k: pid for k, pid in taken.items() if _alive(pid)}
+            todo = plan(preset, load(path))
+            for key in todo:
+                if key.name() not in taken:
+                    taken[key.name()] = os.getpid()
+                    claims.write_text(json.dumps(taken))
+                    return key
+        if not todo:
+            return None
+        time.sleep(5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Data:
+    """Tokenized splits of one task, built once per worker."""
+
+    splits: dict[str, tuple] = field(default_factory=dict)
+
+    def get(self, task: str, preset: Preset) -> tuple:
+        if task not in self.splits:
+            from benchmarks.quality.encoder import tokenize
+            from benchmarks.quality.tasks import TASKS, fingerprint
+
+            t = TASKS[task](sizes=preset.sizes)
+            splits = tokenize([t.train, t.val, t.test], max_length=preset.max_length)
+            self.splits[task] = (*splits, t.num_labels, fingerprint(t))
+        return self.splits[task]
+
+
+def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
+    """Run `key` and return its record."""
+    from benchmarks.quality.runner import RunSpec, run
+    from fisher_core import FisherConfig
+
+    train, val, test, num_labels, data_hash = data.get(key.task, preset)
+    method, fisher = key.method, None
+    if key.method.startswith("fisher"):
+        policy = "zero" if key.method == "fisher-zero" else "preserve"
+        method, fisher = "fisher", FisherConfig(policy=policy, progress=False)
+    spec = RunSpec(
+        method=method,
+        seed=key.seed,
+        lr=key.lr,
+        steps=preset.steps,
+        batch_size=preset.batch_size,
+        rank=preset.rank,
+        calibration_batches=preset.calibration,
+        head_warmup=preset.head_warmup,
+        eval_at=preset.eval_at,
+        warmup=preset.warmup,
+        fisher=fisher,
+        device=preset.device,
+    )
+    started = time.perf_counter()
+    result = run(spec, train, test, num_labels, val=val)
+    return {
+        **asdict(key),
+        "data": data_hash,
+        "steps": preset.steps,
+        "fisher": fisher.model_dump(mode="json", exclude={"cache_path", "progress", "force"}) if fisher else None,
+        "init_batches": result.init_batches,
+        "curve": [
+            {
+                "step": c.step,
+                "test_loss": c.test_loss,
+                "accuracy": c.test_accuracy,
+                "val_loss": c.val_loss,
+                "val_accuracy": c.val_accuracy,
+                "train_loss": c.train_loss,
+            }
+            for c in result.curve
+        ],
+        "init_seconds": result.init_seconds,
+        "init_peak_mib": result.init_peak_mib,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def worker(preset_name: str) -> None:
+    """Claim, run and record runs until the plan is empty."""
+    import torch
+
+    torch.set_num_threads(1)
+    preset, path, data = PRESETS[preset_name], results_path(preset_name), Data()
+    while (key := claim(path, preset)) is not None:
+        try:
+            record = run_one(key, preset, data)
+        except Exception as e:  # a PEFT init that does not run on a task is recorded as failed, not retried
+            record = {**asdict(key), "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+        with locked(path), open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "failed" in record:
+            print(f"{key.name()} failed: {record['failed']}", flush=True)
+        else:
+            point = stopped(record)
+            print(
+                f"{key.name():>44}  stopped@{point['step']} test loss {point['test_loss']:.4f} "
+                f"acc {point['accuracy']:.3f}  final {record['curve'][-1]['test_loss']:.4f}  "
+                f"{record['wall_seconds']:.0f}s",
+                flush=True,
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--tables-only", action="store_true", help="only rewrite tables.md from the records")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.worker:
+        worker(args.preset)
+        return
+    if not args.tables_only:
+        cmd = [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", args.preset, "--worker"]
+        procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+        if any(p.wait() for p in procs):
+            raise SystemExit("a worker failed; rerun to resume")
+    from benchmarks.quality.report import write
+
+    write(results_path(args.preset), PRESETS[args.preset])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The protocol's tables and plot, written from its records (`protocol.jsonl`).
+
+Quality is read at the run's best validation checkpoint ("stopped": validation-based stopping) and at its
+last step ("final"); `±` is the standard deviation over seeds. Written next to the records as `tables.md`
+and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchmarks.quality.protocol import Preset, best_lr, load, stopped
+
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+
+
+def _runs(records: list[dict], task: str, method: str, lr: float | None) -> list[dict]:
+    return [r for r in records if (r["task"], r["method"], r["lr"]) == (task, method, lr) and "curve" in r]
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values)
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def _cell(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} (1 seed)"
+    return f"{_mean(values):.{digits}f} ± {_std(values):.{digits}f}"
+
+
+def _at(record: dict, fraction: float, key: str) -> float:
+    target = fraction * record["steps"]
+    return min(record["curve"], key=lambda p: abs(p["step"] - target))[key]
+
+
+def _reach(record: dict, target: float) -> int | None:
+    """First evaluated step whose test loss is at most `target`."""
+    return next((p["step"] for p in record["curve"] if p["test_loss"] <= target), None)
+
+
+def own_lr_table(records: list[dict], task: str, methods: tuple[str, ...], seed0: int) -> str:
+    """Every method at its own best lr (chosen on seed 0's validation loss)."""
+    head = [
+        "method",
+        "best lr",
+        "seeds",
+        "test loss (stopped)",
+        "accuracy (stopped)",
+        "stop step",
+        "test loss (final)",
+        "accuracy (final)",
+        *(f"loss@{int(f * 100)}%" for f in FRACTIONS),
+        "steps to LoRA's stopped loss",
+        "init s",
+    ]
+    seed_records = [r for r in records if r["seed"] == seed0]
+    lora = _runs(records, task, "lora", best_lr(seed_records, task, "lora"))
+    target = _mean([stopped(r)["test_loss"] for r in lora]) if lora else None
+    rows = []
+    for method in methods:
+        lr = best_lr(seed_records, task, method)
+        runs = _runs(records, task, method, lr)
+        if not runs:
+            continue
+        reach = [_reach(r, target) for r in runs] if target is not None else []
+        rows.append(
+            (
+                _mean([stopped(r)["test_loss"] for r in runs]),
+                [
+                    method,
+                    f"{lr:g}",
+                    str(len(runs)),
+                    _cell([stopped(r)["test_loss"] for r in runs]),
+                    _cell([stopped(r)["accuracy"] for r in runs]),
+                    "/".join(str(stopped(r)["step"]) for r in runs),
+                    _cell([r["curve"][-1]["test_loss"] for r in runs]),
+                    _cell([r["curve"][-1]["accuracy"] for r in runs]),
+                    *(_cell([_at(r, f, "test_loss") for r in runs]) for f in FRACTIONS),
+                    "/".join("never" if s is None else str(s) for s in reach) or "–",
+                    f"{_mean([r['init_seconds'] for r in runs]):.1f}",
+                ],
+            )
+        )
+    return _markdown(head, [row for _, row in sorted(rows, key=lambda t: t[0])])
+
+
+def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], seed0: int) -> str:
+    """Every method at 0.5×, 1× and 2× default LoRA's best lr: stopped test loss, and whether it is worse
+    than default LoRA at that lr by more than 2× the larger seed std."""
+    lora_lr = best_lr([r for r in records if r["seed"] == seed0], task, "lora")
+    if lora_lr is None:
+        return ""
+    lrs = (lora_lr / 2, lora_lr, lora_lr * 2)
+    head = ["method", *(f"lr {lr:g} ({m}× LoRA's)" for lr, m in zip(lrs, ("0.5", "1", "2"), strict=True))]
+    rows = []
+    for method in methods:
+        cells = [method]
+        for lr in lrs:
+            mine = [stopped(r)["test_loss"] for r in _runs(records, task, method, lr)]
+            base = [stopped(r)["test_loss"] for r in _runs(records, task, "lora", lr)]
+            mark = ""
+            if method != "lora" and len(mine) > 1 and len(base) > 1:
+                gap, noise = _mean(mine) - _mean(base), 2 * max(_std(mine), _std(base))
+                mark = " **worse**" if gap > noise else (" better" if -gap > noise else "")
+            cells.append(_cell(mine) + mark)
+        rows.append(cells)
+    return _markdown(head, rows)
+
+
+def verdict(records: list[dict], task: str, methods: tuple[str, ...], seed0: int, ours: str = "fisher") -> str:
+    """One line: `ours` against the best other init, each at its own best lr (stopped test loss)."""
+    seed_records = [r for r in records if r["seed"] == seed0]
+    scores = {}
+    for method in methods:
+        runs = _runs(records, task, method, best_lr(seed_records, task, method))
+        if len(runs) > 1:
+            scores[method] = [stopped(r)["test_loss"] for r in runs]
+    if ours not in scores or len(scores) < 2:
+        return f"{task}: not enough seeds yet"
+    rival = min((m for m in scores if not m.startswith("fisher")), key=lambda m: _mean(scores[m]), default=None)
+    if rival is None:
+        return f"{task}: no other init has several seeds yet"
+    gap = _mean(scores[rival]) - _mean(scores[ours])
+    noise = 2 * max(_std(scores[ours]), _std(scores[rival]))
+    word = "wins" if gap > noise else ("loses" if -gap > noise else "ties (within 2× seed std)")
+    return (
+        f"{task}: `{ours}` {word} against `{rival}`: stopped test loss {_mean(scores[ours]):.3f} vs "
+        f"{_mean(scores[rival]):.3f} (gap {gap:+.3f}, 2× std {noise:.3f})"
+    )
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def plot(records: list[dict], preset: Preset, out: Path) -> None:
+    """Test loss against steps, each method at its own best lr (mean over seeds), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(preset.tasks), figsize=(4.2 * len(preset.tasks), 3.4), squeeze=False)
+    seed_records = [r for r in records if r["seed"] == preset.seeds[0]]
+    for ax, task in zip(axes[0], preset.tasks, strict=True):
+        for method in preset.methods:
+            lr = best_lr(seed_records, task, method)
+            runs = _runs(records, task, method, lr)
+            if runs:
+                steps = [p["step"] for p in runs[0]["curve"]]
+                loss = [_mean([r["curve"][i]["test_loss"] for r in runs]) for i in range(len(steps))]
+                ax.plot(steps, loss, marker="o", ms=3, label=f"{method} @ {lr:g}")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("test loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write(path: Path, preset: Preset) -> None:
+    """`tables.md` and `curves.png` beside the records in `path`."""
+    records = load(path)
+    seed0 = preset.seeds[0]
+    failed = sorted({f"{r['task']}/{r['method']}: {r['failed']}" for r in records if "failed" in r})
+    parts = [f"# Quality protocol ({path.parent.name}): {sum('curve' in r for r in records)} runs", ""]
+    parts += [
+        "## Verdicts (each at its own best lr)",
+        "",
+        *(f"- {verdict(records, t, preset.methods, seed0)}" for t in preset.tasks),
+        "",
+    ]
+    for task in preset.tasks:
+        parts += [
+            f"## {task}",
+            "",
+            "Each method at its own best lr:",
+            "",
+            own_lr_table(records, task, preset.methods, seed0),
+            "",
+            "At default LoRA's best lr and half and twice it (stopped test loss):",
+            "",
+            robustness_table(records, task, preset.methods, seed0),
+            "",
+        ]
+    if failed:
+        parts += ["## Runs that failed", "", *(f"- {f}" for f in failed), ""]
+    (path.parent / "tables.md").write_text("\n".join(parts))
+    if records:
+        plot(records, preset, path.parent / "curves.png")

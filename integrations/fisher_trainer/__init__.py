@@ -1,0 +1,32 @@
+"""Trainer glue shared by the Axolotl plugin and the TRL callback (both drive a `transformers.Trainer`).
+
+It lives once, here, because both frameworks hand fisher-lora the same things — a `Trainer`, its model,
+its dataloader and its `compute_loss` — and every decision about them (which step-0 policy an objective
+allows, how its loss becomes a sum, what the statistics pass must leave untouched, what a checkpoint
+carries, how a run resumes and exports) must not differ between them. Each integration only maps its
+framework's hooks onto these functions.
+"""
+
+from fisher_trainer.glue import (
+    RecordInCheckpoints,
+    SaveExports,
+    check_objective,
+    policy_logits,
+    reference_is_adapter_disabled,
+    resume,
+    step0_policy,
+    summed_loss_fn,
+    trainer_state_preserved,
+)
+
+__all__ = [
+    "RecordInCheckpoints",
+    "SaveExports",
+    "check_objective",
+    "policy_logits",
+    "reference_is_adapter_disabled",
+    "resume",
+    "step0_policy",
+    "summed_loss_fn",
+    "trainer_state_preserved",
+]

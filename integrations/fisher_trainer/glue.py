@@ -1,0 +1,236 @@
+"""The trainer glue (see the package docstring): policy, objective, state protection, checkpoints, export.
+
+- `step0_policy`: `preserve` changes the base weights (W ← W − s·B·A). That is refused where the base
+  cannot be written (quantized layers) and where the trainer's reference IS the base — a preference
+  trainer whose reference model is this model with its adapter disabled (DPO/IPO without a separate
+  `ref_model` or precomputed reference log-probs): there `preserve` would move the reference. The
+  default policy then becomes `zero` (said in one log line); an explicit `preserve` is an error.
+- `check_objective`: objectives fisher-lora cannot turn into a per-batch sum (KTO, ORPO, CPO/SimPO,
+  GRPO, RLOO, reward models) are refused before any work, with what to change.
+- `summed_loss_fn`: the trainer's own `compute_loss`, made a SUM over the batch's units — token losses
+  via `num_items_in_batch=1` (the data-parallel averaging factor divided out), DPO's pair mean times the
+  number of pairs, or a mean over supervised tokens times their count.
+- `trainer_state_preserved`: the statistics pass leaves the trainer's metric stores, token counters and
+  every random state (python, numpy, torch CPU and CUDA) as they were.
+- `RecordInCheckpoints`, `resume`, `SaveExports`: each checkpoint carries the base offsets; a resumed run
+  restores them instead of re-initializing; the final save ships an adapter for the ORIGINAL base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from fisher_core import FisherConfig
+from fisher_core.estimate.objective import IGNORE_INDEX, Batch, LossFn
+from fisher_core.write import get_record, load_record, restore_offsets, save_record
+from fisher_core.write.export import replace_with_export
+
+logger = logging.getLogger("fisher_trainer")
+
+# Trainer attributes that `compute_loss` appends metrics or token counts to (transformers, Axolotl, TRL).
+METRIC_ATTRS = ("_metrics", "_stored_metrics", "_total_train_tokens")
+# Batch keys that are not model inputs (labels and the preference trainers' bookkeeping).
+NON_MODEL_KEYS = frozenset({"labels", "completion_mask", "ref_chosen_logps", "ref_rejected_logps", "assistant_masks"})
+# Objectives whose loss is not a sum of per-batch terms fisher-lora can form, by trainer class name.
+UNSUPPORTED = {
+    "KTOTrainer": "KTO",
+    "ORPOTrainer": "ORPO",
+    "CPOTrainer": "CPO/SimPO",
+    "GRPOTrainer": "GRPO",
+    "RLOOTrainer": "RLOO",
+    "OnlineDPOTrainer": "online DPO",
+    "RewardTrainer": "reward modelling",
+    "PRMTrainer": "process reward modelling",
+}
+
+
+def _classes(trainer: Any) -> set[str]:
+    return {cls.__name__ for cls in type(trainer).__mro__}
+
+
+def is_pair_trainer(trainer: Any) -> bool:
+    """DPO (and IPO, its `loss_type`): batches of [chosen; rejected] rows, a loss averaged over pairs."""
+    return "DPOTrainer" in _classes(trainer) and "OnlineDPOTrainer" not in _classes(trainer)
+
+
+def check_objective(trainer: Any) -> None:
+    """Refuse, with what to change, a trainer whose objective fisher-lora does not support."""
+    found = sorted(UNSUPPORTED[name] for name in _classes(trainer) & set(UNSUPPORTED))
+    if found:
+        raise ValueError(
+            f"fisher-lora does not support {found[0]} ({type(trainer).__name__}): its loss is not a sum of per-example "
+            "terms the statistics can be taken of. Supported: SFT / causal-LM losses and DPO/IPO; for this run leave "
+            "the LoRA init at PEFT's default"
+        )
+
+
+def reference_is_adapter_disabled(trainer: Any) -> bool:
+    """True when the trainer's reference model is this model with the adapter disabled (no separate `ref_model`,
+    no precomputed reference log-probs), so writing the base would move the reference."""
+    if not hasattr(trainer, "ref_model"):
+        return False
+    precomputed = getattr(trainer, "precompute_ref_logps", None)
+    if precomputed is None:
+        precomputed = getattr(getattr(trainer, "args", None), "precompute_ref_log_probs", False)
+    return trainer.ref_model is None and not precomputed
+
+
+def step0_policy(config: FisherConfig, trainer: Any, unwritable: str | None = None) -> FisherConfig:
+    """The config with the step-0 policy this trainer allows (module docstring); logs a switch, raises on an
+    explicit `preserve` that cannot hold. `unwritable` says why the base cannot be written (None: it can)."""
+    if config.policy != "preserve":
+        return config
+    if unwritable is not None:
+        reason, fix = f"the base cannot be written ({unwritable})", "use policy 'zero'"
+    elif reference_is_adapter_disabled(trainer):
+        reason = (
+            f"{type(trainer).__name__} computes its reference with the adapter disabled, and policy 'preserve' would "
+            "change that reference"
+        )
+        fix = "use policy 'zero', pass a separate reference model, or precompute the reference log-probs"
+    else:
+        return config
+    if "policy" in config.model_fields_set:
+        raise ValueError(f"fisher-lora: {reason}; {fix}")
+    logger.warning("fisher-lora: %s; using policy 'zero' (B = 0, base untouched)", reason)
+    return config.model_copy(update={"policy": "zero"})
+
+
+def summed_loss_fn(trainer: Any) -> LossFn:
+    """`loss_fn(model, batch)`: the trainer's `compute_loss` made a sum over the batch (module docstring)."""
+    check_objective(trainer)
+    if is_pair_trainer(trainer):
+        return lambda model, batch: trainer.compute_loss(model, dict(batch)) * (batch["input_ids"].shape[0] // 2)
+    if trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None:
+        scale = loss_scale(trainer)
+        return lambda model, batch: trainer.compute_loss(model, dict(batch), num_items_in_batch=1) / scale
+    return lambda model, batch: trainer.compute_loss(model, dict(batch)) * supervised_tokens(trainer, batch)
+
+
+def loss_scale(trainer: Any) -> int:
+    """The factor `Trainer.compute_loss` multiplies a `num_items_in_batch`-reduced loss by: the number of
+    data-parallel processes when tokens are averaged across devices (tensor-parallel ranks share a batch)."""
+    if not trainer.args.average_tokens_across_devices:
+        return 1
+    if trainer.args.n_gpu > 1:
+        return trainer.args.n_gpu
+    scale = trainer.accelerator.num_processes
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    tp_size = getattr(parallelism, "tp_size", 1) if parallelism is not None else 1
+    return scale // max(1, tp_size or 1)
+
+
+def supervised_tokens(trainer: Any, batch: Batch) -> int:
+    """How many next-token losses a mean-reducing causal-LM loss averages over in this batch."""
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and labels.dim() == 2:
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    raise ValueError(
+        f"{type(trainer).__name__}.compute_loss returns a mean over units fisher-lora cannot count in this batch "
+        f"(keys {sorted(batch)}); use a trainer whose loss accepts num_items_in_batch, or pass loss_fn=..."
+    )
+
+
+def policy_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(logits [K, V], next tokens [K]) of a causal LM at the K completion positions of `batch`
+    (`labels != -100` for SFT batches, `completion_mask` for preference batches): `fisher_type='true'`."""
+    if "labels" in batch:
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+    elif "completion_mask" in batch:
+        targets = batch["input_ids"][:, 1:]
+        keep = batch["completion_mask"][:, 1:].bool()
+    else:
+        raise ValueError("the batch has neither 'labels' nor 'completion_mask'; pass logits_fn=...")
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    return logits[keep], targets[keep]
+
+
+@contextlib.contextmanager
+def trainer_state_preserved(trainer: Any) -> Iterator[None]:
+    """Inside the block, the trainer's metric stores and token counters and every random state (python, numpy,
+    torch CPU and CUDA) may change; on exit they are what they were on entry."""
+    saved = {a: copy.deepcopy(getattr(trainer, a)) for a in METRIC_ATTRS if hasattr(trainer, a)}
+    had_tokens = hasattr(trainer.state, "tokens")
+    tokens = copy.deepcopy(getattr(trainer.state, "tokens", None))
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        for attr, value in saved.items():
+            setattr(trainer, attr, value)
+        if had_tokens:
+            trainer.state.tokens = tokens
+        elif hasattr(trainer.state, "tokens"):
+            del trainer.state.tokens
+
+
+class RecordInCheckpoints(TrainerCallback):
+    """Writes the base-offset record (`fisher_init.safetensors`) into every checkpoint, for resuming."""
+
+    def __init__(self, model: Callable[[], nn.Module], adapter_name: str = "default") -> None:
+        self.model, self.adapter_name = model, adapter_name
+
+    def on_save(self, args, state, control, **kwargs):
+        record = get_record(self.model(), self.adapter_name)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and record is not None and record.changes_base and checkpoint.is_dir():
+            save_record(record, checkpoint)
+        return control
+
+
+def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default") -> str:
+    """A resumed run: subtract the checkpoint's recorded base offsets from the freshly loaded original base
+    (no re-initialization). Returns what was done, for the log."""
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(
+            f"fisher-lora: resuming from {checkpoint}, which does not exist; fisher-lora needs the checkpoint's "
+            "fisher_init.safetensors: resume from a checkpoint under the run's output_dir"
+        )
+    record = load_record(checkpoint)
+    if record is None or not record.changes_base:
+        return f"resuming from {checkpoint}, not re-initializing: it records no base offsets (policy zero)"
+    restore_offsets(model, record, adapter_name)
+    layers = sum(1 for o in record.offsets.values() if o)
+    return f"resuming from {checkpoint}, not re-initializing: base offsets of {layers} layers restored"
+
+
+class SaveExports:
+    """Makes the trainer's final (non-internal) `save_model` ship an adapter for the ORIGINAL base
+    (`replace_with_export`). The trainer's own method is put back once that export is done, or by `restore()`."""
+
+    def __init__(self, trainer: Any, model: Callable[[], nn.Module], adapter_name: str = "default") -> None:
+        self.trainer, self.model, self.adapter_name = trainer, model, adapter_name
+        self.had_own = "save_model" in vars(trainer)
+        self.original = trainer.save_model
+        trainer.save_model = self._save_and_export
+
+    def _save_and_export(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self.original(output_dir, _internal_call)
+        if not _internal_call:
+            if self.trainer.args.should_save:
+                replace_with_export(self.model(), Path(output_dir or self.trainer.args.output_dir), self.adapter_name)
+            self.restore()
+
+    def restore(self) -> None:
+        """Give the trainer back its own `save_model`."""
+        if self.had_own:
+            self.trainer.save_model = self.original
+        else:
+            vars(self.trainer).pop("save_model", None)

@@ -1,0 +1,138 @@
+"""The shared trainer glue through both integrations, on the real frameworks.
+
+DPO's reference must stay the ORIGINAL model: at learning rate 0 the policy is its own reference, so
+DPO's loss is ln 2 and every reward 0 — with `lora_init: fisher` on (policy switched to `zero`), and
+with a precomputed reference (where `preserve` is allowed; Axolotl 0.19 has no separate reference model
+for adapters). Objectives fisher-lora cannot sum are refused before any work; an explicit `preserve`
+against an adapter-disabled reference is refused with the reason. Both integrations leave the trainer's
+state exactly as they found it.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from test_axolotl import axolotl_train, axolotl_yaml, fisher_lines
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from fisher_trainer import check_objective
+
+pytestmark = pytest.mark.slow
+LN2 = math.log(2.0)
+
+
+def logged_steps(log: str) -> list[dict]:
+    """The per-step metric dicts a Trainer prints (`{'loss': ..., 'rewards/chosen': ...}`)."""
+    found = []
+    for match in re.finditer(r"\{'loss': [^{}]*\}", log):
+        found.append(ast.literal_eval(match.group(0).replace("'", '"').replace('"', "'")))
+    return found
+
+
+def dpo_at_lr0(tiny_llama_dir, tmp_path, **overrides) -> tuple[list[dict], str]:
+    out = tmp_path / "dpo"
+    config = axolotl_yaml(
+        "axolotl_dpo.yml", tiny_llama_dir, tmp_path, output_dir=str(out), learning_rate=0.0, **overrides
+    )
+    log = axolotl_train(config)
+    return logged_steps(log), log
+
+
+def assert_own_reference(steps: list[dict]) -> None:
+    assert steps, "no step metrics were logged"
+    for step in steps:
+        assert abs(float(step["loss"]) - LN2) < 1e-4, step
+        assert abs(float(step["rewards/chosen"])) < 1e-5 and abs(float(step["rewards/rejected"])) < 1e-5, step
+
+
+def test_axolotl_dpo_keeps_the_original_model_as_reference(tiny_llama_dir, tmp_path):
+    steps, log = dpo_at_lr0(tiny_llama_dir, tmp_path)
+    assert_own_reference(steps)
+    assert any("adapter disabled" in line and "using policy 'zero'" in line for line in fisher_lines(log)), (
+        fisher_lines(log)
+    )
+
+
+def test_axolotl_dpo_with_precomputed_reference_allows_preserve(tiny_llama_dir, tmp_path):
+    steps, _ = dpo_at_lr0(tiny_llama_dir, tmp_path, precompute_ref_log_probs=True, fisher_policy="preserve")
+    assert_own_reference(steps)
+    assert (tmp_path / "dpo" / "fisher_raw").is_dir()  # preserve changed the base: the export went to the original
+
+
+def test_axolotl_dpo_refuses_an_explicit_preserve_against_its_own_reference(tiny_llama_dir, tmp_path):
+    out = tmp_path / "dpo"
+    config = axolotl_yaml("axolotl_dpo.yml", tiny_llama_dir, tmp_path, output_dir=str(out), fisher_policy="preserve")
+    log = axolotl_train(config, ok=False)
+    assert "policy 'preserve' would change that reference" in log
+    assert not (out / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "objective"),
+    [
+        ("axolotl.core.trainers.trl", "AxolotlKTOTrainer", "KTO"),
+        ("axolotl.core.trainers.trl", "AxolotlORPOTrainer", "ORPO"),
+        ("axolotl.core.trainers.trl", "AxolotlCPOTrainer", "CPO/SimPO"),
+    ],
+)
+def test_objectives_without_a_per_example_sum_are_refused(module, name, objective):
+    cls = getattr(pytest.importorskip(module), name)
+    with pytest.raises(ValueError, match=f"does not support {re.escape(objective)}"):
+        check_objective(cls.__new__(cls))
+
+
+def _state(trainer: Trainer) -> tuple:
+    return (
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+        torch.get_rng_state(),
+        repr(getattr(trainer, "_metrics", None)),
+        getattr(trainer.state, "tokens", None),
+    )
+
+
+def _sft_trainer(tiny_llama_dir, tmp_path) -> Trainer:
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(3, 300, (8, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[])
+    return Trainer(model=model, args=args, train_dataset=rows)
+
+
+def _via_trl(trainer: Trainer, tmp_path) -> None:
+    from fisher_trl import FisherInitCallback
+
+    callback = FisherInitCallback(num_batches=2, progress=False).attach(trainer)
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+    callback.detach()
+
+
+def _via_axolotl(trainer: Trainer, tmp_path) -> None:
+    from axolotl.utils.dict import DictDefault
+
+    from fisher_axolotl import FisherLoRAPlugin
+
+    cfg = {"lora_init": "fisher", "output_dir": str(tmp_path), "fisher_num_batches": 2, "fisher_progress": False}
+    FisherLoRAPlugin().post_trainer_create(DictDefault(cfg), trainer)
+
+
+@pytest.mark.parametrize("integrate", [_via_trl, _via_axolotl], ids=["trl", "axolotl"])
+def test_both_integrations_leave_the_trainer_state_as_they_found_it(integrate, tiny_llama_dir, tmp_path):
+    trainer = _sft_trainer(tiny_llama_dir, tmp_path)
+    random.random(), np.random.rand(), torch.rand(1)
+    before = _state(trainer)
+    integrate(trainer, tmp_path)
+    after = _state(trainer)
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+    assert before[3:] == after[3:]
+    assert "save_model" not in vars(trainer)  # nothing of the trainer's stays replaced
