@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from fisher_core.layers import supported
 from fisher_core.select import Directions, select
 from fisher_core.sharded import whole_parameters
 from fisher_core.write.peft import apply, lora_layers
+from fisher_core.write.plan import check_ranks, layer_policies, refuse_trained, trained_layers
 
 logger = logging.getLogger("fisher_core")
 
@@ -87,21 +89,31 @@ def initialize(
 ) -> InitReport:
     """Initialize the LoRA adapter `adapter_name` of `peft_model` from Fisher statistics of `batches`.
 
-    Statistics are estimated on the model with the adapters disabled (the base the adapter starts
-    from), directions selected with each layer's own rank and scale, and written in place.
+    Statistics are estimated on the model the adapter starts from: the base with the adapters disabled
+    (a fresh adapter adds nothing), or, re-initializing a trained adapter with `force=True`, the model as it
+    sits (trained adapter on, unmerged first). Directions are selected with each layer's own rank and scale
+    and written in place. Refusals that need no statistics (`write.plan`) come before the pass.
     """
     config = config or FisherConfig()
     layers = supported(lora_layers(peft_model, adapter_name))
+    with whole_parameters(peft_model):
+        trained = trained_layers(peft_model, layers, adapter_name)
+        if not config.force:
+            refuse_trained(trained, adapter_name)
+        check_ranks(layers, adapter_name)
+        policies = layer_policies(peft_model, layers, adapter_name, config)
+    if trained and any(getattr(m, "merged", False) for m in layers.values()):
+        peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold
     times: dict[str, float] = {}
     t = time.perf_counter()
-    with peft_model.disable_adapter():
+    with contextlib.nullcontext() if trained else peft_model.disable_adapter():
         stats = estimate(
             peft_model, batches, target_modules=layers, loss_fn=loss_fn, logits_fn=logits_fn, config=config
         )
     times["estimate"] = time.perf_counter() - t
     with whole_parameters(peft_model):  # FSDP1: entered once for both (one unit whole at a time inside)
         t = time.perf_counter()
-        directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
+        directions = select(stats, peft_model, config=config, adapter_name=adapter_name, policies=policies)
         times["select"] = time.perf_counter() - t
         t = time.perf_counter()
         apply(peft_model, directions, adapter_name, force=config.force)

@@ -47,6 +47,7 @@ class FisherConfig(BaseModel):
     )
     stop_tol: float | None = Field(
         0.2,
+        allow_inf_nan=False,
         gt=0.0,
         description="Stop reading batches early once the statistics have converged: after 4, 8, 16, … batches "
         "every factor is probed with fixed random vectors, and the pass stops when the median factor's probe "
@@ -60,16 +61,21 @@ class FisherConfig(BaseModel):
     )
     position_fraction: float = Field(
         1.0,
+        allow_inf_nan=False,
         gt=0.0,
         le=1.0,
         description="Fraction of the sample positions (drawn at random per batch) whose x_t, g_t enter the "
         "statistics. The forward/backward still runs on every position; below 1 the outer products cost less.",
     )
     damping: float = Field(
-        1e-3, ge=0.0, description="λ: factors become S + λ·mean(diag S)·I before any inverse or root."
+        1e-3,
+        allow_inf_nan=False,
+        ge=0.0,
+        description="λ: factors become S + λ·mean(diag S)·I before any inverse or root.",
     )
     stable_gamma: float = Field(
         16.0,
+        allow_inf_nan=False,
         gt=0.0,
         description="Scale of data-only directions (`natural`, `subspace`): each column of B and "
         "row of A gets norm d_out^{1/4}/√γ, as in LoRA-GA.",
@@ -80,7 +86,9 @@ class FisherConfig(BaseModel):
         description="Total LoRA rank shared by all adapted layers; ranks go where the Fisher "
         "scores are largest. None keeps the configured rank everywhere.",
     )
-    rank_cap: float = Field(2.0, ge=1.0, description="ρ: no layer gets more than ρ·r under `rank_budget`.")
+    rank_cap: float = Field(
+        2.0, allow_inf_nan=False, ge=1.0, description="ρ: no layer gets more than ρ·r under `rank_budget`."
+    )
     solver: Literal["auto", "exact", "lowrank"] = Field(
         "auto",
         description="`exact`: dense statistics and full eigen/singular decompositions; `lowrank`: statistics "

@@ -94,6 +94,7 @@ def select(
     adapter_name: str = "default",
     lora_alpha: float | None = None,
     use_rslora: bool = False,
+    policies: Mapping[str, str] | None = None,
 ) -> Directions:
     """Rank-r factors for every layer in `stats`.
 
@@ -101,6 +102,7 @@ def select(
     plain model pass `rank` (and `lora_alpha`, default `rank`, so `s = α/r` or `α/√r` with rsLoRA).
     Under `torch.distributed` this is a collective, like `estimate`: every process calls it, each solves
     a share of the layers (`fisher_core.select.parallel`) and all return the same directions.
+    `policies` overrides `config.policy` per layer (`fisher_core.write.plan.layer_policies`).
     """
     with whole_parameters(model):  # FSDP1: one unit whole at a time (`whole_layer`)
         config = config or FisherConfig()
@@ -144,7 +146,8 @@ def select(
             cands, owners = solve_spread(list(plans), groups, costs, solve)
         if config.rank_budget is not None:
             ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
-        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
+        policy = dict.fromkeys(plans, config.policy) | dict(policies or {})
+        layers = {name: _finish(cands[name], ranks[name], plans[name][2], policy[name]) for name in plans}
         directions = Directions(layers, selector=config.selector, policy=config.policy, solved_on=owners)
         if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
             for name, (_, _, scaling, rslora) in plans.items():
@@ -195,6 +198,11 @@ def _lora_settings(
                 "pass adapter_name=..."
             )
         r, scaling = r_by_adapter[adapter_name], module.scaling[adapter_name]
+        if rank is not None and rank != r:
+            raise ValueError(
+                f"rank={rank} was given, but layer {name!r} is a LoRA layer of rank {r}: on a PEFT model the rank "
+                "comes from its LoraConfig (change r there, or use rank_budget); rank= is for plain models"
+            )
         return r, scaling, not math.isclose(scaling, module.lora_alpha[adapter_name] / r)
     if rank is None:
         raise ValueError(f"layer {name!r} has no LoRA adapter: pass rank=... (and lora_alpha=...)")

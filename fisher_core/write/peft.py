@@ -90,6 +90,7 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
             needs_write = d.policy == "preserve" or _read(layers[name], _has_product, layers[name], adapter_name)
             if needs_write and not kind.writable:
                 raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
+        resized = {n: d.rank for n, d in directions.items() if d.rank != layers[n].r[adapter_name]}
         done: list[_Undo] = []
         try:
             for name, d in directions.items():
@@ -103,10 +104,12 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
                     undo.revert()
             raise
         set_record(peft_model, adapter_name, record)
-        if directions.rank_pattern:
+        ranks = {**directions.rank_pattern, **resized}
+        if ranks:  # PEFT rebuilds layers from its config: a saved adapter must say each resized layer's rank
             cfg = peft_model.peft_config[adapter_name]
-            cfg.rank_pattern = {**cfg.rank_pattern, **directions.rank_pattern}
-            cfg.alpha_pattern = {**cfg.alpha_pattern, **directions.alpha_pattern}
+            alphas = {n: float(layers[n].lora_alpha[adapter_name]) for n in ranks}
+            cfg.rank_pattern = {**cfg.rank_pattern, **ranks}
+            cfg.alpha_pattern = {**cfg.alpha_pattern, **alphas}
 
 
 def _read(layer: nn.Module, fn: Callable[..., T], *args: object) -> T:

@@ -1,0 +1,82 @@
+"""What `initialize` decides before the statistics pass, so that a refusal costs seconds, not the pass.
+
+- `trained_layers`: layers whose adapter is no longer at its initial value (PEFT's zero `B`, or what
+  fisher-lora wrote). Without `force` that is refused here; with `force` the statistics are taken on the
+  model as it sits (the trained adapter on), since that is where the new adapter starts.
+- `check_ranks`: a LoRA rank above `min(out, in)` of its layer cannot be filled.
+- `layer_policies`: `preserve` writes `W − s·B·A` into the base weight, which is wrong wherever that
+  weight is read by something else: a weight tied to another module (`lm_head` ↔ `embed_tokens` in tied
+  Llama-3.2 / Qwen2.5 / Gemma) or a base shared by other adapters of the layer. Those layers get `zero`
+  (logged); an explicit `preserve` there is an error that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from torch import nn
+
+from fisher_core.config import FisherConfig
+from fisher_core.layers import base_layer, layer_kind
+from fisher_core.write.peft import _read, is_at_init
+from fisher_core.write.record import get_record
+
+logger = logging.getLogger("fisher_core")
+
+
+def trained_layers(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str) -> list[str]:
+    """Names of the layers whose adapter `adapter_name` is no longer at its initial value (merged ones too)."""
+    record = get_record(peft_model, adapter_name)
+    return [
+        name
+        for name, module in layers.items()
+        if adapter_name in getattr(module, "merged_adapters", ())
+        or not _read(module, is_at_init, module, adapter_name, record, name)
+    ]
+
+
+def refuse_trained(trained: list[str], adapter_name: str) -> None:
+    """The refusal for a trained adapter without `force` (nothing has been touched yet)."""
+    if trained:
+        raise RuntimeError(
+            f"adapter {adapter_name!r} is no longer at its initial value (e.g. {trained[0]!r}): it looks trained. "
+            "Re-initializing would discard that training; pass force=True to fold it into the base and re-initialize "
+            "from the model as it is now"
+        )
+
+
+def check_ranks(layers: dict[str, nn.Module], adapter_name: str) -> None:
+    """Refuse a LoRA rank that exceeds `min(out, in)` of its layer."""
+    for name, module in layers.items():
+        r = getattr(module, "r", {}).get(adapter_name)
+        limit = min(layer_kind(module).shape(base_layer(module)))
+        if r is not None and r > limit:
+            raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
+
+
+def layer_policies(
+    peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig
+) -> dict[str, str]:
+    """The step-0 policy of every layer: `config.policy`, or `zero` where writing the base would change what
+    another module or adapter computes (module docstring)."""
+    if config.policy != "preserve":
+        return dict.fromkeys(layers, config.policy)
+    uses = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
+    reasons: dict[str, str] = {}
+    for name, module in layers.items():
+        weight = getattr(base_layer(module), "weight", None)
+        others = sorted(a for a in getattr(module, "lora_A", {}) if a != adapter_name)
+        if weight is not None and uses[id(weight)] > 1:
+            reasons[name] = "its weight is tied to another module (e.g. the input embedding)"
+        elif others:
+            reasons[name] = f"its base is shared with adapter(s) {', '.join(others)}"
+    if reasons and "policy" in config.model_fields_set:
+        name, why = next(iter(reasons.items()))
+        raise ValueError(
+            f"policy 'preserve' would change layer {name!r}'s base, and {why}; use policy='zero' or leave the policy "
+            "unset (such layers then get 'zero')"
+        )
+    for name, why in reasons.items():
+        logger.warning("fisher-lora: layer %r gets policy 'zero': %s, which 'preserve' would change", name, why)
+    return {name: "zero" if name in reasons else config.policy for name in layers}
