@@ -100,7 +100,7 @@ def initialize(
         trained = trained_layers(peft_model, layers, adapter_name)
         if not config.force:
             refuse_trained(trained, adapter_name)
-        check_ranks(layers, adapter_name)
+        check_ranks(layers, adapter_name, config)
         policies = layer_policies(peft_model, layers, adapter_name, config)
     if trained and any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold

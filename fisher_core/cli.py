@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
+import tempfile
 import typing
 import warnings
 from collections.abc import Sequence
@@ -148,16 +151,24 @@ def run_export(args: argparse.Namespace) -> int:
 
     base = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
     model = PeftModel.from_pretrained(base, args.adapter)
-    restore_offsets(model, record)
+    try:
+        restore_offsets(model, record)
+    except KeyError as e:
+        raise UsageError(
+            f"--adapter {args.adapter}: its record names {e.args[0].split('layer ')[-1]}; the record and the adapter "
+            "come from different runs (or target sets): pass the record saved with this adapter"
+        ) from None
     export_adapter(model, args.out, overwrite=args.overwrite)
     print(f"fisher-lora: wrote {args.out}, an adapter for the original base {args.model} (plain PEFT loads it)")
     return 0
 
 
 def run_init(args: argparse.Namespace) -> int:
-    """Validate everything cheap first (flags, paths, data), then load, initialize and write."""
+    """Validate everything cheap first (flags, paths, data), then load, initialize and write. Everything is
+    written into a temporary sibling of `--out` and moved into place only when complete: a failed or
+    interrupted run leaves `--out` as it was."""
     config = fisher_config(args)
-    _check_init_inputs(args)
+    _check_init_inputs(args, config)
     _configure_output(args.quiet)
     from fisher_core.data import DataError, load_batches
 
@@ -170,20 +181,22 @@ def run_init(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UsageError(str(e)) from e
     peft_model = _peft_model(args)
-    user_cache = Path(config.cache_path).resolve() != (args.out / STATS_FILE).resolve()
-    if args.overwrite:  # the default statistics file goes too: it is not checked against the data
-        _clear_outputs(args.out, keep=Path(config.cache_path) if user_cache else None)
     from fisher_core import initialize
 
+    staging = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}.tmp-"))
     try:
-        report = initialize(peft_model, batches, config=config)
-    except BaseException as e:
-        if not user_cache:  # a failed run leaves no output behind
-            (args.out / STATS_FILE).unlink(missing_ok=True)
-        if isinstance(e, (ValueError, KeyError)):  # a rank, budget or cache that does not fit this model
+        if Path(config.cache_path).resolve() == (args.out / STATS_FILE).resolve():  # a fresh run's own statistics
+            config = config.model_copy(update={"cache_path": staging / STATS_FILE})
+        try:
+            report = initialize(peft_model, batches, config=config)
+        except (ValueError, KeyError) as e:  # a rank, budget or cache that does not fit this model
             raise UsageError(str(e)) from e
-        raise
-    _write_init_outputs(args, config, peft_model, tokenizer, report)
+        base_dir = _train_on(args, peft_model)
+        _write_init_outputs(args, staging, base_dir, config, peft_model, tokenizer, report)
+        _move_into_place(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _say_where_to_train(args, config, base_dir)
     return 0
 
 
@@ -199,7 +212,10 @@ def fisher_config(args: argparse.Namespace) -> FisherConfig:
             values[key[4:]] = value
             source[key[4:]] = _flag(key[4:])
     values["progress"] = not args.quiet
-    values.setdefault("cache_path", args.out / STATS_FILE)
+    if values.get("cache_path") in (None, ""):  # unset, `cache_path: null` in YAML, or an empty flag
+        if values.get("cache_path") == "":
+            raise UsageError(f"{source.get('cache_path', '--cache-path')}: empty; pass a file path or leave it unset")
+        values["cache_path"] = args.out / STATS_FILE
     try:
         return FisherConfig(**values)
     except ValidationError as e:
@@ -228,7 +244,7 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_init_inputs(args: argparse.Namespace) -> None:
+def _check_init_inputs(args: argparse.Namespace, config: FisherConfig) -> None:
     if not (args.model / "config.json").is_file():
         raise UsageError(f"--model {args.model}: no config.json there; pass a local model directory")
     if not args.data.is_file():
@@ -240,8 +256,20 @@ def _check_init_inputs(args: argparse.Namespace) -> None:
         raise UsageError(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a directory")
+    for flag, path in (("--out", args.out), ("cache_path", Path(config.cache_path).parent)):
+        _check_writable_dir(flag, path)
     if not args.overwrite and any((args.out / f).exists() for f in (*OUTPUTS[:2], STATS_FILE, RESIDUAL_DIR)):
         raise UsageError(f"--out {args.out} already holds fisher-lora output; pass --overwrite or another --out")
+
+
+def _check_writable_dir(flag: str, path: Path) -> None:
+    """Create `path` (and its parents) now, so a path under a regular file fails before the statistics pass."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create this directory ({e.strerror}); choose another path") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable; choose another path")
 
 
 def _configure_output(quiet: bool) -> None:
@@ -286,35 +314,57 @@ def _peft_model(args: argparse.Namespace) -> Any:
         raise UsageError(f"--targets {args.targets}: {e}") from e
 
 
-def _clear_outputs(out: Path, keep: Path | None) -> None:
-    """Remove what an earlier init wrote in `out`, except the file `keep`."""
-    for name in (*OUTPUTS, RECORD_FILE):
-        path = out / name
-        if path.exists() and (keep is None or path.resolve() != keep.resolve()):
-            path.unlink()
-    shutil.rmtree(out / RESIDUAL_DIR, ignore_errors=True)
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace fisher-lora's outputs in `out` with the complete set in `staging` (other files in `out` stay).
+    The old outputs are set aside first and deleted only once every new one is in place; SIGINT waits."""
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        for name in (*OUTPUTS, RECORD_FILE, RESIDUAL_DIR):
+            if (out / name).exists():
+                os.replace(out / name, old / name)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    except BaseException:
+        for item in old.iterdir():  # put the previous outputs back
+            os.replace(item, out / item.name)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _write_init_outputs(
-    args: argparse.Namespace, config: FisherConfig, peft_model: Any, tokenizer: Any, report: InitReport
+    args: argparse.Namespace,
+    staging: Path,
+    base_dir: Path,
+    config: FisherConfig,
+    peft_model: Any,
+    tokenizer: Any,
+    report: InitReport,
 ) -> None:
-    """The adapter (its config naming the base to train on), the residual base if the base changed,
-    the init record, the statistics and `report.json`; then say on stdout which base to train on."""
+    """Into `staging`: the adapter (its config naming the base to train on, as it will be under `--out`), the
+    residual base if the base changed, the init record, the statistics and `report.json`."""
     from fisher_core.io import atomic_write_text
     from fisher_core.write import get_record, save_record
 
-    out = args.out
     record = get_record(peft_model, "default")
     residual = record is not None and record.changes_base
-    base_dir = (out / RESIDUAL_DIR if residual else args.model).resolve()
     peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    peft_model.save_pretrained(out, save_embedding_layers=False)
+    peft_model.save_pretrained(staging, save_embedding_layers=False)
     if residual:
-        save_record(record, out)
+        save_record(record, staging)
         base = peft_model.unload()
-        base.save_pretrained(out / RESIDUAL_DIR)
-        tokenizer.save_pretrained(out / RESIDUAL_DIR)
-    stats_path = out / STATS_FILE
+        base.save_pretrained(staging / RESIDUAL_DIR)
+        tokenizer.save_pretrained(staging / RESIDUAL_DIR)
+    stats_path = staging / STATS_FILE
     if Path(config.cache_path).resolve() != stats_path.resolve():
         shutil.copyfile(config.cache_path, stats_path)
     info = {
@@ -325,10 +375,22 @@ def _write_init_outputs(
         "lora": {"r": args.rank, "lora_alpha": peft_model.peft_config["default"].lora_alpha, "targets": args.targets},
         "config": json.loads(config.model_dump_json(exclude={"progress", "cache_path"})),
     }
-    atomic_write_text(out / REPORT_FILE, json.dumps({**report.to_json(), "init": info}, indent=2))
+    atomic_write_text(staging / REPORT_FILE, json.dumps({**report.to_json(), "init": info}, indent=2))
+
+
+def _train_on(args: argparse.Namespace, peft_model: Any) -> Path:
+    """The base to train the adapter on: the residual base under `--out` if the base changed, else `--model`."""
+    from fisher_core.write import get_record
+
+    record = get_record(peft_model, "default")
+    return (args.out / RESIDUAL_DIR if record is not None and record.changes_base else args.model).resolve()
+
+
+def _say_where_to_train(args: argparse.Namespace, config: FisherConfig, base_dir: Path) -> None:
+    out = args.out
     files = f"adapter_config.json, adapter_model.safetensors, {STATS_FILE}, {REPORT_FILE}"
     print(f"fisher-lora: wrote adapter {out} ({files})")
-    if residual:
+    if base_dir != args.model.resolve():
         print(
             f"fisher-lora: policy 'preserve' moved s·B·A out of the base weights: train on the residual base "
             f"{base_dir}, not on {args.model} (the adapter alone on the original base would be wrong)"

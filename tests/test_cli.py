@@ -228,3 +228,68 @@ def test_preserve_output_exports_a_trained_adapter_for_the_original_base(preserv
     assert again.returncode == 2 and "--overwrite" in again.stderr
     no_record = fisher_lora("export", *args, "--overwrite")  # the trained dir alone carries no record
     assert no_record.returncode == 2 and "fisher_init.safetensors: no such file" in no_record.stderr
+
+
+def test_overwrite_keeps_the_previous_output_when_the_new_run_fails(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", out, *COMMON]
+    assert fisher_lora("init", *args).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    done = fisher_lora("init", *args, "--overwrite", "--rank-budget", "1")  # refused once the model is loaded
+    assert done.returncode == 2, done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / "residual_base" / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left behind
+
+
+def test_sigint_during_init_leaves_no_half_written_output_and_a_rerun_works(tiny_llama_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = ["init", "--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", out, *COMMON]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fisher_core", *map(str, args)], env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None:  # interrupt once it has begun to write
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert not (out / "adapter_config.json").exists() or (out / "report.json").exists()  # all or nothing
+    assert not list(tmp_path.glob(".out.*"))
+    assert fisher_lora(*args, "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "yaml", "expected"),
+    [
+        ([], "cache_path: null\n", None),  # null means the default
+        (["--cache-path", ""], None, "--cache-path: empty"),
+        (["--cache-path", "FILE/stats.safetensors"], None, "cache_path"),
+    ],
+)
+def test_cache_path_edge_cases_are_one_line_before_the_pass(tiny_llama_dir, tmp_path, extra, yaml, expected):
+    (tmp_path / "FILE").write_text("a regular file")
+    extra = [e.replace("FILE", str(tmp_path / "FILE")) for e in extra]
+    if yaml is not None:
+        (tmp_path / "f.yaml").write_text(yaml)
+        extra += ["--config", tmp_path / "f.yaml"]
+    done = fisher_lora(
+        "init", "--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", tmp_path / "o", *COMMON, *extra
+    )
+    if expected is None:
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert expected in line
+
+
+def test_out_under_a_regular_file_is_refused_before_the_pass(tiny_llama_dir, tmp_path):
+    (tmp_path / "FILE").write_text("a regular file")
+    done = fisher_lora(
+        "init", "--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", tmp_path / "FILE" / "o", *COMMON
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "--out" in line and "cannot create" in line

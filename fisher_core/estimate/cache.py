@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -51,13 +51,20 @@ def fingerprint(modules: Mapping[str, nn.Module]) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(batch: Mapping[str, object] | None) -> str:
-    """sha256 over the first batch's tensors: a cache computed on other data is refused."""
+def data_fingerprint(batches: Sequence[Mapping[str, object]], *objective: Callable | None) -> str:
+    """sha256 over every batch's tensors and the objective's functions (`loss_fn`, `logits_fn`: their
+    qualified names and code): a cache computed on other data or another objective is refused."""
     h = hashlib.sha256()
-    for key, value in sorted((batch or {}).items()):
-        if isinstance(value, torch.Tensor):
-            h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
-            h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for batch in batches:
+        for key, value in sorted(batch.items()) if isinstance(batch, Mapping) else ():
+            if isinstance(value, torch.Tensor):
+                h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+                h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for fn in objective:
+        code = getattr(fn, "__code__", None)
+        h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}".encode())
+        if code is not None:
+            h.update(code.co_code + repr(code.co_consts).encode())
     return h.hexdigest()
 
 

@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from itertools import chain, islice
+from itertools import islice
 
 import torch
 from torch import Tensor, nn
@@ -72,10 +72,9 @@ def estimate(
     if config.cache_path is not None:
         from fisher_core.estimate.cache import data_fingerprint, fingerprint, load_matching
 
-        batches = iter(batches)
-        first = next(batches, None)
-        batches = chain([first], batches) if first is not None else batches
-        data = global_fingerprint(data_fingerprint(first))  # the same on every process
+        read = list(islice(batches, config.num_batches))  # every batch the pass may read is fingerprinted
+        batches = read
+        data = global_fingerprint(data_fingerprint(read, loss_fn, logits_fn))  # the same on every process
         with whole_parameters(model):  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
             weights = fingerprint(modules)
         cached = load_matching(config.cache_path, modules, config, data, weights)
@@ -318,6 +317,11 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"batches must be dicts for model(**batch) (input_ids, attention_mask, labels, …), got a "
+            f"{type(batch).__name__}; make the dataloader's collate_fn return a dict"
+        )
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 

@@ -3,7 +3,8 @@
 - `trained_layers`: layers whose adapter is no longer at its initial value (PEFT's zero `B`, or what
   fisher-lora wrote). Without `force` that is refused here; with `force` the statistics are taken on the
   model as it sits (the trained adapter on), since that is where the new adapter starts.
-- `check_ranks`: a LoRA rank above `min(out, in)` of its layer cannot be filled.
+- `check_ranks`: a LoRA rank above `min(out, in)` of its layer cannot be filled, nor a `rank_budget` below
+  one rank per layer.
 - `layer_policies`: `preserve` writes `W − s·B·A` into the base weight, which is wrong wherever that
   weight is read by something else: a weight tied to another module (`lm_head` ↔ `embed_tokens` in tied
   Llama-3.2 / Qwen2.5 / Gemma) or a base shared by other adapters of the layer. Those layers get `zero`
@@ -46,8 +47,13 @@ def refuse_trained(trained: list[str], adapter_name: str) -> None:
         )
 
 
-def check_ranks(layers: dict[str, nn.Module], adapter_name: str) -> None:
-    """Refuse a LoRA rank that exceeds `min(out, in)` of its layer."""
+def check_ranks(layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig) -> None:
+    """Refuse a LoRA rank that exceeds `min(out, in)` of its layer, and a `rank_budget` below one per layer."""
+    if config.rank_budget is not None and config.rank_budget < len(layers):
+        raise ValueError(
+            f"rank_budget={config.rank_budget} is smaller than the number of adapted layers ({len(layers)}); "
+            f"every layer needs rank ≥ 1, so set rank_budget ≥ {len(layers)}"
+        )
     for name, module in layers.items():
         r = getattr(module, "r", {}).get(adapter_name)
         limit = min(layer_kind(module).shape(base_layer(module)))

@@ -87,3 +87,33 @@ def test_cache_from_other_data_is_refused(tmp_path):
     other[0]["input_ids"] = other[0]["input_ids"].flip(1)
     with pytest.raises(CacheMismatchError, match="data"):
         estimate(tiny_llama(), other, target_modules=LAYERS, config=cfg)
+
+
+def _two_batches(later_seed: int) -> list[dict]:
+    first = _batches()[0]
+    ids = torch.randint(3, 384, (4, 10), generator=torch.Generator().manual_seed(later_seed))
+    return [first, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+
+
+def test_cache_sees_every_batch_not_only_the_first(tmp_path):
+    cfg = FisherConfig(progress=False, num_batches=2, stop_tol=None, cache_path=tmp_path / "stats.safetensors")
+    estimate(tiny_llama(), _two_batches(1), target_modules=LAYERS, config=cfg)
+    with pytest.raises(CacheMismatchError, match="data"):
+        estimate(tiny_llama(), _two_batches(2), target_modules=LAYERS, config=cfg)
+
+
+def test_cache_from_another_loss_fn_is_refused(tmp_path):
+    cfg = FisherConfig(progress=False, num_batches=1, cache_path=tmp_path / "stats.safetensors")
+    estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg)
+
+    def half_loss(model, batch):
+        return 0.5 * model(**batch).loss * batch["input_ids"].numel()
+
+    with pytest.raises(CacheMismatchError, match="data"):
+        estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg, loss_fn=half_loss)
+
+
+def test_tuple_batches_are_refused_with_what_to_change():
+    ids = _batches()[0]["input_ids"]
+    with pytest.raises(TypeError, match=r"batches must be dicts for model\(\*\*batch\)"):
+        estimate(tiny_llama(), [(ids, ids)], target_modules=LAYERS, config=FisherConfig(progress=False, num_batches=1))
