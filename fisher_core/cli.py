@@ -232,6 +232,12 @@ def fisher_config(args: argparse.Namespace) -> FisherConfig:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401 — the report's only optional dependency
+    except ImportError:
+        raise UsageError(
+            "the report draws with matplotlib, which is not installed: pip install 'fisher-lora[report]'"
+        ) from None
     from fisher_core.report import ReportError, write_report
 
     if args.top < 1:

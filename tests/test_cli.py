@@ -293,3 +293,25 @@ def test_out_under_a_regular_file_is_refused_before_the_pass(tiny_llama_dir, tmp
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "--out" in line and "cannot create" in line
+
+
+def test_report_without_matplotlib_exits_2_naming_the_extra(zero_dir, tmp_path):
+    blocker = tmp_path / "block"
+    blocker.mkdir()  # a site hook that makes `import matplotlib` fail, as on an install without the extra
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'matplotlib' or name.startswith('matplotlib.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Hide())\n"
+    )
+    env = {**ENV, "PYTHONPATH": f"{blocker}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    out, _ = zero_dir
+    done = subprocess.run(
+        [sys.executable, "-m", "fisher_core", "report", str(out), "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = [x for x in done.stderr.strip().splitlines() if "fisher-lora" in x]
+    assert "pip install 'fisher-lora[report]'" in line

@@ -108,6 +108,16 @@ class FisherLoRAPlugin(BasePlugin):
         if not enabled(cfg):
             return
         check_objective(trainer)
+        if (
+            trainer.train_dataset is not None
+            and hasattr(trainer.train_dataset, "__len__")
+            and not len(trainer.train_dataset)
+        ):
+            raise ValueError(
+                "fisher-lora: the training set is empty after Axolotl's preprocessing (rows longer than "
+                f"sequence_len={cfg.get('sequence_len')} are dropped, and so are rows without a trainable token); "
+                "raise sequence_len or check the dataset's fields"
+            )
         model = trainer.model
         self.model, self.is_main_process = model, trainer.accelerator.is_main_process
         trainer.add_callback(RecordInCheckpoints(lambda: model))
