@@ -137,18 +137,22 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 
 def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """The other seeds at each method's best lr and at 0.5×/1×/2× default LoRA's best lr (once the grid is done;
-    seed 0 ran those lrs in the bracketed grid, and only seed 0's runs choose an lr)."""
-    todo: set[RunKey] = set()
+    """The other seeds at each method's own best lr, then (the lr-robustness table) at 0.5×/1×/2× default
+    LoRA's best lr for the `robust` methods. Seed 0 ran those lrs in the bracketed grid; only seed 0's runs
+    choose an lr. Own-lr runs come first: a protocol cut short still has the main table."""
     seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
+    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    own: list[RunKey] = []
+    robust: list[RunKey] = []
     for task in preset.tasks:
         lora = best_lr(seed0, task, "lora")
         for method in preset.methods:
-            own = best_lr(seed0, task, method)
-            lrs = {own} | ({lora / 2, lora, lora * 2} if lora and method in preset.robust else set())
-            todo |= {RunKey(task, method, lr, s) for lr in lrs if lr for s in preset.seeds[1:]}
-    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
-    return sorted(todo - done)
+            best = best_lr(seed0, task, method)
+            own += [RunKey(task, method, best, s) for s in preset.seeds[1:] if best]
+            if lora and method in preset.robust:
+                robust += [RunKey(task, method, lr, s) for lr in (lora / 2, lora, lora * 2) for s in preset.seeds[1:]]
+    ordered = dict.fromkeys(own + robust)  # first occurrence wins, order kept
+    return [key for key in ordered if key not in done]
 
 
 def plan(preset: Preset, records: list[dict]) -> list[RunKey]:
