@@ -8,6 +8,9 @@ merges the per-layer numbers into `report.json`:
 - Fisher mass per layer: the trace of the K-FAC Fisher, `tr(S_A ⊗ S_G) = tr(S_A)·tr(S_G)`.
 - eigen-spectra of `S_A` and `S_G` for the layers with the most mass, as fractions of the trace.
 - chosen rank and captured Fisher fraction per layer (from the init report).
+
+Up to `HEATMAP_ABOVE` layers the per-layer panels are bars in model order; above it (a 7B–70B model adapted
+on all linear layers has 224–560) they become block × module heatmaps, which stay readable at any depth.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
 SPECTRUM_KEEP = 512  # eigenvalues per factor kept in report.json
 FIG_INCHES, DPI = (14.0, 13.0), 100
+HEATMAP_ABOVE = 48  # layers; more are drawn as block × module heatmaps
 
 
 class ReportError(ValueError):
@@ -128,22 +132,33 @@ def plot(summary: dict[str, Any], path: Path, *, title: str, configured_rank: in
         "captured": fig.add_subplot(grid[2, 1]),
     }
 
+    grid_of = _block_grid(names) if len(names) > HEATMAP_ABOVE else None
     ax = axes["mass"]
-    ax.bar(x, [max(layers[n]["fisher_mass"], 1e-30) for n in names], color=bar_colours)
-    ax.set_yscale("log")
-    ax.set_title("Fisher mass per layer: tr(S_A)·tr(S_G), the trace of the K-FAC Fisher")
-    ax.set_ylabel("Fisher mass (log scale)")
-    _layer_axis(ax, names)
-    ax.legend(
-        handles=[plt.Rectangle((0, 0), 1, 1, color=colour[k]) for k in kinds], labels=kinds, title="module",
-        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9,
-    )  # fmt: skip
+    mass_title = "Fisher mass per layer: tr(S_A)·tr(S_G), the trace of the K-FAC Fisher"
+    if grid_of is not None:
+        shares = {n: max(layers[n]["mass_share"], 1e-12) for n in names}
+        _heatmap(fig, ax, grid_of, shares, mass_title + " (share of the total)", "share of Fisher mass", log=True)
+    else:
+        _mass_bars(ax, x, names, layers, bar_colours, mass_title)
+        ax.legend(
+            handles=[plt.Rectangle((0, 0), 1, 1, color=colour[k]) for k in kinds], labels=kinds, title="module",
+            loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9,
+        )  # fmt: skip
 
     top = summary["totals"]["top_layers"]
     _spectra(axes["spectrum_S_A"], layers, top, "eig_S_A", summary["groups"], "S_A (layer inputs)")
     _spectra(axes["spectrum_S_G"], layers, top, "eig_S_G", None, "S_G (output gradients)")
 
-    if all("rank" in layers[n] for n in names):
+    if all("rank" in layers[n] for n in names) and grid_of is not None:
+        ranks = {n: layers[n]["rank"] for n in names}
+        captured = {n: layers[n]["captured"] for n in names}
+        mean = sum(captured.values()) / len(captured)
+        _heatmap(fig, axes["ranks"], grid_of, ranks, f"chosen LoRA rank (total {sum(ranks.values())})", "rank r")
+        _heatmap(
+            fig, axes["captured"], grid_of, captured, f"captured Fisher fraction, mean {mean:.0%}", "captured",
+            vmin=0.0, vmax=1.0,
+        )  # fmt: skip
+    elif all("rank" in layers[n] for n in names):
         ax = axes["ranks"]
         ranks = [layers[n]["rank"] for n in names]
         ax.bar(x, ranks, color=bar_colours)
@@ -186,7 +201,53 @@ def plot(summary: dict[str, Any], path: Path, *, title: str, configured_rank: in
             math.ceil(height - box.y0),
         ]
     plt.close(fig)
-    return {"size": [width, height], "panels": panels}
+    return {"size": [width, height], "panels": panels, "layout": "heatmap" if grid_of is not None else "bars"}
+
+
+def _mass_bars(ax, x: list[int], names: list[str], layers: dict, colours: list, title: str) -> None:
+    ax.bar(x, [max(layers[n]["fisher_mass"], 1e-30) for n in names], color=colours)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_ylabel("Fisher mass (log scale)")
+    _layer_axis(ax, names)
+
+
+def _block_grid(names: list[str]) -> tuple[list[int], list[str], dict[str, tuple[int, int]]] | None:
+    """(blocks, modules in first-seen order, name → (row, column)) when every name has a block index;
+    None when the names do not form such a grid (then bars are drawn)."""
+    cells: dict[str, tuple[int, str]] = {}
+    for name in names:
+        numbers = re.findall(r"\.(\d+)\.", f".{name}.")
+        if not numbers:
+            return None
+        cells[name] = (int(numbers[-1]), _kind(name))
+    blocks = sorted({b for b, _ in cells.values()})
+    kinds = list(dict.fromkeys(k for _, k in cells.values()))
+    row, col = {b: i for i, b in enumerate(blocks)}, {k: j for j, k in enumerate(kinds)}
+    return blocks, kinds, {n: (row[b], col[k]) for n, (b, k) in cells.items()}
+
+
+def _heatmap(
+    fig, ax, grid_of: tuple, values: dict[str, float], title: str, label: str, *, log: bool = False,
+    vmin: float | None = None, vmax: float | None = None,
+) -> None:  # fmt: skip
+    """`values` on a module (x) × block (y) grid; cells with no adapted layer stay blank."""
+    import matplotlib.colors as mcolors
+
+    blocks, kinds, where = grid_of
+    data = torch.full((len(blocks), len(kinds)), float("nan"))
+    for name, (i, j) in where.items():
+        data[i, j] = values[name]
+    norm = mcolors.LogNorm(vmin=vmin, vmax=vmax) if log else mcolors.Normalize(vmin=vmin, vmax=vmax)
+    image = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=label, fraction=0.05)
+    ax.set_xticks(range(len(kinds)))
+    ax.set_xticklabels(kinds, rotation=45, ha="right", fontsize=9)
+    step = max(1, math.ceil(len(blocks) / 16))
+    ax.set_yticks(range(0, len(blocks), step))
+    ax.set_yticklabels([str(b) for b in blocks[::step]], fontsize=8)
+    ax.set_ylabel("block")
+    ax.set_title(title)
 
 
 def _spectra(ax, layers: dict, top: list[str], key: str, groups: dict[str, str] | None, what: str) -> None:

@@ -98,3 +98,48 @@ def test_report_keeps_init_fields_and_draws_many_layers(tmp_path):
 def test_missing_statistics_are_named(tmp_path):
     with pytest.raises(ReportError, match=r"fisher_stats\.safetensors: no such file"):
         write_report(tmp_path)
+
+
+def _llama3_8b_summary() -> dict:
+    """A report summary at Llama-3-8B's layout (32 blocks × 7 projections = 224 layers), numbers synthesized
+    with the right shapes: Fisher mass growing with depth and largest in down_proj, spectra of width 4096/14336."""
+    from fisher_core.report import summarize  # noqa: F401 — the summary has summarize's keys
+
+    g = torch.Generator().manual_seed(0)
+    modules = {"q_proj": 4096, "k_proj": 4096, "v_proj": 4096, "o_proj": 4096, "gate_proj": 4096,
+               "up_proj": 4096, "down_proj": 14336}  # fmt: skip
+    layers, groups = {}, {}
+    for block in range(32):
+        for i, (module, width) in enumerate(modules.items()):
+            name = f"model.layers.{block}.{'self_attn' if i < 4 else 'mlp'}.{module}"
+            mass = float((1 + block) ** 1.5 * (3.0 if module == "down_proj" else 1.0) * torch.rand(1, generator=g) + 1)
+            layers[name] = {"fisher_mass": mass, "trace_S_A": 1.0, "trace_S_G": mass, "rank": int(8 + block % 9),
+                            "captured": float(torch.rand(1, generator=g)), "width": width}  # fmt: skip
+            groups[name] = f"model.layers.{block}.{'attn_in' if module in ('q_proj', 'k_proj', 'v_proj') else name}"
+    total = sum(v["fisher_mass"] for v in layers.values())
+    for v in layers.values():
+        v["mass_share"] = v["fisher_mass"] / total
+    top = sorted(layers, key=lambda n: -layers[n]["fisher_mass"])[:4]
+    for name in top:
+        w = layers[name].pop("width")
+        eig = torch.sort(torch.rand(512, generator=g) ** 4, descending=True).values * w
+        layers[name]["eig_S_A"] = eig.tolist()
+        layers[name]["eig_S_G"] = (eig * layers[name]["fisher_mass"]).tolist()
+        layers[name]["trace_S_A"], layers[name]["trace_S_G"] = float(eig.sum()) * 2, float(eig.sum()) * 2
+    for v in layers.values():
+        v.pop("width", None)
+    totals = {"num_layers": len(layers), "num_tokens": 65536, "top_layers": top}
+    return {"layers": layers, "totals": totals, "groups": groups}
+
+
+def test_report_at_llama3_8b_size_draws_block_by_module_heatmaps(tmp_path):
+    from fisher_core.report import plot
+
+    summary = _llama3_8b_summary()
+    figure = plot(summary, tmp_path / "report.png", title="Llama-3-8B layout, 224 layers", configured_rank=16)
+    assert figure["layout"] == "heatmap" and len(summary["layers"]) == 224
+    image = Image.open(tmp_path / "report.png").convert("L")
+    assert list(image.size) == figure["size"]
+    for name, (x0, y0, x1, y1) in figure["panels"].items():
+        pixels = torch.tensor(list(image.crop((x0, y0, x1, y1)).getdata()), dtype=torch.float32)
+        assert pixels.std() > 20, f"panel {name} looks empty"  # a drawn heatmap or spectrum, not a blank box
