@@ -279,3 +279,32 @@ def test_zero_adapters_are_bypassed_exactly_and_a_trained_one_is_not():
     assert lora_a_calls and _rel(trained[LAYERS[0]].grad_cov, plain[LAYERS[0]].grad_cov) > 1e-3  # upstream sees it
     for h in handles:
         h.remove()
+
+
+def _summed_token_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Σ over supervised next-token positions of the cross-entropy (plain torch, not fisher-lora's objective)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_mean_gradient_equals_plain_autograd_weight_gradient(checkpointing):
+    """Ḡ·N = ∂L/∂W from plain autograd with W trainable (L the summed token loss; padding, -100 prompt labels):
+    the statistic the default selector reads, against an oracle that shares no code with the hooks."""
+    batches = _batches()
+    model = tiny_llama(layers=2).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stats = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches))
+    oracle = tiny_llama(layers=2).train()
+    modules = dict(oracle.named_modules())
+    for p in oracle.parameters():
+        p.requires_grad_(False)
+    for name in LAYERS:
+        modules[name].weight.requires_grad_(True)
+    for batch in batches:
+        _summed_token_loss(oracle, batch).backward()
+    for name in LAYERS:
+        n = stats[name].num_tokens
+        assert n == sum(int(b["attention_mask"].sum()) for b in batches)
+        assert _rel(stats[name].mean_grad * n, modules[name].weight.grad) < 1e-5, name
