@@ -315,3 +315,17 @@ def test_report_without_matplotlib_exits_2_naming_the_extra(zero_dir, tmp_path):
     assert done.returncode == 2, done.stderr
     (line,) = [x for x in done.stderr.strip().splitlines() if "fisher-lora" in x]
     assert "pip install 'fisher-lora[report]'" in line
+
+
+def test_export_with_a_record_from_another_target_set_exits_2(preserve_dir, tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    out, _ = preserve_dir
+    other = get_peft_model(load_model(tiny_llama_dir), LoraConfig(r=2, lora_alpha=2, target_modules=["o_proj"]))
+    other.save_pretrained(tmp_path / "other")  # an adapter on o_proj; the record names q/v layers
+    done = fisher_lora("export", "--model", tiny_llama_dir, "--adapter", tmp_path / "other", "--record", out,
+                       "--out", tmp_path / "shipped")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = [x for x in done.stderr.strip().splitlines() if x.startswith("fisher-lora export: error")]
+    assert "different runs (or target sets)" in line
+    assert not (tmp_path / "shipped").exists()
