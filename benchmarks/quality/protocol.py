@@ -9,7 +9,9 @@ AdamW with warm-up and linear decay, the same 16 calibration batches for every d
 1. `grid`   seed 0 at every lr of `lr_grid`; a method whose best lr sits at an edge of what it ran gets
             the next lr beyond it (×2 or ×½), until its best lr is bracketed;
 2. `seeds`  the remaining seeds at each method's own best lr, and at 0.5×, 1× and 2× default LoRA's
-            best lr (the lr-robustness table: the lr a user copies from a LoRA recipe).
+            best lr (the lr-robustness table: the lr a user copies from a LoRA recipe);
+3. `ablate` each Fisher variant of `VARIANTS` (whitening off, calibration size, true Fisher, another
+            selector) on every seed at the default's own best lr: which ingredient carries the result.
 A run's quality is read at its best validation checkpoint (validation-based stopping, the test split is
 never used to choose) and at the end; the curve gives 10/25/50/75/100 % of the steps.
 
@@ -35,6 +37,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# Fisher variants by method name: `FisherConfig` fields over the library default (and calibration batches).
+# `fisher-zero` keeps the default's A directions at default LoRA's scale (B = 0): subspace without scale.
+# The others are the ablation (`ablations` of a preset), run at the default's own best lr on every seed.
+VARIANTS: dict[str, dict] = {
+    "fisher": {},
+    "fisher-zero": {"policy": "zero"},
+    "fisher-nowhiten": {"damping": 1e6},  # S + λ·mean(diag S)·I with λ huge: no whitening (LoRA-GA-like directions)
+    "fisher-all16": {"stop_tol": None},  # every calibration batch, no early stop
+    "fisher-c4": {"stop_tol": None, "num_batches": 4},
+    "fisher-true": {"fisher_type": "true"},
+    "fisher-subspace": {"selector": "subspace"},
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,9 @@ class Preset:
     calibration: int = 16
     sizes: tuple[int, int, int] = (200, 40, 64)  # rows per label: train, validation, test
     robust: tuple[str, ...] = ("lora", "fisher", "fisher-zero")  # seeded at 0.5×/1×/2× LoRA's best lr
+    extend: int = 3  # how many halvings/doublings beyond the grid's edges a best lr at an edge may add
     eval_at: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
+    ablations: tuple[str, ...] = ("fisher-nowhiten", "fisher-all16", "fisher-c4", "fisher-true", "fisher-subspace")
 
 
 PRESETS = {
@@ -82,6 +98,8 @@ PRESETS = {
         calibration=1,
         sizes=(8, 4, 4),
         eval_at=(0.5, 1.0),
+        ablations=("fisher-nowhiten",),
+        extend=0,
     ),
 }
 
@@ -129,9 +147,9 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
                 todo += [RunKey(task, method, lr, seed) for lr in missing]
                 continue
             best = best_lr([r for r in records if r["seed"] == seed], task, method)
-            if best == ran[0] and best / 2 >= preset.lr_grid[0] / 8:
+            if best == ran[0] and best / 2 >= preset.lr_grid[0] / 2**preset.extend:
                 todo.append(RunKey(task, method, best / 2, seed))
-            elif best == ran[-1] and best * 2 <= preset.lr_grid[-1] * 8:
+            elif best == ran[-1] and best * 2 <= preset.lr_grid[-1] * 2**preset.extend:
                 todo.append(RunKey(task, method, best * 2, seed))
     return todo
 
@@ -155,16 +173,28 @@ def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     return [key for key in ordered if key not in done]
 
 
+def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
+    """Every ablation variant on every seed at the default's (`fisher`) own best lr on each task."""
+    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
+    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    todo = []
+    for task in preset.tasks:
+        lr = best_lr(seed0, task, "fisher")
+        todo += [RunKey(task, v, lr, s) for v in preset.ablations for s in preset.seeds if lr]
+    return [key for key in todo if key not in done]
+
+
 def plan(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """What to run next: the grid until it is bracketed everywhere, then the seeds."""
-    return grid_runs(preset, records) or seed_runs(preset, records)
+    """What to run next: the grid until it is bracketed everywhere, then the seeds, then the ablation."""
+    return grid_runs(preset, records) or seed_runs(preset, records) or ablation_runs(preset, records)
 
 
 # ---------------------------------------------------------------- running
 
 
-def results_path(preset_name: str) -> Path:
-    return RESULTS / preset_name / "protocol.jsonl"
+def results_path(preset_name: str, out: Path | None = None) -> Path:
+    """`out/protocol.jsonl`; by default `results/<preset>/protocol.jsonl` beside this module."""
+    return (out or RESULTS / preset_name) / "protocol.jsonl"
 
 
 def load(path: Path) -> list[dict]:
@@ -235,10 +265,11 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     from fisher_core import FisherConfig
 
     train, val, test, num_labels, data_hash = data.get(key.task, preset)
-    method, fisher = key.method, None
-    if key.method.startswith("fisher"):
-        policy = "zero" if key.method == "fisher-zero" else "preserve"
-        method, fisher = "fisher", FisherConfig(policy=policy, progress=False)
+    method, fisher, calibration = key.method, None, preset.calibration
+    if key.method in VARIANTS:
+        fields = dict(VARIANTS[key.method])
+        calibration = min(calibration, fields.get("num_batches", calibration))
+        method, fisher = "fisher", FisherConfig(progress=False, **fields)
     spec = RunSpec(
         method=method,
         seed=key.seed,
@@ -246,7 +277,7 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
         steps=preset.steps,
         batch_size=preset.batch_size,
         rank=preset.rank,
-        calibration_batches=preset.calibration,
+        calibration_batches=calibration,
         head_warmup=preset.head_warmup,
         eval_at=preset.eval_at,
         warmup=preset.warmup,
@@ -278,12 +309,12 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     }
 
 
-def worker(preset_name: str) -> None:
+def worker(preset_name: str, out: Path | None = None) -> None:
     """Claim, run and record runs until the plan is empty."""
     import torch
 
     torch.set_num_threads(1)
-    preset, path, data = PRESETS[preset_name], results_path(preset_name), Data()
+    preset, path, data = PRESETS[preset_name], results_path(preset_name, out), Data()
     while (key := claim(path, preset)) is not None:
         try:
             record = run_one(key, preset, data)
@@ -308,21 +339,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite tables.md from the records")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/<preset>/ beside this module)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if args.worker:
-        worker(args.preset)
+        worker(args.preset, args.out)
         return
     if not args.tables_only:
         cmd = [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", args.preset, "--worker"]
+        cmd += ["--out", str(args.out)] if args.out else []
         procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
         if any(p.wait() for p in procs):
             raise SystemExit("a worker failed; rerun to resume")
     from benchmarks.quality.report import write
 
-    write(results_path(args.preset), PRESETS[args.preset])
+    write(results_path(args.preset, args.out), PRESETS[args.preset])
 
 
 if __name__ == "__main__":

@@ -91,6 +91,29 @@ def own_lr_table(records: list[dict], task: str, methods: tuple[str, ...], seed0
     return _markdown(head, [row for _, row in sorted(rows, key=lambda t: t[0])])
 
 
+def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> str:
+    """Methods × tasks: test loss at each method's own best lr, at the validation-chosen step (`stopped`) or
+    at the last step (`final`); the best mean per task in bold."""
+    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
+    cells: dict[tuple[str, str], list[float]] = {}
+    for task in preset.tasks:
+        for method in preset.methods:
+            runs = _runs(records, task, method, best_lr(seed0, task, method))
+            if runs:
+                pick = stopped if key == "stopped" else (lambda r: r["curve"][-1])
+                cells[task, method] = [pick(r)["test_loss"] for r in runs]
+    rows = []
+    for method in preset.methods:
+        row = [method]
+        for task in preset.tasks:
+            values = cells.get((task, method))
+            best = min((_mean(v) for (t, _), v in cells.items() if t == task), default=None)
+            text = _cell(values) if values else "–"
+            row.append(f"**{text}**" if values and _mean(values) == best else text)
+        rows.append(row)
+    return _markdown(["method", *preset.tasks], rows)
+
+
 def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], seed0: int) -> str:
     """Every method at 0.5×, 1× and 2× default LoRA's best lr: stopped test loss, and whether it is worse
     than default LoRA at that lr by more than 2× the larger seed std."""
@@ -112,6 +135,22 @@ def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], s
             cells.append(_cell(mine) + mark)
         rows.append(cells)
     return _markdown(head, rows)
+
+
+def ablation_table(records: list[dict], task: str, preset: Preset) -> str:
+    """The default (`fisher`), its variants and default LoRA, all at the default's own best lr."""
+    lr = best_lr([r for r in records if r["seed"] == preset.seeds[0]], task, "fisher")
+    head = ["variant", "seeds", "test loss (stopped)", "test loss (final)", "loss@25%", "accuracy (final)"]
+    rows = []
+    for method in ("fisher", "fisher-zero", *preset.ablations, "lora"):
+        runs = _runs(records, task, method, lr)
+        if runs:
+            rows.append([
+                method, str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
+                _cell([r["curve"][-1]["test_loss"] for r in runs]), _cell([_at(r, 0.25, "test_loss") for r in runs]),
+                _cell([r["curve"][-1]["accuracy"] for r in runs]),
+            ])  # fmt: skip
+    return _markdown(head, rows) if rows else ""
 
 
 def verdict(records: list[dict], task: str, methods: tuple[str, ...], seed0: int, ours: str = "fisher") -> str:
@@ -174,6 +213,14 @@ def write(path: Path, preset: Preset) -> None:
     failed = sorted({f"{r['task']}/{r['method']}: {r['failed']}" for r in records if "failed" in r})
     parts = [f"# Quality protocol ({path.parent.name}): {sum('curve' in r for r in records)} runs", ""]
     parts += [
+        "## Test loss at each method's own best lr (validation-chosen step; mean ± std over seeds)",
+        "",
+        summary_table(records, preset),
+        "",
+        "The same at the last step:",
+        "",
+        summary_table(records, preset, key="final"),
+        "",
         "## Verdicts (each at its own best lr)",
         "",
         *(f"- {verdict(records, t, preset.methods, seed0)}" for t in preset.tasks),
@@ -192,6 +239,10 @@ def write(path: Path, preset: Preset) -> None:
             robustness_table(records, task, preset.methods, seed0),
             "",
         ]
+        ablation = ablation_table(records, task, preset)
+        if ablation:
+            lr = best_lr([r for r in records if r["seed"] == seed0], task, "fisher")
+            parts += [f"Ablation, every variant at the default's own best lr ({lr:g}):", "", ablation, ""]
     if failed:
         parts += ["## Runs that failed", "", *(f"- {f}" for f in failed), ""]
     (path.parent / "tables.md").write_text("\n".join(parts))
