@@ -136,3 +136,22 @@ def test_both_integrations_leave_the_trainer_state_as_they_found_it(integrate, t
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
     assert before[3:] == after[3:]
     assert "save_model" not in vars(trainer)  # nothing of the trainer's stays replaced
+
+
+def test_axolotl_ipo_keeps_the_original_model_as_reference(tiny_llama_dir, tmp_path):
+    """IPO is DPO's trainer with another loss: the same reference, the same policy switch. At lr 0 every
+    log-ratio is 0, so IPO's loss is (1/(2β))² = 25 for β = 0.1 and every reward 0."""
+    steps, log = dpo_at_lr0(tiny_llama_dir, tmp_path, rl="ipo")
+    assert steps
+    for step in steps:
+        assert abs(float(step["loss"]) - 25.0) < 1e-3, step
+        assert abs(float(step["rewards/chosen"])) < 1e-5 and abs(float(step["rewards/rejected"])) < 1e-5, step
+    assert any("using policy 'zero'" in line for line in fisher_lines(log)), fisher_lines(log)
+
+
+def test_axolotl_training_set_emptied_by_its_filtering_is_named_in_one_line(tiny_llama_dir, tmp_path):
+    out = tmp_path / "empty"
+    config = axolotl_yaml("axolotl_sft.yml", tiny_llama_dir, tmp_path, output_dir=str(out), sequence_len=4)
+    log = axolotl_train(config, ok=False)
+    assert "num_samples should be a positive integer" not in log
+    assert "the training set is empty after Axolotl's preprocessing" in log, log[-3000:]
