@@ -11,7 +11,7 @@ def test_default_config_is_the_benchmarked_one():
     chosen = {
         "selector": "natural",  # the only selector that beat PEFT's default anywhere (encoder, 3 seeds)
         "fisher_type": "empirical",  # `true` was no better and costs about twice the init time
-        "policy": "preserve",  # `zero` lost on the encoder; DPO switches to `zero` by itself (docs/trl.md)
+        "policy": "preserve",  # held-out: ties LoRA at own lr; `zero` more lr-robust (BENCHMARKS); under review
         "num_batches": 32,  # at most; 1/4/8/16/64 batches (3 seeds): no gain beyond 4–8, cost grows linearly
         "damping": 1e-3,  # 0.1 was better at 10 % of steps, worse at 50–100 % (3 seeds)
         "rank_budget": None,  # rank allocation is off: not benchmarked yet
