@@ -12,16 +12,21 @@ from collections.abc import Mapping
 from torch import Tensor
 
 
+def check_budget(budget: int, num_layers: int) -> None:
+    """Refuse a total rank below one per adapted layer."""
+    if budget < num_layers:
+        raise ValueError(
+            f"rank_budget={budget} is smaller than the number of adapted layers ({num_layers}); "
+            f"every layer needs rank ≥ 1, so set rank_budget ≥ {num_layers}"
+        )
+
+
 def allocate_ranks(scores: Mapping[str, tuple[Tensor, float]], budget: int, caps: Mapping[str, int]) -> dict[str, int]:
     """Ranks per layer summing to `budget` (clipped to what the caps allow); each in [1, cap].
 
     `scores[name]` is (component scores, descending; the layer's total scored mass).
     """
-    if budget < len(scores):
-        raise ValueError(
-            f"rank_budget={budget} is smaller than the number of adapted layers ({len(scores)}); "
-            f"every layer needs rank ≥ 1, so set rank_budget ≥ {len(scores)}"
-        )
+    check_budget(budget, len(scores))
     ranks = dict.fromkeys(scores, 1)
     pool: list[tuple[float, str, int]] = []
     for name, (s, total) in scores.items():

@@ -20,6 +20,7 @@ from torch import nn
 
 from fisher_core.config import FisherConfig
 from fisher_core.layers import base_layer, layer_kind
+from fisher_core.select.ranks import check_budget
 from fisher_core.write.peft import _read, is_at_init
 from fisher_core.write.record import get_record
 
@@ -49,11 +50,8 @@ def refuse_trained(trained: list[str], adapter_name: str) -> None:
 
 def check_ranks(layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig) -> None:
     """Refuse a LoRA rank that exceeds `min(out, in)` of its layer, and a `rank_budget` below one per layer."""
-    if config.rank_budget is not None and config.rank_budget < len(layers):
-        raise ValueError(
-            f"rank_budget={config.rank_budget} is smaller than the number of adapted layers ({len(layers)}); "
-            f"every layer needs rank ≥ 1, so set rank_budget ≥ {len(layers)}"
-        )
+    if config.rank_budget is not None:
+        check_budget(config.rank_budget, len(layers))
     for name, module in layers.items():
         r = getattr(module, "r", {}).get(adapter_name)
         limit = min(layer_kind(module).shape(base_layer(module)))
