@@ -3,7 +3,8 @@
 `lora` is PEFT's default (`init_lora_weights=True`: Kaiming A, zero B); `gaussian`, `pissa`, `olora`,
 `orthogonal` and `mica` are PEFT's weight-only inits; `eva`, `corda` (IPM) and `lora_ga` are PEFT's
 data-driven inits and read the calibration batches; `fisher` is `fisher_core.initialize` with the
-given `FisherConfig`. Every method gets the same rank, alpha, target modules and trainable head.
+given `FisherConfig`; `fisher-random` is its ablation with the data's directions replaced by random ones
+of the same norms. Every method gets the same rank, alpha, target modules and trainable head.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from benchmarks.quality.encoder import Batch
@@ -20,7 +22,8 @@ from fisher_core import FisherConfig, initialize
 
 WEIGHT_ONLY = ("gaussian", "pissa", "olora", "orthogonal", "mica")
 DATA_DRIVEN = ("eva", "corda", "lora_ga", "fisher")
-METHODS = ("lora", *WEIGHT_ONLY, *DATA_DRIVEN)
+ABLATIONS = ("fisher-random",)
+METHODS = ("lora", *WEIGHT_ONLY, *DATA_DRIVEN, *ABLATIONS)
 # BERT's linear layers: attention q/k/v, attention output, MLP in/out and the pooler (all `dense`).
 BERT_TARGETS = ("query", "key", "value", "dense")
 
@@ -142,6 +145,28 @@ def _fisher(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher
     return Adapter(peft_model, dict(report.seconds), report.num_batches)
 
 
+@torch.no_grad()
+def _fisher_random(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None) -> Adapter:
+    """The Fisher init's scale without its subspace: every row of A and column of B is redrawn from a
+    Gaussian at the norm the init gave it, and the base is re-offset (`W_base = W − s·B·A`), so the
+    model still starts at its pre-trained outputs. Drawn from torch's seeded generator (the run's seed)."""
+    adapter = _fisher(model, kwargs, calibration, fisher)
+    for module in adapter.model.modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            s, base = module.scaling["default"], module.get_base_layer().weight
+            base += s * (b @ a)
+            a.copy_(_same_norms(torch.randn_like(a), a, dim=1))
+            b.copy_(_same_norms(torch.randn_like(b), b, dim=0))
+            base -= s * (b @ a)
+    return adapter
+
+
+def _same_norms(x: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x` with each slice along `dim` scaled to the norm of `like`'s."""
+    return x * like.norm(dim=dim, keepdim=True) / x.norm(dim=dim, keepdim=True)
+
+
 _BUILDERS: dict[str, Builder] = {
     "lora": _peft_init(True),
     **{name: _peft_init(name) for name in WEIGHT_ONLY},
@@ -149,4 +174,5 @@ _BUILDERS: dict[str, Builder] = {
     "corda": _corda,
     "lora_ga": _lora_ga,
     "fisher": _fisher,
+    "fisher-random": _fisher_random,
 }

@@ -40,13 +40,17 @@ RESULTS = Path(__file__).parent / "results"
 # Fisher variants by method name: `FisherConfig` fields over the library default (and calibration batches).
 # `fisher-zero` keeps the default's A directions at default LoRA's scale (B = 0): subspace without scale.
 # The others are the ablation (`ablations` of a preset), run at the default's own best lr on every seed.
+# `fisher-random` (methods.py) is the default's scale without its subspace: random directions, same norms.
 VARIANTS: dict[str, dict] = {
     "fisher": {},
     "fisher-zero": {"policy": "zero"},
+    "fisher-random": {},
     "fisher-nowhiten": {"damping": 1e6},  # S + λ·mean(diag S)·I with λ huge: no whitening (LoRA-GA-like directions)
     "fisher-all16": {"stop_tol": None},  # every calibration batch, no early stop
     "fisher-c4": {"stop_tol": None, "num_batches": 4},
     "fisher-true": {"fisher_type": "true"},
+    "fisher-select": {"selector": "select"},  # W's singular directions scored by Fisher sensitivity (the seed paper)
+    "fisher-fwsvd": {"selector": "fwsvd"},
     "fisher-subspace": {"selector": "subspace"},
 }
 
@@ -71,7 +75,16 @@ class Preset:
     robust: tuple[str, ...] = ("lora", "fisher", "fisher-zero")  # seeded at 0.5×/1×/2× LoRA's best lr
     extend: int = 3  # how many halvings/doublings beyond the grid's edges a best lr at an edge may add
     eval_at: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
-    ablations: tuple[str, ...] = ("fisher-nowhiten", "fisher-all16", "fisher-c4", "fisher-true", "fisher-subspace")
+    ablations: tuple[str, ...] = (  # most telling first: a protocol cut short has whole rows
+        "fisher-random",
+        "fisher-nowhiten",
+        "fisher-c4",
+        "fisher-all16",
+        "fisher-select",
+        "fisher-true",
+        "fisher-subspace",
+        "fisher-fwsvd",
+    )
 
 
 PRESETS = {
@@ -177,10 +190,10 @@ def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     """Every ablation variant on every seed at the default's (`fisher`) own best lr on each task."""
     seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
-    todo = []
-    for task in preset.tasks:
-        lr = best_lr(seed0, task, "fisher")
-        todo += [RunKey(task, v, lr, s) for v in preset.ablations for s in preset.seeds if lr]
+    lrs = {task: best_lr(seed0, task, "fisher") for task in preset.tasks}
+    todo = [
+        RunKey(task, v, lr, s) for v in preset.ablations for s in preset.seeds for task, lr in lrs.items() if lr
+    ]
     return [key for key in todo if key not in done]
 
 
@@ -261,6 +274,7 @@ class Data:
 
 def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     """Run `key` and return its record."""
+    from benchmarks.quality.methods import METHODS
     from benchmarks.quality.runner import RunSpec, run
     from fisher_core import FisherConfig
 
@@ -269,7 +283,8 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     if key.method in VARIANTS:
         fields = dict(VARIANTS[key.method])
         calibration = min(calibration, fields.get("num_batches", calibration))
-        method, fisher = "fisher", FisherConfig(progress=False, **fields)
+        method = key.method if key.method in METHODS else "fisher"
+        fisher = FisherConfig(progress=False, **fields)
     spec = RunSpec(
         method=method,
         seed=key.seed,
