@@ -19,7 +19,7 @@ from fisher_core.layers import supported
 from fisher_core.select import Directions, select
 from fisher_core.sharded import whole_parameters
 from fisher_core.write.peft import apply, lora_layers
-from fisher_core.write.plan import check_ranks, layer_policies, refuse_trained, trained_layers
+from fisher_core.write.plan import check_policy, check_ranks, refuse_trained, trained_layers
 
 logger = logging.getLogger("fisher_core")
 
@@ -101,7 +101,7 @@ def initialize(
         if not config.force:
             refuse_trained(trained, adapter_name)
         check_ranks(layers, adapter_name, config)
-        policies = layer_policies(peft_model, layers, adapter_name, config)
+        check_policy(peft_model, layers, adapter_name, config)
     if trained and any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold
     times: dict[str, float] = {}
@@ -113,7 +113,7 @@ def initialize(
     times["estimate"] = time.perf_counter() - t
     with whole_parameters(peft_model):  # FSDP1: entered once for both (one unit whole at a time inside)
         t = time.perf_counter()
-        directions = select(stats, peft_model, config=config, adapter_name=adapter_name, policies=policies)
+        directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
         times["select"] = time.perf_counter() - t
         t = time.perf_counter()
         apply(peft_model, directions, adapter_name, force=config.force)

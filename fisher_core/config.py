@@ -35,9 +35,11 @@ class FisherConfig(BaseModel):
     )
     mc_samples: int = Field(1, ge=1, description="Sampled labels per position for `true` Fisher.")
     policy: Policy = Field(
-        "preserve",
-        description="Step-0 policy. `preserve`: W_base ← W − s·B·A so outputs are unchanged; "
-        "`zero`: B = 0, base untouched (the only choice for quantized bases).",
+        "zero",
+        description="Step-0 policy. `zero`: A gets the Fisher directions at PEFT's default row norm and B = 0, "
+        "the base is untouched, so the LoRA learning rate a recipe already has stays right (BENCHMARKS.md: "
+        "never worse than default LoRA at 0.5×–2× its best lr). `preserve`: B and A both nonzero and "
+        "W_base ← W − s·B·A so outputs are unchanged; it wants about half LoRA's lr and needs an export.",
     )
     num_batches: int = Field(
         32,

@@ -112,7 +112,6 @@ def plot(summary: dict[str, Any], path: Path, *, title: str, configured_rank: in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
 
     layers, names = summary["layers"], list(summary["layers"])
     kinds = sorted({_kind(n) for n in names})
@@ -149,36 +148,8 @@ def plot(summary: dict[str, Any], path: Path, *, title: str, configured_rank: in
     _spectra(axes["spectrum_S_A"], layers, top, "eig_S_A", summary["groups"], "S_A (layer inputs)")
     _spectra(axes["spectrum_S_G"], layers, top, "eig_S_G", None, "S_G (output gradients)")
 
-    if all("rank" in layers[n] for n in names) and grid_of is not None:
-        ranks = {n: layers[n]["rank"] for n in names}
-        captured = {n: layers[n]["captured"] for n in names}
-        mean = sum(captured.values()) / len(captured)
-        _heatmap(fig, axes["ranks"], grid_of, ranks, f"chosen LoRA rank (total {sum(ranks.values())})", "rank r")
-        _heatmap(
-            fig, axes["captured"], grid_of, captured, f"captured Fisher fraction, mean {mean:.0%}", "captured",
-            vmin=0.0, vmax=1.0,
-        )  # fmt: skip
-    elif all("rank" in layers[n] for n in names):
-        ax = axes["ranks"]
-        ranks = [layers[n]["rank"] for n in names]
-        ax.bar(x, ranks, color=bar_colours)
-        if configured_rank is not None:
-            ax.axhline(configured_rank, color="0.3", linestyle="--", linewidth=1, label=f"--rank {configured_rank}")
-            ax.legend(loc="upper right", fontsize=9)
-        ax.set_title(f"chosen LoRA rank per layer (total {sum(ranks)})")
-        ax.set_ylabel("rank r")
-        ax.set_ylim(0, max(ranks) * 1.15)
-        _layer_axis(ax, names)
-        ax = axes["captured"]
-        captured = [layers[n]["captured"] for n in names]
-        ax.bar(x, captured, color=bar_colours)
-        mean = sum(captured) / len(captured)
-        ax.axhline(mean, color="0.3", linestyle="--", linewidth=1)
-        ax.set_title(f"captured Fisher fraction per layer (share of the scores in the chosen rank), mean {mean:.0%}")
-        ax.set_ylabel("captured fraction")
-        ax.set_ylim(0, 1.05)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        _layer_axis(ax, names)
+    if all("rank" in layers[n] for n in names):
+        _rank_panels(fig, axes, layers, grid_of, bar_colours, configured_rank)
     else:
         for key, what in (("ranks", "chosen ranks"), ("captured", "captured Fisher fraction")):
             axes[key].set_title(what)
@@ -191,17 +162,56 @@ def plot(summary: dict[str, Any], path: Path, *, title: str, configured_rank: in
 
     fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     width, height = (round(v) for v in fig.get_size_inches() * DPI)
-    panels = {}
-    for key, ax in axes.items():
-        box = ax.get_window_extent()
-        panels[key] = [
-            math.floor(box.x0),
-            math.floor(height - box.y1),
-            math.ceil(box.x1),
-            math.ceil(height - box.y0),
-        ]
+    panels = {key: _pixel_box(ax, height) for key, ax in axes.items()}
     plt.close(fig)
     return {"size": [width, height], "panels": panels, "layout": "heatmap" if grid_of is not None else "bars"}
+
+
+def _pixel_box(ax: Any, height: int) -> list[int]:
+    """[left, top, right, bottom] of an axes in image pixels (origin at the top left)."""
+    box = ax.get_window_extent()
+    return [math.floor(box.x0), math.floor(height - box.y1), math.ceil(box.x1), math.ceil(height - box.y0)]
+
+
+def _rank_panels(
+    fig: Any, axes: dict[str, Any], layers: dict[str, Any], grid_of: dict | None, bar_colours: list,
+    configured_rank: int | None,
+) -> None:  # fmt: skip
+    """The chosen rank and captured Fisher fraction per layer: heatmaps above `HEATMAP_ABOVE` layers, else bars."""
+    from matplotlib.ticker import PercentFormatter
+
+    names = list(layers)
+    if grid_of is not None:
+        ranks = {n: layers[n]["rank"] for n in names}
+        captured = {n: layers[n]["captured"] for n in names}
+        mean = sum(captured.values()) / len(captured)
+        _heatmap(fig, axes["ranks"], grid_of, ranks, f"chosen LoRA rank (total {sum(ranks.values())})", "rank r")
+        _heatmap(
+            fig, axes["captured"], grid_of, captured, f"captured Fisher fraction, mean {mean:.0%}", "captured",
+            vmin=0.0, vmax=1.0,
+        )  # fmt: skip
+        return
+    x = list(range(len(names)))
+    ax = axes["ranks"]
+    ranks = [layers[n]["rank"] for n in names]
+    ax.bar(x, ranks, color=bar_colours)
+    if configured_rank is not None:
+        ax.axhline(configured_rank, color="0.3", linestyle="--", linewidth=1, label=f"--rank {configured_rank}")
+        ax.legend(loc="upper right", fontsize=9)
+    ax.set_title(f"chosen LoRA rank per layer (total {sum(ranks)})")
+    ax.set_ylabel("rank r")
+    ax.set_ylim(0, max(ranks) * 1.15)
+    _layer_axis(ax, names)
+    ax = axes["captured"]
+    captured = [layers[n]["captured"] for n in names]
+    ax.bar(x, captured, color=bar_colours)
+    mean = sum(captured) / len(captured)
+    ax.axhline(mean, color="0.3", linestyle="--", linewidth=1)
+    ax.set_title(f"captured Fisher fraction per layer (share of the scores in the chosen rank), mean {mean:.0%}")
+    ax.set_ylabel("captured fraction")
+    ax.set_ylim(0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    _layer_axis(ax, names)
 
 
 def _mass_bars(ax, x: list[int], names: list[str], layers: dict, colours: list, title: str) -> None:

@@ -57,7 +57,8 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def preserve_dir(tiny_llama_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("cli") / "adapter"
-    done = fisher_lora("init", "--model", tiny_llama_dir, "--data", DATA / "sft.jsonl", "--out", out, *COMMON)
+    args = ["--data", DATA / "sft.jsonl", "--out", out, "--policy", "preserve"]
+    done = fisher_lora("init", "--model", tiny_llama_dir, *args, *COMMON)
     assert done.returncode == 0, done.stderr
     return out, done
 
@@ -76,7 +77,9 @@ def zero_dir(tiny_llama_dir, tmp_path_factory) -> tuple[Path, subprocess.Complet
 
 def test_preserve_adapter_matches_in_process_initialize(preserve_dir, tiny_llama_dir):
     out, _ = preserve_dir
-    expected, _ = in_process_lora_state(tiny_llama_dir, DATA / "sft.jsonl", FisherConfig(num_batches=2, progress=False))
+    expected, _ = in_process_lora_state(
+        tiny_llama_dir, DATA / "sft.jsonl", FisherConfig(num_batches=2, progress=False, policy="preserve")
+    )
     written = load_file(out / "adapter_model.safetensors")
     assert sorted(written) == sorted(expected)
     for key, value in expected.items():
@@ -232,7 +235,7 @@ def test_preserve_output_exports_a_trained_adapter_for_the_original_base(preserv
 
 def test_overwrite_keeps_the_previous_output_when_the_new_run_fails(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", out, *COMMON]
+    args = ["--model", tiny_llama_dir, "--data", DATA / "text.jsonl", "--out", out, "--policy", "preserve", *COMMON]
     assert fisher_lora("init", *args).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     done = fisher_lora("init", *args, "--overwrite", "--rank-budget", "1")  # refused once the model is loaded

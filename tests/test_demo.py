@@ -49,7 +49,7 @@ def test_default_and_fisher_runs_start_equal_and_report_costs(tmp_path):
     default, fisher = (run(spec, train, test, task.num_labels) for spec in (base, fisher_spec))
 
     assert [p.step for p in default.curve] == [p.step for p in fisher.curve] == [0, 3]
-    # same model, same head, and Fisher's `preserve` policy keeps the outputs: identical at step 0
+    # same model, same head, and both step-0 policies keep the outputs: identical at step 0
     assert math.isclose(default.curve[0].test_loss, fisher.curve[0].test_loss, rel_tol=1e-5)
     assert all(math.isfinite(p.test_loss) for p in default.curve + fisher.curve)
     assert fisher.curve[-1].test_loss != default.curve[-1].test_loss  # the init changed training

@@ -40,7 +40,7 @@ def test_tiny_suite_records_runs_tables_and_plots(tmp_path, monkeypatch):
     assert [r["label"] for r in calib] == ["fisher-natural"] and calib[0]["init_seconds"] > 0
     sft = {r["label"]: r for r in tables.load(out / "sft.json")}
     assert set(sft) == {"lora", "fisher-natural"}
-    # `preserve` keeps the model's outputs: both runs start from the same test loss
+    # both step-0 policies keep the model's outputs: both runs start from the same test loss
     assert math.isclose(
         sft["lora"]["curve"][0]["test_loss"], sft["fisher-natural"]["curve"][0]["test_loss"], rel_tol=1e-4
     )

@@ -146,7 +146,9 @@ def _fisher(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher
 
 
 @torch.no_grad()
-def _fisher_random(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None) -> Adapter:
+def _fisher_random(
+    model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None
+) -> Adapter:
     """The Fisher init's scale without its subspace: every row of A and column of B is redrawn from a
     Gaussian at the norm the init gave it, and the base is re-offset (`W_base = W − s·B·A`), so the
     model still starts at its pre-trained outputs. Drawn from torch's seeded generator (the run's seed)."""

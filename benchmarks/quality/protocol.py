@@ -37,21 +37,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-# Fisher variants by method name: `FisherConfig` fields over the library default (and calibration batches).
-# `fisher-zero` keeps the default's A directions at default LoRA's scale (B = 0): subspace without scale.
-# The others are the ablation (`ablations` of a preset), run at the default's own best lr on every seed.
-# `fisher-random` (methods.py) is the default's scale without its subspace: random directions, same norms.
+# Fisher variants by method name: `FisherConfig` fields (and calibration batches). `fisher` is the natural
+# selector with policy `preserve` (the default until this protocol's robustness table chose `zero`);
+# `fisher-zero` (the library default) keeps its A directions at default LoRA's scale, B = 0: subspace
+# without scale; `fisher-random` (methods.py) is `fisher`'s scale without its subspace (random directions,
+# the same norms). The others are the ablation of `fisher` (`ablations` of a preset), run at its own best
+# lr on every seed.
+PRESERVE = {"policy": "preserve"}
 VARIANTS: dict[str, dict] = {
-    "fisher": {},
+    "fisher": PRESERVE,
     "fisher-zero": {"policy": "zero"},
-    "fisher-random": {},
-    "fisher-nowhiten": {"damping": 1e6},  # S + λ·mean(diag S)·I with λ huge: no whitening (LoRA-GA-like directions)
-    "fisher-all16": {"stop_tol": None},  # every calibration batch, no early stop
-    "fisher-c4": {"stop_tol": None, "num_batches": 4},
-    "fisher-true": {"fisher_type": "true"},
-    "fisher-select": {"selector": "select"},  # W's singular directions scored by Fisher sensitivity (the seed paper)
-    "fisher-fwsvd": {"selector": "fwsvd"},
-    "fisher-subspace": {"selector": "subspace"},
+    "fisher-random": PRESERVE,
+    "fisher-nowhiten": {**PRESERVE, "damping": 1e6},  # S + λ·mean(diag S)·I, λ huge: no whitening (LoRA-GA-like)
+    "fisher-all16": {**PRESERVE, "stop_tol": None},  # every calibration batch, no early stop
+    "fisher-c4": {**PRESERVE, "stop_tol": None, "num_batches": 4},
+    "fisher-true": {**PRESERVE, "fisher_type": "true"},
+    "fisher-select": {**PRESERVE, "selector": "select"},  # W's singular directions scored by Fisher (seed paper)
+    "fisher-fwsvd": {**PRESERVE, "selector": "fwsvd"},
+    "fisher-subspace": {**PRESERVE, "selector": "subspace"},
 }
 
 
@@ -191,9 +194,7 @@ def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     lrs = {task: best_lr(seed0, task, "fisher") for task in preset.tasks}
-    todo = [
-        RunKey(task, v, lr, s) for v in preset.ablations for s in preset.seeds for task, lr in lrs.items() if lr
-    ]
+    todo = [RunKey(task, v, lr, s) for v in preset.ablations for s in preset.seeds for task, lr in lrs.items() if lr]
     return [key for key in todo if key not in done]
 
 

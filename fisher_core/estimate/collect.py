@@ -29,7 +29,6 @@ from fisher_core.estimate.hooks import (
     recording,
     replayed_layers,
     rooted,
-    zero_adapters_bypassed,
 )
 from fisher_core.estimate.objective import (
     Batch,
@@ -64,23 +63,57 @@ def estimate(
     else cross-entropy of the batch `labels` (-100 ignored). `true` Fisher samples labels from
     `logits_fn` (default: the model's logits at supervised positions). The model's weights,
     `requires_grad` flags, train/eval mode and gradient checkpointing are as before on return, and
-    no parameter has a `.grad` from this pass.
+    no parameter has a `.grad` from this pass. With `cache_path`, matching statistics are read instead.
     """
     config = config or FisherConfig()
     modules = dict(target_modules) if isinstance(target_modules, Mapping) else find_targets(model, target_modules)
-    data, weights = "", None
+    key: tuple[str, str | None] | None = None
     if config.cache_path is not None:
-        from fisher_core.estimate.cache import data_fingerprint, fingerprint, load_matching
+        from fisher_core.estimate.cache import load_matching, save
 
-        read = list(islice(batches, config.num_batches))  # every batch the pass may read is fingerprinted
-        batches = read
-        data = global_fingerprint(data_fingerprint(read, loss_fn, logits_fn))  # the same on every process
-        with whole_parameters(model):  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
-            weights = fingerprint(modules)
-        cached = load_matching(config.cache_path, modules, config, data, weights)
+        batches = list(islice(batches, config.num_batches))  # every batch the pass may read is fingerprinted
+        key = _cache_key(model, modules, batches, loss_fn, logits_fn)
+        cached = load_matching(config.cache_path, modules, config, *key)
         if cached is not None:
             return cached
     _check_materialized(modules)
+    started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    acc, state, used = _pass(model, batches, modules, config, loss_fn, logits_fn)
+    stats = acc.finalize(config.fisher_type, used)  # all-reduces: every check below is global
+    _check_result(stats, state, used)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "fisher-lora: %s Fisher over %d batches, %d tokens, %d layers in %.1fs%s",
+        config.fisher_type, used, stats.num_tokens, len(stats), seconds,
+        f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "",
+    )  # fmt: skip
+    stats.meta["seconds"] = f"{seconds:.3f}"
+    stats.meta["held_peak_bytes"] = str(state.held_peak)  # layer inputs/gradients kept at once for Ḡ
+    if key is not None and is_main_process():  # the statistics are global: one writer
+        save(stats, config.cache_path, modules, config, *key)
+    return stats
+
+
+def _cache_key(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: list[Batch], loss_fn: LossFn | None,
+    logits_fn: LogitsFn | None,
+) -> tuple[str, str]:  # fmt: skip
+    """(data, weights) fingerprints a cached file must match; the same on every process."""
+    from fisher_core.estimate.cache import data_fingerprint, fingerprint
+
+    data = global_fingerprint(data_fingerprint(batches, loss_fn, logits_fn))
+    with whole_parameters(model):  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
+        return data, fingerprint(modules)
+
+
+def _pass(
+    model: nn.Module, batches: Iterable[Batch], modules: Mapping[str, nn.Module], config: FisherConfig,
+    loss_fn: LossFn | None, logits_fn: LogitsFn | None,
+) -> tuple[StatsAccumulator, PassState, int]:  # fmt: skip
+    """The batch loop: accumulate each batch, refit the memory plan to what the pass held, stop at
+    convergence. Returns the accumulator, the pass state and the number of batches read."""
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     device = _device(model)
     budget = resolve_budget(config.memory_budget, device)
@@ -89,84 +122,77 @@ def estimate(
     acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
     state = PassState()
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    started, used, stopped_early = time.perf_counter(), 0, False
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with estimation_mode(model) as blocks, zero_adapters_bypassed(model), recording(model, modules, acc, state):
+    monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
+    used, stopped_early = 0, False
+    with estimation_mode(model) as blocks, recording(model, modules, acc, state):
         state.replayed = replayed_layers(modules, blocks)
         progress = tqdm(
             islice(in_lockstep(batches), config.num_batches),  # every process reads the same count
-            total=config.num_batches,
-            desc="fisher-lora statistics",
-            unit="batch",
-            disable=not config.progress,
-        )
-        monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
+            total=config.num_batches, desc="fisher-lora statistics", unit="batch", disable=not config.progress,
+        )  # fmt: skip
         for batch in progress:
             _accumulate_batch(model, _to_device(batch, device), state, config, loss_fn, logits_fn, generator)
-            if state.halves:  # a checkpointed layer's input and output gradient never met: Ḡ would be wrong
-                raise RuntimeError(
-                    f"gradient checkpointing: layers {sorted(state.halves)[:3]} were not replayed with their "
-                    "gradients; turn checkpointing off for the statistics (model.gradient_checkpointing_disable())"
-                )
+            _check_replays(state)
             if budget is not None:  # what the pass held for Ḡ counts against the budget too
-                held = global_max(state.held_peak)
-                unread = [n for n, layer in acc.layers.items() if layer.input_group not in ("", n)]
-                tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held, unread)
-                if tighter is not None:
-                    logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
-                    acc.sketch_more(tighter)
-                    sketched = tighter
-            state.grouped = True
-            state.seen_inputs.clear()
-            state.last_input = None
+                sketched = _refit(acc, state, shapes, config, budget, sketch_rank, sketched)
+            state.end_batch()
             used += 1
             progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
             if monitor is not None and monitor.due(used) and monitor.converged(acc) and used >= 4:
                 logger.info(
                     "fisher-lora: statistics converged after %d batches (median change %.3g < stop_tol=%g)",
-                    used,
-                    monitor.last_change,
-                    config.stop_tol,
-                )
+                    used, monitor.last_change, config.stop_tol,
+                )  # fmt: skip
                 stopped_early = True
                 break
     if used == 0:
         raise ValueError("the batches yielded nothing: pass a non-empty dataloader or iterable of dicts")
     if used < config.num_batches and not stopped_early:
         warnings.warn(
-            f"only {used} of num_batches={config.num_batches} batches were available; using {used}", stacklevel=2
+            f"only {used} of num_batches={config.num_batches} batches were available; using {used}", stacklevel=3
         )
+    return acc, state, used
+
+
+def _check_replays(state: PassState) -> None:
+    """A checkpointed layer whose input and output gradient never met would make Ḡ wrong."""
+    if state.halves:
+        raise RuntimeError(
+            f"gradient checkpointing: layers {sorted(state.halves)[:3]} were not replayed with their "
+            "gradients; turn checkpointing off for the statistics (model.gradient_checkpointing_disable())"
+        )
+
+
+def _refit(
+    acc: StatsAccumulator, state: PassState, shapes: Mapping[str, tuple[int, int]], config: FisherConfig,
+    budget: int, sketch_rank: int, sketched: dict[str, set[str]],
+) -> dict[str, set[str]]:  # fmt: skip
+    """The memory plan re-made with the bytes the pass held for Ḡ (the most over processes); the
+    accumulator sketches what the tighter plan sketches."""
+    held = global_max(state.held_peak)
+    unread = [n for n, layer in acc.layers.items() if layer.input_group not in ("", n)]
+    tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held, unread)
+    if tighter is None:
+        return sketched
+    logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
+    acc.sketch_more(tighter)
+    return tighter
+
+
+def _check_result(stats: FisherStats, state: PassState, used: int) -> None:
+    """Refuse non-finite statistics or no supervised tokens; warn on unmasked layers."""
     if state.unmasked:
         warnings.warn(
             "layer inputs did not match the attention mask's shape, every position counted: "
             f"{sorted(state.unmasked)[:3]}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    stats = acc.finalize(config.fisher_type, used)  # all-reduces: every check below is global
     _check_finite(stats)
     if all(is_zero(s.grad_cov) for s in stats.values()):
         raise ValueError(
             f"no supervised tokens in {used} batches ({state.supervised} on this process): every label is -100 "
             "or the loss does not depend on the adapted layers; check the labels / prompt masking, or the loss_fn"
         )
-    seconds = time.perf_counter() - started
-    logger.info(
-        "fisher-lora: %s Fisher over %d batches, %d tokens, %d layers in %.1fs%s",
-        config.fisher_type,
-        used,
-        stats.num_tokens,
-        len(stats),
-        seconds,
-        f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "",
-    )
-    stats.meta["seconds"] = f"{seconds:.3f}"
-    stats.meta["held_peak_bytes"] = str(state.held_peak)  # layer inputs/gradients kept at once for Ḡ
-    if config.cache_path is not None and is_main_process():  # the statistics are global: one writer
-        from fisher_core.estimate.cache import save
-
-        save(stats, config.cache_path, modules, config, data, weights)
-    return stats
 
 
 def default_sketch_rank(modules: Mapping[str, nn.Module]) -> int:

@@ -68,6 +68,12 @@ class PassState:
             self.seen_inputs[id(x)] = seen = (name, weakref.ref(x))
         return seen[0]
 
+    def end_batch(self) -> None:
+        """Input groups are fixed after the first batch; what identified this batch's inputs is dropped."""
+        self.grouped = True
+        self.seen_inputs.clear()
+        self.last_input = None
+
     def note_held(self) -> None:
         """Update `held_peak` with the bytes now kept for Ḡ (a storage shared by layers counted once)."""
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._held()}
@@ -271,33 +277,3 @@ def _is_checkpointing_layer(module: nn.Module) -> bool:
     except ImportError:  # an older transformers: its models checkpoint from their own loop
         return False
     return isinstance(module, GradientCheckpointingLayer)
-
-
-@contextlib.contextmanager
-def zero_adapters_bypassed(model: nn.Module) -> Iterator[None]:
-    """Skip the LoRA branch of the model's layers whose adapters are all still zero (`B = 0`), restored on exit.
-
-    Their output is the base layer's, exactly; computing `B·A·x` only to add zeros costs a rank-r matmul,
-    a scale and an add of the full output per layer (≈ 10 % of the pass at Llama-3-8B width). Only
-    unmerged, variant-free (plain LoRA) layers are bypassed, through PEFT's own `disable_adapters` flag.
-    """
-    if sharding(model) in ("FSDP1", "ZeRO-3"):  # B is this process's shard here: "is it zero" is not a global answer
-        yield
-        return
-    bypassed = [
-        m
-        for m in model.modules()
-        if hasattr(m, "_disable_adapters")
-        and not m._disable_adapters
-        and not getattr(m, "merged", False)
-        and not getattr(m, "lora_variant", None)
-        and isinstance(getattr(m, "lora_B", None), nn.ModuleDict)
-        and not any(bool(b.weight.detach().any()) for b in m.lora_B.values())
-    ]
-    try:
-        for m in bypassed:
-            m._disable_adapters = True
-        yield
-    finally:
-        for m in bypassed:
-            m._disable_adapters = False

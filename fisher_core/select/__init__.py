@@ -94,7 +94,6 @@ def select(
     adapter_name: str = "default",
     lora_alpha: float | None = None,
     use_rslora: bool = False,
-    policies: Mapping[str, str] | None = None,
 ) -> Directions:
     """Rank-r factors for every layer in `stats`.
 
@@ -102,26 +101,11 @@ def select(
     plain model pass `rank` (and `lora_alpha`, default `rank`, so `s = α/r` or `α/√r` with rsLoRA).
     Under `torch.distributed` this is a collective, like `estimate`: every process calls it, each solves
     a share of the layers (`fisher_core.select.parallel`) and all return the same directions.
-    `policies` overrides `config.policy` per layer (`fisher_core.write.plan.layer_policies`).
     """
     with whole_parameters(model):  # FSDP1: one unit whole at a time (`whole_layer`)
         config = config or FisherConfig()
         modules = {canonical_name(n): m for n, m in model.named_modules()}
-        plans: dict[str, tuple[Tensor, int, float, bool]] = {}
-        for name in stats:
-            if name not in modules:
-                raise KeyError(
-                    f"statistics name layer {name!r}, which this model does not have; estimate on this model"
-                )
-            module = modules[name]
-            r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
-            kind, base = layer_kind(module), base_layer(module)
-            # a ZeRO-3 / FSDP1 weight is not whole here: its shape stands in, its values are gathered if read
-            weight = torch.empty(kind.shape(base), device="meta") if gathered_by_layer(base) else kind.weight(base)
-            limit = min(weight.shape)
-            if r > limit:
-                raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
-            plans[name] = (weight, r, scaling, rslora)
+        plans = {name: _layer_plan(modules, name, adapter_name, rank, lora_alpha, use_rslora) for name in stats}
         ranks = {name: plan[1] for name, plan in plans.items()}
         if config.rank_budget is not None:
             caps = {name: min(math.ceil(config.rank_cap * r), min(w.shape)) for name, (w, r, _, _) in plans.items()}
@@ -146,8 +130,7 @@ def select(
             cands, owners = solve_spread(list(plans), groups, costs, solve)
         if config.rank_budget is not None:
             ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
-        policy = dict.fromkeys(plans, config.policy) | dict(policies or {})
-        layers = {name: _finish(cands[name], ranks[name], plans[name][2], policy[name]) for name in plans}
+        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
         directions = Directions(layers, selector=config.selector, policy=config.policy, solved_on=owners)
         if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
             for name, (_, _, scaling, rslora) in plans.items():
@@ -163,6 +146,23 @@ def _whole_weight(module: nn.Module, weight: Tensor) -> Tensor:
     base = base_layer(module)
     with whole_layer(base):
         return layer_kind(module).weight(base).clone()
+
+
+def _layer_plan(
+    modules: Mapping[str, nn.Module], name: str, adapter_name: str, rank: int | None, lora_alpha: float | None,
+    use_rslora: bool,
+) -> tuple[Tensor, int, float, bool]:  # fmt: skip
+    """(W, r, s, rsLoRA) of layer `name`; W is a meta tensor of its shape where the layer is gathered only
+    when read (ZeRO-3, FSDP1)."""
+    if name not in modules:
+        raise KeyError(f"statistics name layer {name!r}, which this model does not have; estimate on this model")
+    module = modules[name]
+    r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
+    kind, base = layer_kind(module), base_layer(module)
+    weight = torch.empty(kind.shape(base), device="meta") if gathered_by_layer(base) else kind.weight(base)
+    if r > min(weight.shape):
+        raise ValueError(f"rank {r} exceeds min(out, in) = {min(weight.shape)} of layer {name!r}; lower the rank")
+    return weight, r, scaling, rslora
 
 
 def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solver:

@@ -5,15 +5,14 @@
   model as it sits (the trained adapter on), since that is where the new adapter starts.
 - `check_ranks`: a LoRA rank above `min(out, in)` of its layer cannot be filled, nor a `rank_budget` below
   one rank per layer.
-- `layer_policies`: `preserve` writes `W − s·B·A` into the base weight, which is wrong wherever that
+- `check_policy`: `preserve` writes `W − s·B·A` into the base weight, which is wrong wherever that
   weight is read by something else: a weight tied to another module (`lm_head` ↔ `embed_tokens` in tied
-  Llama-3.2 / Qwen2.5 / Gemma) or a base shared by other adapters of the layer. Those layers get `zero`
-  (logged); an explicit `preserve` there is an error that says why.
+  Llama-3.2 / Qwen2.5 / Gemma) or a base shared by other adapters of the layer. `preserve` (opted into:
+  the default is `zero`) on such a layer is an error that says why.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 from torch import nn
@@ -23,8 +22,6 @@ from fisher_core.layers import base_layer, layer_kind
 from fisher_core.select.ranks import check_budget
 from fisher_core.write.peft import _read, is_at_init
 from fisher_core.write.record import get_record
-
-logger = logging.getLogger("fisher_core")
 
 
 def trained_layers(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str) -> list[str]:
@@ -59,28 +56,24 @@ def check_ranks(layers: dict[str, nn.Module], adapter_name: str, config: FisherC
             raise ValueError(f"rank {r} exceeds min(out, in) = {limit} of layer {name!r}; lower the rank")
 
 
-def layer_policies(
-    peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig
-) -> dict[str, str]:
-    """The step-0 policy of every layer: `config.policy`, or `zero` where writing the base would change what
-    another module or adapter computes (module docstring)."""
+def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig) -> None:
+    """Refuse `preserve` where writing the base would change what another module or adapter computes
+    (module docstring)."""
     if config.policy != "preserve":
-        return dict.fromkeys(layers, config.policy)
+        return
     uses = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
-    reasons: dict[str, str] = {}
     for name, module in layers.items():
         weight = getattr(base_layer(module), "weight", None)
         others = sorted(a for a in getattr(module, "lora_A", {}) if a != adapter_name)
-        if weight is not None and uses[id(weight)] > 1:
-            reasons[name] = "its weight is tied to another module (e.g. the input embedding)"
-        elif others:
-            reasons[name] = f"its base is shared with adapter(s) {', '.join(others)}"
-    if reasons and "policy" in config.model_fields_set:
-        name, why = next(iter(reasons.items()))
-        raise ValueError(
-            f"policy 'preserve' would change layer {name!r}'s base, and {why}; use policy='zero' or leave the policy "
-            "unset (such layers then get 'zero')"
+        why = (
+            "its weight is tied to another module (e.g. the input embedding)"
+            if weight is not None and uses[id(weight)] > 1
+            else f"its base is shared with adapter(s) {', '.join(others)}"
+            if others
+            else None
         )
-    for name, why in reasons.items():
-        logger.warning("fisher-lora: layer %r gets policy 'zero': %s, which 'preserve' would change", name, why)
-    return {name: "zero" if name in reasons else config.policy for name in layers}
+        if why:
+            raise ValueError(
+                f"policy 'preserve' would change layer {name!r}'s base, and {why}; use policy='zero' (the default) "
+                "or leave that layer out of target_modules"
+            )

@@ -15,10 +15,10 @@ Where each step happens in Axolotl's flow:
   `preserve`), the raw adapter moves to `output_dir/fisher_raw/` and `output_dir` gets the exported
   adapter, which loads with plain PEFT on the original base.
 
-Every decision (policy per objective — DPO/IPO without `rl_adapter_ref_model` get `zero`, since their
-reference is the adapter-disabled model; KTO/ORPO/SimPO are refused —, the summed loss, what the pass
-leaves untouched, checkpoint records, resume) is the shared trainer glue's (`fisher_trainer`), the same
-as the TRL callback's; this module maps Axolotl's hooks onto it.
+Every decision (which objectives allow policy `preserve`, opted into — not DPO/IPO without
+`rl_adapter_ref_model`, whose reference is the adapter-disabled model; KTO/ORPO/SimPO are refused —,
+the summed loss, what the pass leaves untouched, checkpoint records, resume) is the shared trainer
+glue's (`fisher_trainer`), the same as the TRL callback's; this module maps Axolotl's hooks onto it.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from fisher_core.write.peft import lora_layers
 from fisher_trainer import (
     RecordInCheckpoints,
     check_objective,
+    check_step0_policy,
     policy_logits,
     resume,
-    step0_policy,
     summed_loss_fn,
     trainer_state_preserved,
 )
@@ -126,7 +126,7 @@ class FisherLoRAPlugin(BasePlugin):
             LOG.info(f"fisher-lora: {resume(model, checkpoint)}")
             return
         config = fisher_config(cfg)
-        config = step0_policy(config, trainer, unwritable_base(cfg, model) if config.policy == "preserve" else None)
+        check_step0_policy(config, trainer, unwritable_base(cfg, model) if config.policy == "preserve" else None)
         loss_fn = summed_loss_fn(trainer) if config.fisher_type == "empirical" else None
         with plain_lora_forward(model) as undone, trainer_state_preserved(trainer):
             if undone:

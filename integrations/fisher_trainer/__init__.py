@@ -11,10 +11,10 @@ from fisher_trainer.glue import (
     RecordInCheckpoints,
     SaveExports,
     check_objective,
+    check_step0_policy,
     policy_logits,
     reference_is_adapter_disabled,
     resume,
-    step0_policy,
     summed_loss_fn,
     trainer_state_preserved,
 )
@@ -23,10 +23,10 @@ __all__ = [
     "RecordInCheckpoints",
     "SaveExports",
     "check_objective",
+    "check_step0_policy",
     "policy_logits",
     "reference_is_adapter_disabled",
     "resume",
-    "step0_policy",
     "summed_loss_fn",
     "trainer_state_preserved",
 ]

@@ -1,10 +1,10 @@
 """The trainer glue (see the package docstring): policy, objective, state protection, checkpoints, export.
 
-- `step0_policy`: `preserve` changes the base weights (W ← W − s·B·A). That is refused where the base
-  cannot be written (quantized layers) and where the trainer's reference IS the base — a preference
-  trainer whose reference model is this model with its adapter disabled (DPO/IPO without a separate
-  `ref_model` or precomputed reference log-probs): there `preserve` would move the reference. The
-  default policy then becomes `zero` (said in one log line); an explicit `preserve` is an error.
+- `check_step0_policy`: `preserve` (opted into; the default is `zero`) changes the base weights
+  (W ← W − s·B·A). That is refused, with what to change, where the base cannot be written (quantized
+  layers) and where the trainer's reference IS the base — a preference trainer whose reference model is
+  this model with its adapter disabled (DPO/IPO without a separate `ref_model` or precomputed reference
+  log-probs): there `preserve` would move the reference.
 - `check_objective`: objectives fisher-lora cannot turn into a per-batch sum (KTO, ORPO, CPO/SimPO,
   GRPO, RLOO, reward models) are refused before any work, with what to change.
 - `summed_loss_fn`: the trainer's own `compute_loss`, made a SUM over the batch's units — token losses
@@ -86,11 +86,11 @@ def reference_is_adapter_disabled(trainer: Any) -> bool:
     return trainer.ref_model is None and not precomputed
 
 
-def step0_policy(config: FisherConfig, trainer: Any, unwritable: str | None = None) -> FisherConfig:
-    """The config with the step-0 policy this trainer allows (module docstring); logs a switch, raises on an
-    explicit `preserve` that cannot hold. `unwritable` says why the base cannot be written (None: it can)."""
+def check_step0_policy(config: FisherConfig, trainer: Any, unwritable: str | None = None) -> None:
+    """Refuse a `preserve` policy this trainer cannot hold (module docstring). `unwritable` says why the base
+    cannot be written (None: it can)."""
     if config.policy != "preserve":
-        return config
+        return
     if unwritable is not None:
         reason, fix = f"the base cannot be written ({unwritable})", "use policy 'zero'"
     elif reference_is_adapter_disabled(trainer):
@@ -100,11 +100,8 @@ def step0_policy(config: FisherConfig, trainer: Any, unwritable: str | None = No
         )
         fix = "use policy 'zero', pass a separate reference model, or precompute the reference log-probs"
     else:
-        return config
-    if "policy" in config.model_fields_set:
-        raise ValueError(f"fisher-lora: {reason}; {fix}")
-    logger.warning("fisher-lora: %s; using policy 'zero' (B = 0, base untouched)", reason)
-    return config.model_copy(update={"policy": "zero"})
+        return
+    raise ValueError(f"fisher-lora: {reason}; {fix}")
 
 
 def summed_loss_fn(trainer: Any) -> LossFn:

@@ -13,14 +13,16 @@ What runs where:
 - `on_train_begin` (resumed run, `global_step > 0`): no re-initialization; the base offsets saved in
   the checkpoint (`fisher_init.safetensors`) are subtracted from the freshly loaded original base.
 - `on_save`: the offsets record goes next to each checkpoint's raw adapter.
-- `trainer.save_model()` (the final, non-internal save): the raw adapter moves to `fisher_raw/` and an
-  adapter for the ORIGINAL base (`fisher_core.export_adapter`) takes its place; a sharded model keeps
-  the raw adapter and its record, and the log names the offline `fisher-lora export` command.
+- `trainer.save_model()` (the final, non-internal save; under `preserve` only): the raw adapter moves
+  to `fisher_raw/` and an adapter for the ORIGINAL base (`fisher_core.export_adapter`) takes its
+  place; a sharded model keeps the raw adapter and its record, and the log names the offline
+  `fisher-lora export` command.
 
 The decisions (policy per objective, the summed loss, what the pass leaves untouched, checkpoints, resume,
 export) are the shared trainer glue's (`fisher_trainer`), the same as Axolotl's; this module maps TRL's
-hooks onto them. DPO/IPO without a separate `ref_model` get policy `zero` (their reference is the
-adapter-disabled model); KTO, ORPO, CPO and the online trainers are refused.
+hooks onto them. Policy `preserve` (opted into; the default is `zero`) is refused for DPO/IPO without a
+separate `ref_model` (their reference is the adapter-disabled model); KTO, ORPO, CPO and the online
+trainers are refused.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from fisher_trainer import (
     RecordInCheckpoints,
     SaveExports,
     check_objective,
+    check_step0_policy,
     policy_logits,
     resume,
-    step0_policy,
     summed_loss_fn,
     trainer_state_preserved,
 )
@@ -111,7 +113,8 @@ class FisherInitCallback(TrainerCallback):
             logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name))
             return
         trainer = self._trainer()
-        config = step0_policy(self.config, trainer)
+        config = self.config
+        check_step0_policy(config, trainer)
         loss_fn = self.loss_fn or (summed_loss_fn(trainer) if config.fisher_type == "empirical" else None)
         with trainer_state_preserved(trainer), trainer.compute_loss_context_manager():
             self.report = initialize(

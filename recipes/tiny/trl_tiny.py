@@ -5,8 +5,8 @@
 
 `--model` is a small causal LM directory with a tokenizer (the tests use the tiny Llama of
 `tests/tiny.py`); the data is the shipped `recipes/tiny/data/sft.jsonl` (prompt/completion) or
-`dpo.jsonl` (prompt/chosen/rejected). For DPO the reference is the adapter-disabled model, so the
-callback uses policy `zero` (see docs/trl.md).
+`dpo.jsonl` (prompt/chosen/rejected). The default policy `zero` leaves the base untouched (for DPO the
+reference is the adapter-disabled model, which `preserve` would move: see docs/trl.md).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-batches", type=int, default=2)
     parser.add_argument("--selector", default="natural")
     parser.add_argument("--fisher-type", default="empirical")
-    parser.add_argument("--policy", default=None, help="default: preserve for SFT, zero for DPO (the callback decides)")
+    parser.add_argument("--policy", default=None, help="zero (default) or preserve")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args(argv)
     fisher = {"num_batches": args.num_batches, "selector": args.selector, "fisher_type": args.fisher_type}

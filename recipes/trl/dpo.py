@@ -5,7 +5,7 @@
 
 Data: prompt/chosen/rejected rows. The statistics are those of the DPO loss (summed over pairs), or
 with `--fisher-type true` of the policy's own next-token distribution on the completions.
-The reference is the adapter-disabled model, so the policy is `zero` (the base stays the reference);
+The reference is the adapter-disabled model, which the default policy `zero` leaves as it is;
 `--precompute-ref` computes reference log-probs before training, which allows `--fisher-policy preserve`.
 """
 

@@ -38,7 +38,7 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = global_batches()[rank::world]
-    cfg = FisherConfig(progress=False, num_batches=len(mine), selector="natural")
+    cfg = FisherConfig(progress=False, policy="preserve", num_batches=len(mine), selector="natural")
     model = tiny_llama()
     stats = estimate(model, mine, target_modules=TARGETS, config=cfg)
     cached_cfg = cfg.model_copy(update={"cache_path": out / "stats.safetensors"})

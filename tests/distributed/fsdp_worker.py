@@ -53,7 +53,7 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
         model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     elif shard == "fsdp1-blocks":
         model = fsdp1_per_block(model)
-    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
+    config = FisherConfig(progress=False, policy="preserve", num_batches=len(batches), stop_tol=None, selector=selector)
     with counting_whole_units(model) as whole_at_once:
         initialize(model, batches, config=config)
     if shard.startswith("fsdp1"):
@@ -120,7 +120,9 @@ def rank_budget_refusal(batches: list[dict]) -> str:
     """The error `rank_budget` gets on an FSDP1 model with a unit per block (it would replace LoRA modules
     inside FSDP1's flat parameters)."""
     model = fsdp1_per_block(get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
-    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, rank_budget=4 * 3 * 2)
+    config = FisherConfig(
+        progress=False, policy="preserve", num_batches=len(batches), stop_tol=None, rank_budget=4 * 3 * 2
+    )
     try:
         initialize(model, batches, config=config)
     except ValueError as e:

@@ -36,7 +36,7 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
     subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     batches = global_batches()
-    cfg = FisherConfig(progress=False, num_batches=len(batches), selector="natural")
+    cfg = FisherConfig(progress=False, policy="preserve", num_batches=len(batches), selector="natural")
     model = tiny_llama()
     single = estimate(model, batches, target_modules=TARGETS, config=cfg)
     # one process selecting from the statistics the ranks hold (all-reduced: equal to `single` up to rounding)
@@ -50,9 +50,9 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
         for r in ranks:
             a, g, mg, tokens = r["stats"][name]
             assert tokens == s.num_tokens
-            torch.testing.assert_close(a, s.input_cov, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(g, s.grad_cov, rtol=1e-5, atol=1e-9)
-            torch.testing.assert_close(mg, s.mean_grad, rtol=1e-5, atol=1e-9)
+            # fp32 sums in another order: every entry within 1e-5 of the factor's largest entry
+            for got, want in ((a, s.input_cov), (g, s.grad_cov), (mg, s.mean_grad)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         b0, a0 = ranks[0]["directions"][name]
         b1, a1 = ranks[1]["directions"][name]
         assert torch.equal(b0, b1) and torch.equal(a0, a1)  # every rank writes the same adapter

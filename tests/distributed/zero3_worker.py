@@ -42,7 +42,7 @@ def partitioned(model: torch.nn.Module) -> torch.nn.Module:
 def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     model = partitioned(model) if zero3 else model
-    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, selector=selector)
+    config = FisherConfig(progress=False, policy="preserve", num_batches=len(batches), stop_tol=None, selector=selector)
     # the statistics cache fingerprints whole weights: the whole model's run writes it, the partitioned one reuses it
     cache = config.model_copy(update={"cache_path": out / f"{selector}.safetensors"})
     reused = bool(estimate(model, batches, target_modules=TARGETS, config=cache).meta.get("cache"))
@@ -70,7 +70,7 @@ def checkpointed(batches: list[dict]) -> dict:
     """Statistics of the partitioned model with gradient checkpointing on (kept on for the pass)."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None)
+    config = FisherConfig(progress=False, policy="preserve", num_batches=len(batches), stop_tol=None)
     stats = estimate(partitioned(model), batches, target_modules=TARGETS, config=config)
     return {
         "stats": {n: (s.input_cov, s.grad_cov, s.num_tokens) for n, s in stats.items()},

@@ -78,7 +78,8 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("axolotl")
 
 
-FRESH = {
+FRESH = {  # `preserve` (opted into) exercises the base offsets: checkpoint records, resume, export
+    "fisher_policy": "preserve",
     "fisher_rank_budget": BUDGET,
     "max_steps": 4,
     "save_strategy": "steps",
@@ -194,13 +195,21 @@ def test_resume_restores_offsets_and_does_not_reinitialize(fresh, resumed, tiny_
     torch.testing.assert_close(logits(continued, ids), logits(uninterrupted, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_qlora_uses_zero_policy_and_says_so(qlora):
+def test_qlora_default_policy_leaves_the_4bit_base_untouched(qlora):
     out, log = qlora
-    assert any("(bnb-4bit layers); using policy 'zero'" in line for line in fisher_lines(log)), fisher_lines(log)
     report = json.loads((out / "fisher_init_report.json").read_text())
     assert report["policy"] == "zero" and len(report["layers"]) == LAYERS
     assert not (out / "fisher_raw").exists()  # the base is untouched: the plain save is already correct
     assert "'train_loss'" in log
+
+
+def test_qlora_with_preserve_is_refused_before_the_pass(tiny_llama_dir, work):
+    out = work / "qlora-preserve"
+    config = axolotl_yaml("axolotl_qlora.yml", tiny_llama_dir, work, output_dir=str(out), fisher_policy="preserve")
+    log = axolotl_train(config, ok=False)
+    assert "the base cannot be written (bnb-4bit layers); use policy 'zero'" in log
+    assert not any("directions from" in line for line in fisher_lines(log))
+    assert not (out / "adapter_config.json").exists()
 
 
 def test_bad_fisher_key_fails_validation_naming_it(tiny_llama_dir, work):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tiny import tiny_llama
 from torch import nn
 
-from fisher_core import FisherConfig, FisherStats, LayerStats, estimate, initialize, select
+from fisher_core import FisherConfig, FisherStats, LayerStats, apply, estimate, initialize, select
 from fisher_core.layers import LayerKind
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -115,7 +115,7 @@ def test_keyboard_interrupt_mid_write_undoes_the_layers_already_written(monkeypa
 
     monkeypatch.setattr(LayerKind, "subtract", subtract_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        initialize(model, _batches(), config=_cfg(selector="fwsvd"))
+        initialize(model, _batches(), config=_cfg(selector="fwsvd", policy="preserve"))
     monkeypatch.setattr(LayerKind, "subtract", original)
     after = model.state_dict()
     for k, v in before["weights"].items():  # the undo is W − R + R in fp32: equal to rounding
@@ -163,19 +163,30 @@ def _factors(draw):
 @settings(max_examples=40, deadline=None)
 @given(_factors(), st.sampled_from(["select", "fwsvd", "natural", "subspace"]), st.sampled_from(["preserve", "zero"]))
 def test_selectors_are_finite_with_right_shapes_and_policy_semantics(factors, selector, policy):
+    """On a PEFT model: `preserve` leaves `W − s·B·A` in the base (computed here from the written factors, not
+    by the writer) and the outputs unchanged; `zero` leaves B = 0 and the base as it was."""
     m, n, r, seed, s_a, s_g, mean_grad = factors
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(n, m, bias=False))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(n, m, bias=False)), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"])
+    )
+    layer = model.base_model.model[0]
+    w, x = layer.base_layer.weight.detach().clone(), torch.randn(3, n)
+    with model.disable_adapter(), torch.no_grad():
+        before = model(x)
     stats = FisherStats({"0": LayerStats(s_a, s_g, 10, mean_grad)}, fisher_type="empirical", num_batches=1)
-    d = select(stats, model, rank=r, lora_alpha=2 * r, config=FisherConfig(selector=selector, policy=policy))["0"]
+    directions = select(stats, model, config=FisherConfig(selector=selector, policy=policy))
+    d = directions["0"]
     assert d.B.shape == (m, r) and d.A.shape == (r, n)
     assert torch.isfinite(d.A).all() and torch.isfinite(d.B).all()
-    w = model[0].weight.detach()
-    if policy == "zero":
-        assert not d.residual().any()
-    else:  # the base keeps W − s·B·A, so base + adapter reconstructs W
-        torch.testing.assert_close((w - d.residual()) + d.residual(), w, rtol=1e-5, atol=1e-5)
-        assert torch.isfinite(d.residual()).all()
+    apply(model, directions)
+    b, a = layer.lora_B["default"].weight.detach(), layer.lora_A["default"].weight.detach()
+    expected = w if policy == "zero" else w - 2.0 * (b.double() @ a.double()).float()  # s = α/r = 2
+    assert policy != "zero" or not b.any()
+    tol = 1e-5 * max(1.0, float(w.abs().max()), float((b @ a).abs().max()))
+    torch.testing.assert_close(layer.base_layer.weight.detach(), expected, rtol=0, atol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4 * max(1.0, float(before.abs().max())))
 
 
 @settings(max_examples=60, deadline=None)

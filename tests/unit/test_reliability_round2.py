@@ -63,10 +63,7 @@ def test_tied_output_layer_keeps_outputs_and_the_tied_embedding(build, targets):
     report = initialize(peft_model, _batches(), config=_cfg())
     torch.testing.assert_close(_logits(peft_model), before, rtol=1e-5, atol=1e-5)
     assert torch.equal(peft_model.get_input_embeddings().weight, embedding)  # the tied input embedding is untouched
-    lm_head = next(n for n in report.directions if n.endswith("lm_head"))
-    assert report.directions[lm_head].policy == "zero" and not report.directions[lm_head].B.any()
-    others = [d for n, d in report.directions.items() if n != lm_head]
-    assert all(d.policy == "preserve" for d in others)  # only the tied layer changes policy
+    assert all(d.policy == "zero" and not d.B.any() for d in report.directions.values())  # the default
 
 
 def test_tied_output_layer_with_explicit_preserve_is_refused_before_the_pass():
@@ -83,6 +80,13 @@ def test_a_second_adapter_does_not_move_the_active_one():
     report = initialize(peft_model, _batches(), config=_cfg(), adapter_name="second")
     torch.testing.assert_close(_logits(peft_model), active, rtol=1e-5, atol=1e-5)
     assert all(d.policy == "zero" for d in report.directions.values())
+
+
+def test_preserve_on_a_shared_base_is_refused_before_the_pass():
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"shared with adapter\(s\) default; use policy='zero'"):
+        initialize(peft_model, iter(()), config=_cfg(policy="preserve"), adapter_name="second")
 
 
 def test_apply_with_another_rank_updates_peft_config_and_the_saved_adapter_loads(tmp_path):

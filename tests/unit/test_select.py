@@ -35,7 +35,8 @@ def _stats(model, names, identity=False, seed=0) -> FisherStats:
 
 
 def _cfg(**kw) -> FisherConfig:
-    return FisherConfig(progress=False, damping=kw.pop("damping", 0.0), **kw)
+    """`preserve`: the selector's own factors (under `zero` B is 0 and A's rows are renormalized)."""
+    return FisherConfig(progress=False, damping=kw.pop("damping", 0.0), policy=kw.pop("policy", "preserve"), **kw)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -87,6 +88,52 @@ def test_natural_spans_the_whitened_mean_gradient_directions():
     norm = d.B.shape[0] ** 0.25 / math.sqrt(4.0)
     np.testing.assert_allclose(_np(d.B.norm(dim=0)), norm, rtol=1e-5)
     np.testing.assert_allclose(_np(d.A.norm(dim=1)), norm, rtol=1e-5)
+
+
+def _inv_sqrt_damped(s: np.ndarray, damping: float) -> np.ndarray:
+    """(S + λ·mean(diag S)·I)^{-1/2}, the damping as documented (FisherConfig.damping)."""
+    return np.linalg.inv(np.real(scipy.linalg.sqrtm(s + damping * np.trace(s) / len(s) * np.eye(len(s)))))
+
+
+def test_natural_damping_is_lambda_times_the_mean_diagonal():
+    """λ = 0.5 moves the directions a lot (checked against λ = 0); a damping of another size — λ·max(diag S),
+    λ alone, or a 10 % different λ — gives directions off by more than the 1e-4 tolerance."""
+    model = tiny_llama()
+    stats = _stats(model, [NAME])
+    d = select(stats, model, rank=3, lora_alpha=3, config=_cfg(selector="natural", damping=0.5))[NAME]
+
+    def closed_form(damping: float) -> tuple[np.ndarray, np.ndarray]:
+        g_ih = _inv_sqrt_damped(_np(stats[NAME].grad_cov), damping)
+        a_ih = _inv_sqrt_damped(_np(stats[NAME].input_cov), damping)
+        u, _, vt = np.linalg.svd(g_ih @ _np(stats[NAME].mean_grad) @ a_ih)
+        return g_ih @ u[:, :3], vt[:3] @ a_ih
+
+    def cosines(got: torch.Tensor, want: np.ndarray) -> np.ndarray:
+        got = _np(got)
+        return np.abs((got * want).sum(0)) / (np.linalg.norm(got, axis=0) * np.linalg.norm(want, axis=0))
+
+    b_dirs, a_dirs = closed_form(0.5)
+    assert np.all(np.abs(cosines(d.B, b_dirs) - 1) < 1e-4) and np.all(np.abs(cosines(d.A.T, a_dirs.T) - 1) < 1e-4)
+    for other in (0.0, 0.55):
+        b_other, a_other = closed_form(other)
+        assert np.abs(cosines(d.B, b_other) - 1).max() > 1e-4 or np.abs(cosines(d.A.T, a_other.T) - 1).max() > 1e-4
+
+
+def test_exact_max_dim_switches_between_dense_and_sketched_statistics():
+    """`solver="auto"`: a layer with max(out, in) ≤ exact_max_dim gets dense factors, a wider one sketches."""
+    from fisher_core import estimate
+    from fisher_core.estimate.sums import FactorSketch
+
+    model = tiny_llama()
+    batches = [{"input_ids": torch.randint(3, 300, (2, 16)), "labels": torch.randint(3, 300, (2, 16))}]
+    widths = {name: max(m.weight.shape) for name, m in model.named_modules() if name.endswith(("q_proj", "up_proj"))}
+    cut = min(widths.values())  # q_proj (64) stays dense, up_proj (its wider side) is sketched
+    assert max(widths.values()) > cut
+    cfg = FisherConfig(progress=False, num_batches=1, exact_max_dim=cut, sketch_rank=8)
+    stats = estimate(model, batches, target_modules=list(widths), config=cfg)
+    for name, width in widths.items():
+        sketched = isinstance(stats[name].input_cov, FactorSketch) or isinstance(stats[name].grad_cov, FactorSketch)
+        assert sketched == (width > cut), (name, width)
 
 
 def test_subspace_takes_the_top_eigenvectors_of_both_factors():
@@ -185,8 +232,9 @@ def test_lowrank_solver_matches_exact_on_decaying_spectra(selector):
         fisher_type="empirical",
         num_batches=1,
     )
-    exact = select(stats, model, rank=4, config=FisherConfig(selector=selector, solver="exact"))["0"]
-    low = select(stats, model, rank=4, config=FisherConfig(selector=selector, solver="lowrank", sketch_rank=36))["0"]
+    exact = select(stats, model, rank=4, config=FisherConfig(selector=selector, solver="exact", policy="preserve"))["0"]
+    cfg = FisherConfig(selector=selector, solver="lowrank", sketch_rank=36, policy="preserve")
+    low = select(stats, model, rank=4, config=cfg)["0"]
     if selector in ("fwsvd", "select"):
         assert torch.linalg.norm(low.residual() - exact.residual()) / torch.linalg.norm(exact.residual()) < 1e-3
     else:  # nearly the same subspaces (natural's whitened spectrum is flat in the damped tail)

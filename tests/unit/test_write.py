@@ -59,7 +59,7 @@ def test_preserve_keeps_logits(selector):
     batches = _batches()
     reference = _logits(tiny_llama(), batches[0])
     model = _peft()
-    initialize(model, batches, config=_cfg(selector=selector))
+    initialize(model, batches, config=_cfg(selector=selector, policy="preserve"))
     assert (_logits(model, batches[0]) - reference).abs().max() <= 1e-5
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.any()
 
