@@ -19,6 +19,15 @@ def _runs(records: list[dict], task: str, method: str, lr: float | None) -> list
     return [r for r in records if (r["task"], r["method"], r["lr"]) == (task, method, lr) and "curve" in r]
 
 
+# the protocol's method names, as the tables show them: `fisher` ran with policy `preserve` (the default until
+# this protocol chose `zero`); `fisher-zero` is the library default
+LABELS = {"fisher": "fisher-preserve", "fisher-zero": "fisher-zero (default)"}
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
 def _mean(values: list[float]) -> float:
     return statistics.mean(values)
 
@@ -74,7 +83,7 @@ def own_lr_table(records: list[dict], task: str, methods: tuple[str, ...], seed0
             (
                 _mean([stopped(r)["test_loss"] for r in runs]),
                 [
-                    method,
+                    label(method),
                     f"{lr:g}",
                     str(len(runs)),
                     _cell([stopped(r)["test_loss"] for r in runs]),
@@ -104,7 +113,7 @@ def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> 
                 cells[task, method] = [pick(r)["test_loss"] for r in runs]
     rows = []
     for method in preset.methods:
-        row = [method]
+        row = [label(method)]
         for task in preset.tasks:
             values = cells.get((task, method))
             best = min((_mean(v) for (t, _), v in cells.items() if t == task), default=None)
@@ -124,7 +133,7 @@ def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], s
     head = ["method", *(f"lr {lr:g} ({m}× LoRA's)" for lr, m in zip(lrs, ("0.5", "1", "2"), strict=True))]
     rows = []
     for method in methods:
-        cells = [method]
+        cells = [label(method)]
         for lr in lrs:
             mine = [stopped(r)["test_loss"] for r in _runs(records, task, method, lr)]
             base = [stopped(r)["test_loss"] for r in _runs(records, task, "lora", lr)]
@@ -146,7 +155,7 @@ def ablation_table(records: list[dict], task: str, preset: Preset) -> str:
         runs = _runs(records, task, method, lr)
         if runs:
             rows.append([
-                method, str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
+                label(method), str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
                 _cell([r["curve"][-1]["test_loss"] for r in runs]), _cell([_at(r, 0.25, "test_loss") for r in runs]),
                 _cell([r["curve"][-1]["accuracy"] for r in runs]),
             ])  # fmt: skip
@@ -170,7 +179,7 @@ def verdict(records: list[dict], task: str, methods: tuple[str, ...], seed0: int
     noise = 2 * max(_std(scores[ours]), _std(scores[rival]))
     word = "wins" if gap > noise else ("loses" if -gap > noise else "ties (within 2× seed std)")
     return (
-        f"{task}: `{ours}` {word} against `{rival}`: stopped test loss {_mean(scores[ours]):.3f} vs "
+        f"{task}: `{label(ours)}` {word} against `{label(rival)}`: stopped test loss {_mean(scores[ours]):.3f} vs "
         f"{_mean(scores[rival]):.3f} (gap {gap:+.3f}, 2× std {noise:.3f})"
     )
 
@@ -196,7 +205,7 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
             if runs:
                 steps = [p["step"] for p in runs[0]["curve"]]
                 loss = [_mean([r["curve"][i]["test_loss"] for r in runs]) for i in range(len(steps))]
-                ax.plot(steps, loss, marker="o", ms=3, label=f"{method} @ {lr:g}")
+                ax.plot(steps, loss, marker="o", ms=3, label=f"{label(method)} @ {lr:g}")
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("test loss")
@@ -210,6 +219,7 @@ def write(path: Path, preset: Preset) -> None:
     """`tables.md` and `curves.png` beside the records in `path`."""
     records = load(path)
     seed0 = preset.seeds[0]
+    ours = "fisher-zero" if "fisher-zero" in preset.methods else "fisher"  # the library default, where it ran
     failed = sorted({f"{r['task']}/{r['method']}: {r['failed']}" for r in records if "failed" in r})
     parts = [f"# Quality protocol ({path.parent.name}): {sum('curve' in r for r in records)} runs", ""]
     parts += [
@@ -223,7 +233,7 @@ def write(path: Path, preset: Preset) -> None:
         "",
         "## Verdicts (each at its own best lr)",
         "",
-        *(f"- {verdict(records, t, preset.methods, seed0)}" for t in preset.tasks),
+        *(f"- {verdict(records, t, preset.methods, seed0, ours)}" for t in preset.tasks),
         "",
     ]
     for task in preset.tasks:

@@ -83,14 +83,16 @@ class FisherInitCallback(TrainerCallback):
         self.export: SaveExports | None = None
 
     def attach(self, trainer: Trainer) -> FisherInitCallback:
-        """Give the callback its trainer and register it: checkpoints carry the base offsets, and the final
-        `save_model` ships an adapter for the original base (`fisher_trainer.SaveExports`)."""
+        """Give the callback its trainer and register it: checkpoints carry the base offsets, and, where the init
+        changes the base (`preserve`, `force`), the final `save_model` ships an adapter for the original base
+        (`fisher_trainer.SaveExports`). Under the default `zero` nothing of the trainer's is replaced."""
         if self.loss_fn is None:
             check_objective(trainer)
         self.trainer = trainer
         trainer.add_callback(self)
         trainer.add_callback(RecordInCheckpoints(lambda: self.model, self.adapter_name))
-        self.export = SaveExports(trainer, lambda: self.model, self.adapter_name)
+        if self.config.policy == "preserve" or self.config.force:  # the only inits that change the base
+            self.export = SaveExports(trainer, lambda: self.model, self.adapter_name)
         return self
 
     def detach(self) -> None:

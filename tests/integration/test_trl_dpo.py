@@ -27,6 +27,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 def test_dpo_defaults_to_zero_policy_and_keeps_the_reference(tiny_llama_dir, tmp_path, caplog):
     trainer, callback = trl_tiny.build("dpo", tiny_llama_dir, tmp_path, fisher=FISHER, steps=1, **EXACT)
+    assert "save_model" not in vars(trainer)  # under `zero` nothing of the trainer's is replaced
     original = base_weights(trainer.model)
     with caplog.at_level(logging.INFO):
         trainer.train()
