@@ -33,3 +33,26 @@ def test_tiny_protocol_runs_every_stage_and_writes_tables(tmp_path):
     assert plan(PRESETS["tiny"], records) == []  # nothing left: grid bracketed, seeds and ablation done
     tables = (out / "tables.md").read_text()
     assert "## word-sentiment" in tables and "Ablation" in tables and (out / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_causal_protocol_trains_sft_and_dpo_and_refuses_preserve_for_dpo(tmp_path):
+    """The causal-LM tasks through TRL at the `lm-tiny` preset (a 2-step pre-trained Llama): every SFT init
+    runs; for DPO, whose reference is the adapter-disabled model, `preserve` is recorded as refused."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", "lm-tiny", "--out", str(out),
+         "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {(r["task"], r["method"]): r for r in map(json.loads, (out / "protocol.jsonl").read_text().splitlines())}
+    assert "writes the base" in records["dpo-tragedy", "fisher"]["failed"]
+    ran = {key: r for key, r in records.items() if "failed" not in r}
+    assert set(ran) == {(t, m) for t in ("sft-tragedy", "dpo-tragedy") for m in ("lora", "fisher-zero")} | {
+        ("sft-tragedy", "fisher")
+    }
+    for r in ran.values():
+        assert [p["step"] for p in r["curve"]] == [1, 2]
+        assert all(p["val_loss"] > 0 and 0 <= p["accuracy"] <= 1 for p in r["curve"])
+    assert "## sft-tragedy" in (out / "tables.md").read_text()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+CAUSAL_TASKS = ("sft-tragedy", "dpo-tragedy")  # causal.py; the others are tasks.py's encoder tasks
 # Fisher variants by method name: `FisherConfig` fields (and calibration batches). `fisher` is the natural
 # selector with policy `preserve` (the default until this protocol's robustness table chose `zero`);
 # `fisher-zero` (the library default) keeps its A directions at default LoRA's scale, B = 0: subspace
@@ -78,15 +80,16 @@ class Preset:
     robust: tuple[str, ...] = ("lora", "fisher", "fisher-zero")  # seeded at 0.5×/1×/2× LoRA's best lr
     extend: int = 3  # how many halvings/doublings beyond the grid's edges a best lr at an edge may add
     eval_at: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
-    ablations: tuple[str, ...] = (  # most telling first: a protocol cut short has whole rows
+    # most telling first (a protocol cut short has whole rows); `subspace` and `fwsvd` lost everywhere on the
+    # older suite (BENCHMARKS), so only the GPU preset repeats them
+    pretrain_steps: int = 1500  # the causal-LM tasks' pre-trained Llama (causal.py)
+    ablations: tuple[str, ...] = (
         "fisher-random",
         "fisher-nowhiten",
         "fisher-c4",
         "fisher-all16",
         "fisher-select",
         "fisher-true",
-        "fisher-subspace",
-        "fisher-fwsvd",
     )
 
 
@@ -98,9 +101,25 @@ PRESETS = {
         lr_grid=(1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
         seeds=(0, 1, 2, 3, 4),
         robust=("lora", "fisher", "fisher-zero", "eva", "lora_ga", "pissa"),
+        ablations=tuple(v for v in VARIANTS if v not in ("fisher", "fisher-zero")),
         steps=400,
         max_length=64,
         sizes=(400, 96, 192),
+    ),
+    # causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits
+    # that write the base (its reference is the adapter-disabled model), recorded as failed runs
+    "lm": Preset(
+        tasks=("sft-tragedy", "dpo-tragedy"),
+        methods=("lora", "fisher-zero", "fisher", "lora_ga", "eva"),
+        lr_grid=(5e-4, 1e-3, 2e-3, 4e-3),
+        steps=150,
+        batch_size=8,
+        calibration=8,
+        head_warmup=0,
+        sizes=(800, 96, 128),
+        robust=("lora", "fisher-zero"),
+        extend=2,
+        ablations=(),
     ),
     # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
     "tiny": Preset(
@@ -115,6 +134,21 @@ PRESETS = {
         sizes=(8, 4, 4),
         eval_at=(0.5, 1.0),
         ablations=("fisher-nowhiten",),
+        extend=0,
+    ),
+    "lm-tiny": Preset(  # the smoke test of the causal-LM tasks
+        tasks=("sft-tragedy", "dpo-tragedy"),
+        methods=("lora", "fisher-zero", "fisher"),
+        lr_grid=(1e-3,),
+        seeds=(0,),
+        steps=2,
+        batch_size=2,
+        calibration=1,
+        head_warmup=0,
+        sizes=(8, 4, 4),
+        eval_at=(0.5, 1.0),
+        pretrain_steps=2,
+        ablations=(),
         extend=0,
     ),
 }
@@ -263,6 +297,12 @@ class Data:
     splits: dict[str, tuple] = field(default_factory=dict)
 
     def get(self, task: str, preset: Preset) -> tuple:
+        if task not in self.splits and task in CAUSAL_TASKS:
+            from benchmarks.quality.causal import dialogue_splits
+
+            rows = dialogue_splits(preset.sizes)
+            digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+            self.splits[task] = (rows, digest)
         if task not in self.splits:
             from benchmarks.quality.encoder import tokenize
             from benchmarks.quality.tasks import TASKS, fingerprint
@@ -279,13 +319,15 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     from benchmarks.quality.runner import RunSpec, run
     from fisher_core import FisherConfig
 
-    train, val, test, num_labels, data_hash = data.get(key.task, preset)
     method, fisher, calibration = key.method, None, preset.calibration
     if key.method in VARIANTS:
         fields = dict(VARIANTS[key.method])
         calibration = min(calibration, fields.get("num_batches", calibration))
         method = key.method if key.method in METHODS else "fisher"
         fisher = FisherConfig(progress=False, **fields)
+    if key.task in CAUSAL_TASKS:
+        return _causal_record(key, preset, data, method, fisher)
+    train, val, test, num_labels, data_hash = data.get(key.task, preset)
     spec = RunSpec(
         method=method,
         seed=key.seed,
@@ -325,11 +367,32 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     }
 
 
+def _causal_record(key: RunKey, preset: Preset, data: Data, method: str, fisher) -> dict:
+    """Run a causal-LM key (`causal.run_causal`) and return its record."""
+    from benchmarks.quality.causal import run_causal
+
+    rows, data_hash = data.get(key.task, preset)
+    fields = VARIANTS.get(key.method) if fisher is not None else None
+    started = time.perf_counter()
+    result = run_causal(key.task, method, fields, key.lr, key.seed, preset, rows)
+    return {
+        **asdict(key),
+        "data": data_hash,
+        "steps": preset.steps,
+        "fisher": fisher.model_dump(mode="json", exclude={"cache_path", "progress", "force"}) if fisher else None,
+        **result,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
 def worker(preset_name: str, out: Path | None = None) -> None:
     """Claim, run and record runs until the plan is empty."""
     import torch
 
     torch.set_num_threads(1)
+    import datasets
+
+    datasets.disable_progress_bars()  # TRL's dataset preparation (causal-LM tasks), once per run
     preset, path, data = PRESETS[preset_name], results_path(preset_name, out), Data()
     while (key := claim(path, preset)) is not None:
         try:
@@ -364,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
         worker(args.preset, args.out)
         return
     if not args.tables_only:
+        if set(PRESETS[args.preset].tasks) & set(CAUSAL_TASKS):  # pre-trained once, before the workers share it
+            from benchmarks.quality.causal import pretrained_lm
+
+            pretrained_lm(PRESETS[args.preset].pretrain_steps)
         cmd = [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", args.preset, "--worker"]
         cmd += ["--out", str(args.out)] if args.out else []
         procs = [subprocess.Popen(cmd) for _ in range(args.workers)]

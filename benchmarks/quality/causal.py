@@ -1,0 +1,221 @@
+"""The protocol's causal-LM tasks: SFT and DPO on Shakespeare's tragedy dialogue, with a small Llama
+pre-trained (once, cached, deterministic) on ~2.2 M tokens of other real text.
+
+- `pretrained_lm()`: a byte-level BPE (2048) and a Llama (hidden 192, 4 layers, ~1.7 M parameters)
+  trained from scratch for the preset's `pretrain_steps` (1500) steps of 16 × 128 tokens on Shakespeare's comedies and
+  histories plus the first paragraphs of the docstrings of six installed libraries (torch, numpy,
+  transformers, matplotlib, scipy, sympy). No tragedy is in it: the tasks are a domain it never saw.
+  `pretrain.json` beside the weights records tokens, steps, seconds and the last loss.
+- `dialogue_splits()`: prompt = the last 24 words of a tragedy speech, completion = the first 20 words of
+  the speech that answers it, rejected = the completion's words shuffled (seeded). Held out by play:
+  train on four tragedies, validate on *Julius Caesar*, test on *Macbeth*.
+- `run_causal()`: one protocol run through TRL (`SFTTrainer`, `DPOTrainer`); our inits through the TRL
+  callback (`fisher_trl.FisherInitCallback`), PEFT's with `methods.build_adapter`. Curve points carry the
+  completion loss (SFT) or DPO loss (DPO) on validation and test, and token / reward accuracy.
+  DPO's reference is the adapter-disabled model, so inits that change the base are refused for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+
+from benchmarks.quality.lm import _clip, _collate, _encode, _play_speeches, evaluate_dpo, evaluate_sft
+from benchmarks.quality.shakespeare import cache_dir
+
+PRETRAIN_NAME = "llama-1.7m-comedies-histories-docstrings-v1"
+PRETRAIN_PLAYS = (
+    "midsummer_nights_dream", "twelfth_night", "as_you_like_it", "much_ado_about_nothing", "comedy_of_errors",
+    "taming_of_the_shrew", "merry_wives_of_windsor", "two_gentlemen_of_verona", "merchant_of_venice",
+    "measure_for_measure", "henry_v", "richard_ii", "richard_iii", "henry_iv_part_1", "henry_iv_part_2", "john",
+    "henry_viii", "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3",
+)  # fmt: skip
+DOC_LIBRARIES = ("torch", "numpy", "transformers", "matplotlib", "scipy", "sympy")
+SPLITS = {
+    "train": ("hamlet", "lear", "othello", "romeo_and_juliet"),
+    "val": ("julius_caesar",),
+    "test": ("macbeth",),
+}
+BASE_CHANGING = ("lora_ga", "pissa", "olora", "corda")  # PEFT inits that write the base (and fisher's `preserve`)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQ = 128
+
+
+def pretraining_text() -> list[str]:
+    """The pre-training corpus, in a fixed order: comedy and history speeches, then docstrings."""
+    import importlib.util
+
+    from benchmarks.quality.tasks import docstrings
+
+    text = [s for play in _play_speeches(PRETRAIN_PLAYS, 3) for s in play]
+    for lib in DOC_LIBRARIES:
+        spec = importlib.util.find_spec(lib)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"the pre-training corpus reads the installed {lib}: pip install {lib}")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            if "test" not in path.parts and not path.name.startswith("test"):
+                text += docstrings(path)
+    return text
+
+
+def pretrained_lm(steps: int, cache: Path | None = None) -> Path:
+    """The pre-trained Llama's directory (model + tokenizer + `pretrain.json`), one per step count; trained
+    if missing."""
+    target = (cache or cache_dir()) / f"{PRETRAIN_NAME}-{steps}steps"
+    if (target / "pretrain.json").is_file():
+        return target
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.tiny_models import llama_config, train_bpe
+
+    started = time.perf_counter()
+    text = pretraining_text()
+    tokenizer = train_bpe(text, vocab_size=2048)
+    stream = torch.tensor([i for s in text for i in tokenizer(s + "\n")["input_ids"]])
+    chunks = stream[: len(stream) // SEQ * SEQ].view(-1, SEQ)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(len(tokenizer), hidden=192, layers=4, tie_word_embeddings=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(steps):
+        rows = chunks[torch.randint(len(chunks), (16,), generator=gen)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            print(f"pretrain step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    facts = {
+        "corpus_tokens": len(stream), "trained_tokens": steps * 16 * SEQ, "steps": steps,
+        "parameters": sum(p.numel() for p in model.parameters()), "last_loss": loss.item(),
+        "seconds": round(time.perf_counter() - started), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    (target / "pretrain.json").write_text(json.dumps(facts, indent=1))
+    return target
+
+
+def dialogue_splits(sizes: tuple[int, int, int], seed: int = 0) -> dict[str, list[dict]]:
+    """`{train, val, test}` rows `{prompt, completion, rejected}`, held out by play (module docstring)."""
+    rng = random.Random(seed)
+    out = {}
+    for (split, plays), size in zip(SPLITS.items(), sizes, strict=True):
+        rows = [
+            {"prompt": _clip(prev, 24, tail=True) + "\n", "completion": _clip(nxt, 20, tail=False)}
+            for play in _play_speeches(plays, 6)
+            for prev, nxt in pairwise(play)
+        ]
+        if len(rows) < size:
+            raise ValueError(f"{split} plays {plays} give {len(rows)} speech pairs, fewer than {size}")
+        rng.shuffle(rows)
+        for r in rows[:size]:
+            words = r["completion"].split()
+            rng.shuffle(words)
+            r["rejected"] = " ".join(words)
+        out[split] = rows[:size]
+    return out
+
+
+def _evaluate(task: str, model, tokenizer, rows: list[dict]) -> tuple[float, float]:
+    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss and reward accuracy."""
+    if task == "sft-tragedy":
+        m = evaluate_sft(model, tokenizer, rows)
+        return m["test_loss"], m["token_accuracy"]
+    m = evaluate_dpo(model, tokenizer, rows)
+    return m["test_loss"], m["reward_accuracy"]
+
+
+def run_causal(task: str, method: str, fisher: dict | None, lr: float, seed: int, preset, data: dict) -> dict:
+    """One run; returns `{curve, init_seconds, init_batches}` in the protocol's record shape. `fisher`:
+    `FisherConfig` fields of a Fisher variant (None: a PEFT init named `method`)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+
+    from benchmarks.quality.methods import build_adapter
+
+    if task == "dpo-tragedy" and (method in BASE_CHANGING or (fisher or {}).get("policy") == "preserve"):
+        raise ValueError(f"{method} writes the base, which DPO's adapter-disabled reference reads")
+    base = pretrained_lm(steps=preset.pretrain_steps)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = {"r": preset.rank, "lora_alpha": 2 * preset.rank, "lora_dropout": 0.0, "target_modules": TARGETS}
+    started, peft_config = time.perf_counter(), None
+    if fisher is not None:
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+    else:
+        rows = random.Random(seed).sample(data["train"], preset.calibration * preset.batch_size)
+        encoded = [_encode(tokenizer, r["prompt"], r["completion"]) for r in rows]
+        batches = [
+            _collate(encoded[i : i + preset.batch_size], tokenizer.pad_token_id)
+            for i in range(0, len(encoded), preset.batch_size)
+        ]
+        model = build_adapter(method, model, batches, lora={**lora, "task_type": "CAUSAL_LM"}).model
+    trainer = _trainer(task, model, tokenizer, peft_config, lr, seed, preset, data["train"])
+    callback = None
+    if fisher is not None:
+        from fisher_trl import FisherInitCallback
+
+        options = {"num_batches": preset.calibration, "progress": False, **fisher}
+        callback = FisherInitCallback(**options).attach(trainer)
+    at = sorted({round(f * preset.steps) for f in preset.eval_at})
+    curve: list[dict] = []
+    init_seconds: list[float] = []
+
+    class Curve(TrainerCallback):  # after the Fisher callback: the init has run when training begins
+        def on_train_begin(self, args, state, control, **kwargs):
+            init_seconds.append(time.perf_counter() - started)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in at:
+                val, val_acc = _evaluate(task, trainer.model, tokenizer, data["val"])
+                test, acc = _evaluate(task, trainer.model, tokenizer, data["test"])
+                curve.append({"step": state.global_step, "test_loss": test, "accuracy": acc, "val_loss": val,
+                              "val_accuracy": val_acc, "train_loss": None})  # fmt: skip
+
+    trainer.add_callback(Curve())
+    trainer.remove_callback(PrinterCallback)  # one line per run comes from the protocol
+    trainer.train()
+    return {
+        "curve": curve,
+        "init_seconds": init_seconds[0],
+        "init_batches": callback.report.num_batches if callback and callback.report else None,
+    }
+
+
+def _trainer(task: str, model, tokenizer, peft_config, lr: float, seed: int, preset, train: list[dict]):
+    """TRL's SFTTrainer / DPOTrainer with the protocol's schedule (warm-up, linear decay, AdamW)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    common = dict(
+        output_dir=str(cache_dir() / "runs" / "causal"), max_steps=preset.steps,
+        per_device_train_batch_size=preset.batch_size, learning_rate=lr, lr_scheduler_type="linear",
+        warmup_steps=round(preset.warmup * preset.steps), weight_decay=0.0, max_length=96, logging_steps=10**6,
+        save_strategy="no", report_to=[], use_cpu=preset.device == "cpu", disable_tqdm=True, seed=seed,
+        data_seed=seed,
+    )  # fmt: skip
+    if task == "sft-tragedy":
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in train]
+        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["rejected"]} for r in train]
+    return DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
