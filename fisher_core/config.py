@@ -18,7 +18,7 @@ Positions = Literal["attention", "supervised"]
 
 
 class FisherConfig(BaseModel):
-    """How statistics are collected and turned into LoRA directions (DESIGN §2–§3)."""
+    """How statistics are collected and turned into LoRA directions (docs/design.md §1–§3)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 

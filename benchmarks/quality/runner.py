@@ -2,7 +2,7 @@
 
 The protocol every method shares (so the init is the only difference):
 1. load MiniLM with a head seeded by `seed`; optionally train the head alone for `head_warmup` steps
-   (its own batch stream), so gradient-based inits do not read a random head's noise (DESIGN §7);
+   (its own batch stream), so gradient-based inits do not read a random head's noise;
 2. build the adapter with `methods.build_adapter` from `calibration_batches` batches of the training
    stream; time it (wall seconds) and sample its peak memory;
 3. train LoRA + head with AdamW, linear decay to 0, on the same seeded batch stream for `steps` steps,

@@ -1,4 +1,4 @@
-"""Directions: turn statistics into rank-r LoRA factors per layer (DESIGN §3).
+"""Directions: turn statistics into rank-r LoRA factors per layer (docs/design.md §2–§3).
 
 `select` reads W and the LoRA scale `s` of each layer, asks the configured selector for candidate
 components, allocates ranks (uniform, or under `rank_budget`), and applies the step-0 policy:

@@ -1,4 +1,4 @@
-"""Rank allocation under a global budget (DESIGN §3).
+"""Rank allocation under a global budget (docs/design.md §2).
 
 Each layer's component scores are normalized to fractions of that layer's total mass; the fractions of
 all layers are pooled and the largest kept, every layer getting at least one component and at most

@@ -15,7 +15,7 @@ from fisher_core.config import FisherConfig
 from fisher_core.estimate.factors import LayerStats
 from fisher_core.estimate.sums import FactorSketch
 from fisher_core.select.base import Candidates, Solver
-from fisher_core.select.spectral import spectrum, top_singular
+from fisher_core.select.spectral import damping_shift, spectrum, top_singular
 
 
 def select_sensitive(
@@ -36,4 +36,5 @@ def _quadratic(s: Tensor | FactorSketch, vecs: Tensor, damping: float) -> Tensor
     """`v_iᵀ (S + λ·mean(diag S)·I) v_i` for every column v_i."""
     if isinstance(s, FactorSketch):
         return (vecs * spectrum(s, damping).apply(vecs, 1.0)).sum(dim=0)
-    return (vecs * (s @ vecs)).sum(dim=0) + damping * float(s.diagonal().mean()) * vecs.square().sum(dim=0)
+    delta = damping_shift(float(s.diagonal().sum()), s.shape[0], damping)
+    return (vecs * (s @ vecs)).sum(dim=0) + delta * vecs.square().sum(dim=0)

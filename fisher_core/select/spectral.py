@@ -70,10 +70,16 @@ class Cholesky:
 Root = Spectrum | Cholesky
 
 
+def damping_shift(trace: float, d: int, damping: float) -> float:
+    """`δ = λ·mean(diag S) = λ·tr(S)/d`, what damping adds to a d×d factor's diagonal (at least 1e-12, so
+    that a singular factor stays invertible)."""
+    return max(damping * trace / d, 1e-12)
+
+
 def cholesky(s: Tensor, damping: float) -> Cholesky | None:
     """Cholesky root of the damped factor, or None if it is not numerically positive definite."""
     d = s.shape[0]
-    delta = max(damping * float(s.diagonal().sum()) / d, 1e-12)
+    delta = damping_shift(float(s.diagonal().sum()), d, damping)
     lower, info = torch.linalg.cholesky_ex(0.5 * (s + s.T) + delta * torch.eye(d, dtype=s.dtype, device=s.device))
     return Cholesky(lower) if int(info) == 0 else None
 
@@ -87,12 +93,12 @@ def spectrum(s: Tensor | FactorSketch, damping: float, k: int | None = None, see
     if isinstance(s, FactorSketch):
         vals, vecs = s.eigenpairs()
         vals, vecs = vals[:k], vecs[:, :k]
-        delta = max(damping * s.trace / d, 1e-12)
+        delta = damping_shift(s.trace, d, damping)
         rest = max(s.trace - float(vals.sum()), 0.0) / max(d - vals.numel(), 1)
         return Spectrum(vecs, vals + delta, rest=rest + delta, trace=s.trace + d * delta)
     s = 0.5 * (s + s.T)
     trace = float(s.diagonal().sum())
-    delta = max(damping * trace / d, 1e-12) if damping > 0 else 1e-12
+    delta = damping_shift(trace, d, damping)
     if k is None or 2 * k >= d:
         vals, vecs = torch.linalg.eigh(s)
         vals, vecs = vals.flip(0).clamp_min(0.0) + delta, vecs.flip(1)

@@ -1,5 +1,5 @@
 """`export_adapter`: save an adapter that loads with plain `PeftModel.from_pretrained` on the
-*original* base model and reproduces the trained model (DESIGN §4).
+*original* base model and reproduces the trained model (docs/design.md §3).
 
 The trained model is `W_now + s·B·A` with `W_now = W_original − Σ_j s_j·B_j·A_j` (the recorded
 offsets), so the adapter to ship is `Δ = s·B·A − Σ_j s_j·B_j·A_j`: the stacked factors

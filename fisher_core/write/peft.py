@@ -1,4 +1,4 @@
-"""`apply`: write directions into a live PEFT LoRA model, in place (DESIGN §4).
+"""`apply`: write directions into a live PEFT LoRA model, in place (docs/design.md §3).
 
 For each layer: `lora_A ← A`, `lora_B ← B` (copied into the existing Parameters, so an optimizer that
 already holds them keeps training them), and under `preserve` `W_base ← W_base − s·B·A` in the base

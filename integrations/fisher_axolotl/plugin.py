@@ -1,4 +1,4 @@
-"""`FisherLoRAPlugin`: `lora_init: fisher` in an Axolotl YAML (DESIGN §5).
+"""`FisherLoRAPlugin`: `lora_init: fisher` in an Axolotl YAML (docs/axolotl.md).
 
 Where each step happens in Axolotl's flow:
 
