@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fisher_core.config import FisherConfig
-from fisher_core.estimate.factors import FisherStats, LayerStats
+from fisher_core.estimate.factors import FisherStats, LayerStats, group_of, shares_input
 from fisher_core.estimate.sums import FactorSketch, LowRank
 from fisher_core.io import atomic_path
 from fisher_core.layers import base_layer, layer_kind
@@ -101,12 +101,12 @@ def save(
     layers: dict[str, dict[str, object]] = {}
     for name, s in stats.items():
         kinds = {}
-        if s.input_group == name or not s.input_group:
+        if not shares_input(s.input_group, name):
             kinds["input_cov"] = _pack(s.input_cov, f"{name}/input_cov", tensors)
         kinds["grad_cov"] = _pack(s.grad_cov, f"{name}/grad_cov", tensors)
         if s.mean_grad is not None:
             kinds["mean_grad"] = _pack(s.mean_grad, f"{name}/mean_grad", tensors)
-        layers[name] = {"num_tokens": s.num_tokens, "input_group": s.input_group or name, "kinds": kinds}
+        layers[name] = {"num_tokens": s.num_tokens, "input_group": group_of(s.input_group, name), "kinds": kinds}
     meta = {
         **_settings(config, data),
         "fingerprint": weights or fingerprint(modules),

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
 from fisher_core.estimate.distributed import global_fingerprint, global_max, in_lockstep, is_main_process
-from fisher_core.estimate.factors import FisherStats, StatsAccumulator
+from fisher_core.estimate.factors import FisherStats, StatsAccumulator, shares_input
 from fisher_core.estimate.hooks import (
     PassState,
     estimation_mode,
@@ -170,7 +170,7 @@ def _refit(
     """The memory plan re-made with the bytes the pass held for Ḡ (the most over processes); the
     accumulator sketches what the tighter plan sketches."""
     held = global_max(state.held_peak)
-    unread = [n for n, layer in acc.layers.items() if layer.input_group not in ("", n)]
+    unread = [n for n, layer in acc.layers.items() if shares_input(layer.input_group, n)]
     tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held, unread)
     if tighter is None:
         return sketched

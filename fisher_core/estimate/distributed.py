@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.distributed as dist
 
+from fisher_core.estimate.factors import shares_input
+
 if TYPE_CHECKING:
     from fisher_core.estimate.factors import LayerAccumulator
 
@@ -33,9 +35,8 @@ def all_reduce_sums(layers: Mapping[str, LayerAccumulator]) -> None:
     dist.all_reduce(counts)
     for (name, acc), count in zip(layers.items(), counts.tolist(), strict=True):
         acc.tokens = round(count)
-        shares_input = acc.input_group not in ("", name)
         for s, shape in (
-            (None if shares_input else acc.input_sum, (acc.in_features, acc.in_features)),
+            (None if shares_input(acc.input_group, name) else acc.input_sum, (acc.in_features, acc.in_features)),
             (acc.grad_sum, (acc.out_features, acc.out_features)),
             (acc.mean_grad_sum, (acc.out_features, acc.in_features)),
         ):

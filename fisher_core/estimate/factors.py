@@ -24,6 +24,16 @@ Factor = Tensor | FactorSketch
 Sum = DenseSum | PsdSketch | CrossSketch
 
 
+def group_of(input_group: str, name: str) -> str:
+    """The layer whose input layer `name` reads (`name` itself unless it shares, e.g. k/v reading q's x)."""
+    return input_group or name
+
+
+def shares_input(input_group: str, name: str) -> bool:
+    """True when layer `name` reads another layer's input: its `S_A` is that layer's (held once)."""
+    return group_of(input_group, name) != name
+
+
 @dataclass
 class LayerStats:
     """Averaged statistics of one adapted layer. `input_cov` may be shared with sibling layers.
@@ -137,7 +147,7 @@ class StatsAccumulator:
             for what in sorted(whats, key=("input", "grad", "mean_grad").index):
                 attr = {"input": "input_sum", "grad": "grad_sum", "mean_grad": "mean_grad_sum"}[what]
                 dense = getattr(layer, attr)
-                unread = what == "input" and layer.input_group not in ("", name)  # another layer's sum is its
+                unread = what == "input" and shares_input(layer.input_group, name)  # another layer's sum is its
                 if not isinstance(dense, DenseSum) or unread:
                     continue
                 sketch = self._new_sum(name, what, layer.out_features, layer.in_features, True, layer)
@@ -167,7 +177,7 @@ class StatsAccumulator:
                     f"layer {name!r} saw no tokens: its forward never ran with gradients enabled "
                     "or every position was masked out"
                 )
-            group = acc.input_group or name
+            group = group_of(acc.input_group, name)
             if group not in shared:
                 leader = self.layers[group]
                 shared[group] = leader.input_sum.mean(leader.tokens, (leader.in_features, leader.in_features))

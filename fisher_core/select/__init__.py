@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_core.config import FisherConfig
-from fisher_core.estimate.factors import FisherStats
+from fisher_core.estimate.factors import FisherStats, group_of
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select.base import Candidates, Selector, Solver
 from fisher_core.select.fwsvd import select_fwsvd
@@ -119,7 +119,7 @@ def select(
             weight = planned if weight is None else weight
             return fn(weight, stats[name], caps[name], scaling, config, _solver(config, weight, caps[name], spectra))
 
-        groups = {name: stats[name].input_group or name for name in plans}
+        groups = {name: group_of(stats[name].input_group, name) for name in plans}
         costs = {name: solve_cost(tuple(w.shape), groups[name] != name) for name, (w, _, _, _) in plans.items()}
         if config.selector in READS_WEIGHTS and any(is_sharded(w) or w.is_meta for w, _, _, _ in plans.values()):
             # sharded weights whose values the selector reads: each layer's W is gathered only while it is
