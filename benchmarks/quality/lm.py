@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.quality import tables
 from benchmarks.quality.shakespeare import cache_dir, speeches, texts_dir
 
 COMEDIES = (
@@ -182,24 +181,15 @@ def evaluate_dpo(model: nn.Module, tokenizer, test: list[dict], beta: float = 0.
 class LMRun:
     task: str  # "sft" | "dpo"
     method: str  # a `methods.METHODS` name; "fisher" uses the TRL callback
+    label: str  # the name the records and tables use
     seed: int = 0
     steps: int = 60
     lr: float = 2e-3
     rank: int = 8
     batch_size: int = 8
     calibration: int = 4
-    fisher: dict | None = None  # FisherConfig keywords for method "fisher"
+    fisher: dict | None = None  # every FisherConfig keyword of method "fisher" (the caller's whole config)
     device: str = "cpu"  # "cuda": the trainer moves the model (PEFT's data-driven inits still run on CPU)
-
-    @property
-    def label(self) -> str:
-        if self.method != "fisher":
-            return self.method
-        from benchmarks.quality.suite import fisher_config, fisher_label
-
-        config = fisher_config(**{"num_batches": self.calibration, **(self.fisher or {})})
-        suffix = f"-c{config.num_batches}" if config.num_batches != self.calibration else ""
-        return fisher_label(config) + suffix
 
 
 def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict:
@@ -273,12 +263,7 @@ def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict
             peft_config=peft_config,
         )
         evaluate = evaluate_dpo
-    callback = None
-    if spec.method == "fisher":
-        from benchmarks.quality.suite import fisher_config
-
-        options = fisher_config(**{"num_batches": spec.calibration, **(spec.fisher or {})}).model_dump()
-        callback = FisherInitCallback(**options).attach(trainer)
+    callback = FisherInitCallback(**spec.fisher).attach(trainer) if spec.method == "fisher" else None
     checkpoints = sorted({round(f * spec.steps) for f in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)})
     curve: list[dict] = []
     timing: dict[str, float] = {}
@@ -316,58 +301,3 @@ def run_lm(spec: LMRun, base: Path, train: list[dict], test: list[dict]) -> dict
         "init_peak_mib": init_mib,
         "wall_seconds": time.perf_counter() - started,
     }
-
-
-def stages(preset, out: Path, which: list[str]) -> None:
-    """The `sft` and `dpo` stages of the suite at `preset` sizes; records go to `<stage>.json` in `out`."""
-    base = base_model(steps=preset.pretrain_steps)
-    train, test = dialogue(n_train=preset.lm_train, n_test=preset.lm_test)
-    from benchmarks.quality.suite import DEFAULT_STOP, PEFT_METHODS, SELECTORS
-
-    plans = {
-        "sft": [(m, None) for m in PEFT_METHODS]
-        + [("fisher", {"selector": s}) for s in SELECTORS]
-        + [("fisher", {"selector": "natural", "fisher_type": "true"})]
-        + [
-            ("fisher", {"selector": "natural", **DEFAULT_STOP}),
-            ("fisher", {"selector": "natural", "solver": "lowrank"}),
-            ("fisher", {"selector": "natural", "positions": "supervised"}),  # statistics from completions only
-        ],
-        # DPO's reference is the adapter-disabled model: only inits that leave the base alone (docs/trl.md)
-        "dpo": [("lora", None), ("eva", None)]
-        + [("fisher", {"selector": s, "policy": "zero"}) for s in ("natural", "subspace")]
-        + [("fisher", {"selector": "natural", "policy": "zero", **DEFAULT_STOP})],
-    }
-    for stage in which:
-        seeds = preset.lm_seeds if stage == "sft" else preset.dpo_seeds
-        steps = preset.lm_steps
-        path = out / f"{stage}.json"
-        for seed in seeds:
-            for method, fisher in plans[stage]:
-                spec = LMRun(
-                    stage,
-                    method,
-                    seed,
-                    steps,
-                    preset.lm_lr,
-                    calibration=preset.calibration,
-                    fisher=fisher,
-                    device=preset.device,
-                )
-                if preset.lm_only and spec.label not in preset.lm_only:
-                    continue
-                if any((r["label"], r["seed"]) == (spec.label, seed) for r in tables.load(path)):
-                    continue
-                try:
-                    record = run_lm(spec, base, train, test)
-                except Exception as e:  # a PEFT init that does not run on this model is reported, not fatal
-                    print(f"[{stage}] {spec.label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                tables.append(path, record)
-                last = record["curve"][-1]
-                print(
-                    f"[{stage}] {spec.label:>22} seed {seed}: "
-                    + "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
-                    + f"  init {record['init_seconds']:.1f}s  run {record['wall_seconds']:.0f}s",
-                    flush=True,
-                )

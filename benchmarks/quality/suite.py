@@ -448,9 +448,63 @@ def run_stages(preset: Preset, out: Path, stages: list[str]) -> None:
     if encoder:
         encoder_stages(preset, out, encoder)
     if "sft" in stages or "dpo" in stages:
-        from benchmarks.quality import lm
+        lm_stages(preset, out, [s for s in stages if s in ("sft", "dpo")])
 
-        lm.stages(preset, out, [s for s in stages if s in ("sft", "dpo")])
+
+def lm_stages(preset: Preset, out: Path, which: list[str]) -> None:
+    """The `sft` and `dpo` stages (`lm.py`) at `preset` sizes; records go to `<stage>.json` in `out`."""
+    from benchmarks.quality import lm
+
+    base = lm.base_model(steps=preset.pretrain_steps)
+    train, test = lm.dialogue(n_train=preset.lm_train, n_test=preset.lm_test)
+    plans = {
+        "sft": [(m, None) for m in PEFT_METHODS]
+        + [("fisher", {"selector": s}) for s in SELECTORS]
+        + [("fisher", {"selector": "natural", "fisher_type": "true"})]
+        + [
+            ("fisher", {"selector": "natural", **DEFAULT_STOP}),
+            ("fisher", {"selector": "natural", "solver": "lowrank"}),
+            ("fisher", {"selector": "natural", "positions": "supervised"}),  # statistics from completions only
+        ],
+        # DPO's reference is the adapter-disabled model: only inits that leave the base alone (docs/trl.md)
+        "dpo": [("lora", None), ("eva", None)]
+        + [("fisher", {"selector": s, "policy": "zero"}) for s in ("natural", "subspace")]
+        + [("fisher", {"selector": "natural", "policy": "zero", **DEFAULT_STOP})],
+    }
+    for stage in which:
+        path = out / f"{stage}.json"
+        for seed in preset.lm_seeds if stage == "sft" else preset.dpo_seeds:
+            for method, fields in plans[stage]:
+                spec = _lm_run(stage, method, fields, seed, preset)
+                if preset.lm_only and spec.label not in preset.lm_only:
+                    continue
+                if any((r["label"], r["seed"]) == (spec.label, seed) for r in tables.load(path)):
+                    continue
+                try:
+                    record = lm.run_lm(spec, base, train, test)
+                except Exception as e:  # a PEFT init that does not run on this model is reported, not fatal
+                    print(f"[{stage}] {spec.label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                tables.append(path, record)
+                last = record["curve"][-1]
+                print(
+                    f"[{stage}] {spec.label:>22} seed {seed}: "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
+                    + f"  init {record['init_seconds']:.1f}s  run {record['wall_seconds']:.0f}s",
+                    flush=True,
+                )
+
+
+def _lm_run(stage: str, method: str, fields: dict | None, seed: int, preset: Preset):
+    """The `lm.LMRun` of one plan entry: a PEFT init by name, or `fisher` with its whole config and label."""
+    from benchmarks.quality.lm import LMRun
+
+    common = dict(steps=preset.lm_steps, lr=preset.lm_lr, calibration=preset.calibration, device=preset.device)
+    if method != "fisher":
+        return LMRun(stage, method, method, seed, **common)
+    config = fisher_config(**{"num_batches": preset.calibration, **(fields or {})})
+    suffix = f"-c{config.num_batches}" if config.num_batches != preset.calibration else ""
+    return LMRun(stage, method, fisher_label(config) + suffix, seed, fisher=config.model_dump(), **common)
 
 
 def _side_by_side(preset: str, out: Path, threads: int, groups: list[list[str]]) -> None:
