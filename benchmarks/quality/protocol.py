@@ -11,7 +11,7 @@ AdamW with warm-up and linear decay, the same 16 calibration batches for every d
 2. `seeds`  the remaining seeds at each method's own best lr, and at 0.5×, 1× and 2× default LoRA's
             best lr (the lr-robustness table: the lr a user copies from a LoRA recipe);
 3. `ablate` each Fisher variant of `VARIANTS` (whitening off, calibration size, true Fisher, another
-            selector) on every seed at the default's own best lr: which ingredient carries the result.
+            selector) on every seed at `fisher`'s (policy preserve) best lr: which ingredient carries it.
 A run's quality is read at its best validation checkpoint (validation-based stopping, the test split is
 never used to choose) and at the end; the curve gives 10/25/50/75/100 % of the steps.
 
@@ -218,7 +218,7 @@ def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 
 def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """Every ablation variant on every seed at the default's (`fisher`) own best lr on each task."""
+    """Every ablation variant on every seed at `fisher`'s (policy preserve) own best lr on each task."""
     seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     lrs = {task: best_lr(seed0, task, "fisher") for task in preset.tasks}

@@ -147,7 +147,7 @@ def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], s
 
 
 def ablation_table(records: list[dict], task: str, preset: Preset) -> str:
-    """The default (`fisher`), its variants and default LoRA, all at the default's own best lr."""
+    """`fisher` (policy preserve), its variants, the default `fisher-zero` and LoRA, all at `fisher`'s lr."""
     lr = best_lr([r for r in records if r["seed"] == preset.seeds[0]], task, "fisher")
     head = ["variant", "seeds", "test loss (stopped)", "test loss (final)", "loss@25%", "accuracy (final)"]
     rows = []
@@ -252,7 +252,7 @@ def write(path: Path, preset: Preset) -> None:
         ablation = ablation_table(records, task, preset)
         if ablation:
             lr = best_lr([r for r in records if r["seed"] == seed0], task, "fisher")
-            parts += [f"Ablation, every variant at the default's own best lr ({lr:g}):", "", ablation, ""]
+            parts += [f"Ablation, every variant at fisher-preserve's own best lr ({lr:g}):", "", ablation, ""]
     if failed:
         parts += ["## Runs that failed", "", *(f"- {f}" for f in failed), ""]
     (path.parent / "tables.md").write_text("\n".join(parts))
