@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from torch import nn
@@ -22,6 +23,8 @@ from fisher_core.layers import base_layer, layer_kind
 from fisher_core.select.ranks import check_budget
 from fisher_core.write.peft import _read, is_at_init
 from fisher_core.write.record import get_record
+
+logger = logging.getLogger("fisher_core")
 
 
 def trained_layers(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str) -> list[str]:
@@ -58,9 +61,14 @@ def check_ranks(layers: dict[str, nn.Module], adapter_name: str, config: FisherC
 
 def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig) -> None:
     """Refuse `preserve` where writing the base would change what another module or adapter computes
-    (module docstring)."""
+    (module docstring); where it is allowed, say once what learning rate it wants."""
     if config.policy != "preserve":
         return
+    logger.warning(
+        "fisher-lora: policy 'preserve' starts from nonzero B·A at LoRA-GA's scale: on the held-out protocol its "
+        "best learning rate was about half of default LoRA's, and twice LoRA's best lr collapsed one task "
+        "(BENCHMARKS.md). Lower an lr copied from a LoRA recipe, or use the default policy 'zero'"
+    )
     uses = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
     for name, module in layers.items():
         weight = getattr(base_layer(module), "weight", None)

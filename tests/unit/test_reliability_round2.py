@@ -7,6 +7,7 @@ differs); the oracle is always the model's own outputs or PEFT's own save/load.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -80,6 +81,18 @@ def test_a_second_adapter_does_not_move_the_active_one():
     report = initialize(peft_model, _batches(), config=_cfg(), adapter_name="second")
     torch.testing.assert_close(_logits(peft_model), active, rtol=1e-5, atol=1e-5)
     assert all(d.policy == "zero" for d in report.directions.values())
+
+
+def test_preserve_says_once_that_it_wants_a_lower_learning_rate(caplog):
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with caplog.at_level(logging.WARNING, logger="fisher_core"):
+        initialize(peft_model, _batches(), config=_cfg(policy="preserve"))
+    assert sum("about half of default LoRA's" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    fresh = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with caplog.at_level(logging.WARNING, logger="fisher_core"):
+        initialize(fresh, _batches(), config=_cfg())  # the default `zero`: nothing to say
+    assert not any("learning rate" in r.message for r in caplog.records)
 
 
 def test_preserve_on_a_shared_base_is_refused_before_the_pass():
