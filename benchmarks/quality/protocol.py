@@ -130,6 +130,21 @@ PRESETS = {
         ablations=("fisher-nowhiten",),
         extend=0,
     ),
+    # SFT three times as long (4.5 passes over the training rows): where validation-based stopping has
+    # something to stop (at 150 steps every run's best step was its last)
+    "lm-long": Preset(
+        tasks=("sft-tragedy",),
+        methods=("lora", "fisher-zero", "fisher", "lora_ga", "eva"),
+        lr_grid=(1e-3, 2e-3, 4e-3, 8e-3),
+        steps=450,
+        batch_size=8,
+        calibration=8,
+        head_warmup=0,
+        sizes=(800, 96, 128),
+        robust=("lora", "fisher-zero"),
+        extend=2,
+        ablations=(),
+    ),
     "lm-tiny": Preset(  # the smoke test of the causal-LM tasks
         tasks=("sft-tragedy", "dpo-tragedy"),
         methods=("lora", "fisher-zero", "fisher"),
