@@ -3,8 +3,9 @@ tokenizer trained on given texts, and a small Llama config whose special-token i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import torch
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -44,3 +45,27 @@ def llama_config(vocab_size: int, hidden: int, layers: int, *, tie_word_embeddin
         eos_token_id=2,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def pretrain(
+    model: torch.nn.Module, chunks: torch.Tensor, steps: int, batch_size: int, lr: float,
+    schedule: Callable[[int], float],
+) -> float:  # fmt: skip
+    """Train `model` from scratch on rows of `chunks` drawn with a generator seeded 0: AdamW (weight decay
+    0.01), lr × `schedule(step)`, gradients clipped to norm 1. Leaves it in eval mode; returns the last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(steps):
+        rows = chunks[torch.randint(len(chunks), (batch_size,), generator=gen)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            print(f"pretrain step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+    return loss.item()

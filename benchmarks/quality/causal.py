@@ -49,19 +49,11 @@ SEQ = 128
 
 def pretraining_text() -> list[str]:
     """The pre-training corpus, in a fixed order: comedy and history speeches, then docstrings."""
-    import importlib.util
-
-    from benchmarks.quality.tasks import docstrings
+    from benchmarks.quality.tasks import docstrings, library_sources
 
     text = [s for play in _play_speeches(PRETRAIN_PLAYS, 3) for s in play]
     for lib in DOC_LIBRARIES:
-        spec = importlib.util.find_spec(lib)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(f"the pre-training corpus reads the installed {lib}: pip install {lib}")
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for path in sorted(root.rglob("*.py")):
-            if "test" not in path.parts and not path.name.startswith("test"):
-                text += docstrings(path)
+        text += [d for path in library_sources(lib, "the pre-training corpus")[1] for d in docstrings(path)]
     return text
 
 
@@ -73,7 +65,7 @@ def pretrained_lm(steps: int, cache: Path | None = None) -> Path:
         return target
     from transformers import LlamaForCausalLM
 
-    from benchmarks.tiny_models import llama_config, train_bpe
+    from benchmarks.tiny_models import llama_config, pretrain, train_bpe
 
     started = time.perf_counter()
     text = pretraining_text()
@@ -82,30 +74,16 @@ def pretrained_lm(steps: int, cache: Path | None = None) -> Path:
     chunks = stream[: len(stream) // SEQ * SEQ].view(-1, SEQ)
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(len(tokenizer), hidden=192, layers=4, tie_word_embeddings=True))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    last = pretrain(
+        model, chunks, steps, 16, 2e-3, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(steps):
-        rows = chunks[torch.randint(len(chunks), (16,), generator=gen)]
-        loss = model(input_ids=rows, labels=rows).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"pretrain step {step}/{steps}: loss {loss.item():.3f}", flush=True)
-    model.eval()
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     facts = {
         "corpus_tokens": len(stream), "trained_tokens": steps * 16 * SEQ, "steps": steps,
-        "parameters": sum(p.numel() for p in model.parameters()), "last_loss": loss.item(),
+        "parameters": sum(p.numel() for p in model.parameters()), "last_loss": last,
         "seconds": round(time.perf_counter() - started), "threads": torch.get_num_threads(),
     }  # fmt: skip
     (target / "pretrain.json").write_text(json.dumps(facts, indent=1))

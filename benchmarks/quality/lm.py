@@ -57,7 +57,7 @@ def base_model(cache: Path | None = None, steps: int = 600) -> Path:
         return target
     from transformers import LlamaForCausalLM
 
-    from benchmarks.tiny_models import llama_config, train_bpe
+    from benchmarks.tiny_models import llama_config, pretrain, train_bpe
 
     text = [s for play in _play_speeches(COMEDIES, 3) for s in play]
     tokenizer = train_bpe(text, vocab_size=1024)
@@ -66,23 +66,7 @@ def base_model(cache: Path | None = None, steps: int = 600) -> Path:
     config = llama_config(len(tokenizer), hidden=128, layers=4, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, s / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(steps):
-        rows = chunks[torch.randint(len(chunks), (32,), generator=gen)]
-        loss = model(input_ids=rows, labels=rows).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"pretrain step {step}: loss {loss.item():.3f}", flush=True)
-    model.eval()
+    pretrain(model, chunks, steps, 32, 3e-3, lambda s: min(1.0, s / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,6 +87,23 @@ class Preset:
     ablations: tuple[str, ...] = ("fisher-random", "fisher-nowhiten", "fisher-c4", "fisher-all16", "fisher-select")
 
 
+# causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits that
+# write the base (its reference is the adapter-disabled model), recorded as failed runs. `lm-long`: SFT three
+# times as long (4.5 passes over the training rows), where validation-based stopping has something to stop.
+LM = Preset(
+    tasks=("sft-tragedy", "dpo-tragedy"),
+    methods=("lora", "fisher-zero", "fisher", "lora_ga", "eva"),
+    lr_grid=(5e-4, 1e-3, 2e-3, 4e-3),
+    steps=150,
+    batch_size=8,
+    calibration=8,
+    head_warmup=0,
+    sizes=(800, 96, 128),
+    robust=("lora", "fisher-zero"),
+    extend=2,
+    ablations=(),
+)
+
 PRESETS = {
     "cpu": Preset(),
     "gpu": Preset(
@@ -100,21 +117,8 @@ PRESETS = {
         max_length=64,
         sizes=(400, 96, 192),
     ),
-    # causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits
-    # that write the base (its reference is the adapter-disabled model), recorded as failed runs
-    "lm": Preset(
-        tasks=("sft-tragedy", "dpo-tragedy"),
-        methods=("lora", "fisher-zero", "fisher", "lora_ga", "eva"),
-        lr_grid=(5e-4, 1e-3, 2e-3, 4e-3),
-        steps=150,
-        batch_size=8,
-        calibration=8,
-        head_warmup=0,
-        sizes=(800, 96, 128),
-        robust=("lora", "fisher-zero"),
-        extend=2,
-        ablations=(),
-    ),
+    "lm": LM,
+    "lm-long": replace(LM, tasks=("sft-tragedy",), lr_grid=(1e-3, 2e-3, 4e-3, 8e-3), steps=450),
     # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
     "tiny": Preset(
         tasks=("word-sentiment",),
@@ -130,34 +134,17 @@ PRESETS = {
         ablations=("fisher-nowhiten",),
         extend=0,
     ),
-    # SFT three times as long (4.5 passes over the training rows): where validation-based stopping has
-    # something to stop (at 150 steps every run's best step was its last)
-    "lm-long": Preset(
-        tasks=("sft-tragedy",),
-        methods=("lora", "fisher-zero", "fisher", "lora_ga", "eva"),
-        lr_grid=(1e-3, 2e-3, 4e-3, 8e-3),
-        steps=450,
-        batch_size=8,
-        calibration=8,
-        head_warmup=0,
-        sizes=(800, 96, 128),
-        robust=("lora", "fisher-zero"),
-        extend=2,
-        ablations=(),
-    ),
-    "lm-tiny": Preset(  # the smoke test of the causal-LM tasks
-        tasks=("sft-tragedy", "dpo-tragedy"),
+    "lm-tiny": replace(  # the smoke test of the causal-LM tasks
+        LM,
         methods=("lora", "fisher-zero", "fisher"),
         lr_grid=(1e-3,),
         seeds=(0,),
         steps=2,
         batch_size=2,
         calibration=1,
-        head_warmup=0,
         sizes=(8, 4, 4),
         eval_at=(0.5, 1.0),
         pretrain_steps=2,
-        ablations=(),
         extend=0,
     ),
 }

@@ -205,19 +205,26 @@ def docstrings(path: Path, min_words: int = 8) -> list[str]:
     return out
 
 
+def library_sources(lib: str, reader: str) -> tuple[Path, list[Path]]:
+    """The installed package `lib`'s folder and its non-test `.py` files, sorted; `reader` names who needs
+    them in the error when `lib` is not installed."""
+    spec = importlib.util.find_spec(lib)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{reader} reads the installed {lib}: pip install {lib}")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    paths = [p for p in sorted(root.rglob("*.py")) if "test" not in p.parts and not p.name.startswith("test")]
+    return root, paths
+
+
 def docstring_library(sizes: tuple[int, int, int] = (200, 48, 96)) -> Task:
     """Which library is this docstring from? Whole source files are held out."""
     docs: list[Document] = []
     for label, lib in enumerate(LIBRARIES):
-        spec = importlib.util.find_spec(lib)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(f"docstring-library reads the installed {lib}: pip install {lib}")
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for path in sorted(root.rglob("*.py")):
-            if "test" not in path.parts and not path.name.startswith("test"):
-                texts = sorted(set(docstrings(path)))
-                if texts:
-                    docs.append((f"{lib}/{path.relative_to(root)}", label, texts))
+        root, paths = library_sources(lib, "docstring-library")
+        for path in paths:
+            texts = sorted(set(docstrings(path)))
+            if texts:
+                docs.append((f"{lib}/{path.relative_to(root)}", label, texts))
     return Task("docstring-library", LIBRARIES, *split_documents(docs, LIBRARIES, sizes))
 
 
