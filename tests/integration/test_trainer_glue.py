@@ -18,7 +18,9 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from test_axolotl import axolotl_train, axolotl_yaml, fisher_lines
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -153,3 +155,27 @@ def test_axolotl_training_set_emptied_by_its_filtering_is_named_in_one_line(tiny
     log = axolotl_train(config, ok=False)
     assert "num_samples should be a positive integer" not in log
     assert "the training set is empty after Axolotl's preprocessing" in log, log[-3000:]
+
+
+def test_axolotl_qlora_at_lr0_keeps_b_zero_and_the_loss_of_a_run_without_the_plugin(tiny_llama_dir, tmp_path):
+    """A 4-bit base with the default policy: at learning rate 0 every logged loss equals that of the same run
+    without the plugin (the model's outputs are the original's), and the saved adapter's B is all zero."""
+    logs = {}
+    for name in ("fisher", "plain"):
+        out = tmp_path / name
+        path = axolotl_yaml("axolotl_qlora.yml", tiny_llama_dir, tmp_path, output_dir=str(out), learning_rate=0.0)
+        if name == "plain":
+            cfg = yaml.safe_load(path.read_text())
+            for key in [k for k in cfg if k.startswith("fisher_") or k in ("plugins", "lora_init")]:
+                cfg.pop(key)
+            path.write_text(yaml.safe_dump(cfg))
+        logs[name] = axolotl_train(path)
+    assert any("directions from empirical Fisher (zero)" in line for line in fisher_lines(logs["fisher"]))
+    assert not fisher_lines(logs["plain"])
+    fisher, plain = logged_steps(logs["fisher"]), logged_steps(logs["plain"])
+    assert fisher and len(fisher) == len(plain)
+    for ours, theirs in zip(fisher, plain, strict=True):
+        assert abs(float(ours["loss"]) - float(theirs["loss"])) < 1e-6, (ours, theirs)
+    adapter = load_file(tmp_path / "fisher" / "adapter_model.safetensors")
+    assert not any(v.any() for k, v in adapter.items() if "lora_B" in k)
+    assert any(v.any() for k, v in adapter.items() if "lora_A" in k)
