@@ -146,9 +146,6 @@ class LowRank:
     def shape(self) -> tuple[int, int]:
         return (self.left.shape[0], self.right.shape[1])
 
-    def dense(self) -> Tensor:
-        return self.left @ self.right
-
     def squared_norm(self) -> float:
         """`‖left·right‖_F² = Σ (leftᵀleft) ⊙ (right·rightᵀ)`, without forming the product."""
         return float(((self.left.T @ self.left) * (self.right @ self.right.T)).sum())

@@ -59,10 +59,6 @@ class LayerDirections:
         """Fraction of the layer's scored Fisher mass in the chosen components."""
         return float(self.scores[: self.rank].sum()) / self.total if self.total > 0 else 0.0
 
-    def residual(self) -> Tensor:
-        """`R = s·B·A` (m×n): subtracted from the base under `preserve`, zero under `zero`."""
-        return self.scaling * (self.B @ self.A)
-
 
 @dataclass
 class Directions(Mapping[str, LayerDirections]):
