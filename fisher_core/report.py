@@ -148,17 +148,7 @@ def plot(summary: dict[str, Any], path: Path, *, title: str, configured_rank: in
     _spectra(axes["spectrum_S_A"], layers, top, "eig_S_A", summary["groups"], "S_A (layer inputs)")
     _spectra(axes["spectrum_S_G"], layers, top, "eig_S_G", None, "S_G (output gradients)")
 
-    if all("rank" in layers[n] for n in names):
-        _rank_panels(fig, axes, layers, grid_of, bar_colours, configured_rank)
-    else:
-        for key, what in (("ranks", "chosen ranks"), ("captured", "captured Fisher fraction")):
-            axes[key].set_title(what)
-            axes[key].text(
-                0.5, 0.5, f"no {what}: this statistics file has no init report;\n"
-                "run `fisher-lora report` on the adapter dir written by `fisher-lora init`",
-                ha="center", va="center", transform=axes[key].transAxes, fontsize=11,
-            )  # fmt: skip
-            axes[key].set_axis_off()
+    _rank_panels(fig, axes, layers, grid_of, bar_colours, configured_rank)
 
     fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     width, height = (round(v) for v in fig.get_size_inches() * DPI)
@@ -177,10 +167,21 @@ def _rank_panels(
     fig: Any, axes: dict[str, Any], layers: dict[str, Any], grid_of: dict | None, bar_colours: list,
     configured_rank: int | None,
 ) -> None:  # fmt: skip
-    """The chosen rank and captured Fisher fraction per layer: heatmaps above `HEATMAP_ABOVE` layers, else bars."""
+    """The chosen rank and captured Fisher fraction per layer: heatmaps above `HEATMAP_ABOVE` layers, else bars;
+    a note instead where the statistics come without an init report."""
     from matplotlib.ticker import PercentFormatter
 
     names = list(layers)
+    if not all("rank" in layers[n] for n in names):
+        for key, what in (("ranks", "chosen ranks"), ("captured", "captured Fisher fraction")):
+            axes[key].set_title(what)
+            axes[key].text(
+                0.5, 0.5, f"no {what}: this statistics file has no init report;\n"
+                "run `fisher-lora report` on the adapter dir written by `fisher-lora init`",
+                ha="center", va="center", transform=axes[key].transAxes, fontsize=11,
+            )  # fmt: skip
+            axes[key].set_axis_off()
+        return
     if grid_of is not None:
         ranks = {n: layers[n]["rank"] for n in names}
         captured = {n: layers[n]["captured"] for n in names}

@@ -315,14 +315,14 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     from benchmarks.quality.runner import RunSpec, run
     from fisher_core import FisherConfig
 
-    method, fisher, calibration = key.method, None, preset.calibration
+    method, fields, fisher, calibration = key.method, None, None, preset.calibration
     if key.method in VARIANTS:
         fields = dict(VARIANTS[key.method])
         calibration = min(calibration, fields.get("num_batches", calibration))
         method = key.method if key.method in METHODS else "fisher"
         fisher = FisherConfig(progress=False, **fields)
     if key.task in CAUSAL_TASKS:
-        return _causal_record(key, preset, data, method, fisher)
+        return _causal_record(key, preset, data, method, fisher, fields)
     train, val, test, num_labels, data_hash = data.get(key.task, preset)
     spec = RunSpec(
         method=method,
@@ -363,12 +363,12 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
     }
 
 
-def _causal_record(key: RunKey, preset: Preset, data: Data, method: str, fisher) -> dict:
-    """Run a causal-LM key (`causal.run_causal`) and return its record."""
+def _causal_record(key: RunKey, preset: Preset, data: Data, method: str, fisher, fields: dict | None) -> dict:
+    """Run a causal-LM key (`causal.run_causal`; `fields`: the Fisher variant's, None for a PEFT init) and
+    return its record."""
     from benchmarks.quality.causal import run_causal
 
     rows, data_hash = data.get(key.task, preset)
-    fields = VARIANTS.get(key.method) if fisher is not None else None
     started = time.perf_counter()
     result = run_causal(key.task, method, fields, key.lr, key.seed, preset, rows)
     return {

@@ -67,7 +67,7 @@ def estimate(
     """
     config = config or FisherConfig()
     modules = dict(target_modules) if isinstance(target_modules, Mapping) else find_targets(model, target_modules)
-    key: tuple[str, str | None] | None = None
+    key: tuple[str, str] | None = None  # (data, weights) fingerprints, with a cache
     if config.cache_path is not None:
         from fisher_core.estimate.cache import load_matching, save
 

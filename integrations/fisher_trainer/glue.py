@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,8 +34,6 @@ from fisher_core import FisherConfig
 from fisher_core.estimate.objective import IGNORE_INDEX, Batch, LossFn
 from fisher_core.write import get_record, load_record, restore_offsets, save_record
 from fisher_core.write.export import replace_with_export
-
-logger = logging.getLogger("fisher_trainer")
 
 # Trainer attributes that `compute_loss` appends metrics or token counts to (transformers, Axolotl, TRL).
 METRIC_ATTRS = ("_metrics", "_stored_metrics", "_total_train_tokens")

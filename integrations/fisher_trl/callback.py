@@ -115,16 +115,15 @@ class FisherInitCallback(TrainerCallback):
             logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name))
             return
         trainer = self._trainer()
-        config = self.config
-        check_step0_policy(config, trainer)
-        loss_fn = self.loss_fn or (summed_loss_fn(trainer) if config.fisher_type == "empirical" else None)
+        check_step0_policy(self.config, trainer)
+        loss_fn = self.loss_fn or (summed_loss_fn(trainer) if self.config.fisher_type == "empirical" else None)
         with trainer_state_preserved(trainer), trainer.compute_loss_context_manager():
             self.report = initialize(
                 self.model,
                 trainer.get_train_dataloader(),
                 loss_fn=loss_fn,
                 logits_fn=self.logits_fn or policy_logits,
-                config=config,
+                config=self.config,
                 adapter_name=self.adapter_name,
             )
         refresh_master_weights(trainer)
