@@ -2,7 +2,8 @@
 
 Data flows one way: batches → `estimate` (K-FAC statistics) → `select` (rank-r directions per
 layer) → `apply` (written into a PEFT LoRA model); `initialize` runs all three, `export_adapter`
-saves an adapter that loads on the original base model.
+saves an adapter that loads on the original base model, and `to_original_base` turns a trained model
+into that base plus that adapter in place.
 """
 
 __version__ = "0.1.0"
@@ -11,7 +12,7 @@ from fisher_core.api import InitReport, initialize
 from fisher_core.config import FisherConfig
 from fisher_core.estimate import FisherStats, LayerStats, estimate
 from fisher_core.select import Directions, LayerDirections, select
-from fisher_core.write import apply, export_adapter
+from fisher_core.write import apply, export_adapter, to_original_base
 
 __all__ = [
     "Directions",
@@ -26,4 +27,5 @@ __all__ = [
     "export_adapter",
     "initialize",
     "select",
+    "to_original_base",
 ]

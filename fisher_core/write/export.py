@@ -22,12 +22,21 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from fisher_core.layers import base_layer, layer_kind
 from fisher_core.sharded import sharding
-from fisher_core.write.peft import check_peft_model, lora_layers
-from fisher_core.write.record import RECORD_FILE, get_record, save_record, stacked
+from fisher_core.write.peft import check_peft_model, lora_layers, resize_adapter
+from fisher_core.write.record import (
+    RECORD_FILE,
+    InitRecord,
+    Offset,
+    get_record,
+    save_record,
+    set_record,
+    stacked,
+    total_delta,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-RAW_DIR = "fisher_raw"
 logger = logging.getLogger("fisher_core")
 
 
@@ -72,42 +81,68 @@ def export_adapter(
     return path
 
 
-def replace_with_export(peft_model: nn.Module, output_dir: str | Path, adapter_name: str = "default") -> bool:
-    """After a trainer saved the adapter it trained (on the residual base) in `output_dir`: make `output_dir`
-    hold the adapter for the ORIGINAL base, with the trained adapter and its record moved to `fisher_raw/`.
-
-    Call it on the process that saves. Returns whether `output_dir` now holds an export (logged). Nothing to
-    do when the base never changed (policy zero). A sharded model cannot be exported here (that needs whole
-    weights on one process): the trained adapter stays, its record is saved beside it, and a warning gives
-    the command that exports it afterwards (`fisher-lora export`).
-    """
-    output_dir = Path(output_dir)
+def record_for_offline_export(peft_model: nn.Module, output_dir: str | Path, adapter_name: str = "default") -> None:
+    """A sharded model whose base the init changed cannot be exported in place (that needs whole weights on one
+    process): save its record to `output_dir`, beside the adapter the trainer saves there, and log the command
+    that exports the pair afterwards (`fisher-lora export`). Call it on the process that saves."""
     record = get_record(peft_model, adapter_name)
     if record is None or not record.changes_base:
-        return False
-    kind = sharding(peft_model)
-    if kind is not None:
-        save_record(record, output_dir)
-        logger.warning(
-            "fisher-lora: the model is sharded (%s), so %s holds the adapter for the residual base as trained, "
-            "with its base offsets (%s). For an adapter that loads on the original base run: "
-            "fisher-lora export --model ORIGINAL_BASE --adapter %s --out DIR",
-            kind, output_dir, RECORD_FILE, output_dir,
-        )  # fmt: skip
-        return False
-    raw = output_dir / RAW_DIR
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        if (output_dir / name).exists():
-            shutil.move(output_dir / name, raw / name)
-    save_record(record, raw)
-    export_adapter(peft_model, output_dir, adapter_name, overwrite=True)
-    logger.info(
-        "fisher-lora: %s holds the adapter for the ORIGINAL base (plain PeftModel.from_pretrained); the adapter "
-        "as trained and its base offsets are in %s",
-        output_dir, raw,
+        return
+    save_record(record, output_dir)
+    logger.warning(
+        "fisher-lora: the model is sharded (%s), so the adapter saved to %s is the one for the residual base as "
+        "trained, with its base offsets (%s). For an adapter that loads on the original base run: "
+        "fisher-lora export --model ORIGINAL_BASE --adapter %s --out DIR",
+        sharding(peft_model), output_dir, RECORD_FILE, output_dir,
     )  # fmt: skip
-    return True
+
+
+def to_original_base(peft_model: nn.Module, adapter_name: str = "default") -> int:
+    """Make the live model the ORIGINAL base plus an adapter for it, in place, with the same outputs: per layer
+    `W ← W + Σ_j s_j·B_j·A_j` (the recorded offsets go back in), `(B, A) ← exported_factors` at scale 1, the
+    PEFT config says the new ranks, and the record is emptied. Whatever saves the model next
+    (`save_pretrained`, `trainer.save_model`, `merge_and_unload`) then needs nothing of fisher-lora's. The base
+    is rounded twice in its own dtype (`W − Δ`, then `+ Δ`): exact in fp32 to a few ulps, ~one ulp in bf16.
+    Returns how many layers were converted (0: the base never changed). A sharded model cannot be reshaped."""
+    record = get_record(peft_model, adapter_name)
+    if record is None or not record.changes_base:
+        return 0
+    if (kind := sharding(peft_model)) is not None:
+        raise ValueError(f"the model is sharded ({kind}): its LoRA layers cannot be reshaped; use export_adapter")
+    rank_pattern: dict[str, int] = {}
+    for name, module in lora_layers(peft_model, adapter_name).items():
+        b_out, a_out = exported_factors(module, record.offsets.get(name, []), adapter_name)
+        if record.offsets.get(name):
+            layer_kind(module).subtract(base_layer(module), total_delta(record.offsets[name]).neg_())
+        resize_adapter(module, adapter_name, a_out.shape[0], alpha=float(a_out.shape[0]))
+        module.scaling[adapter_name] = 1.0
+        with torch.no_grad():
+            module.lora_A[adapter_name].weight.copy_(a_out)
+            module.lora_B[adapter_name].weight.copy_(b_out)
+        rank_pattern[name] = a_out.shape[0]
+    _rank_one_scale(peft_model.peft_config[adapter_name], rank_pattern)
+    set_record(peft_model, adapter_name, InitRecord())
+    return len(rank_pattern)
+
+
+def exported_factors(module: nn.Module, offsets: list[Offset], adapter_name: str) -> tuple[Tensor, Tensor]:
+    """`(B', A')` at scale 1 with `B'·A' = s·B·A − Σ_j s_j·B_j·A_j` at its exact numerical rank (`compress`)."""
+    a = module.lora_A[adapter_name].weight.detach().float()
+    b = module.lora_B[adapter_name].weight.detach().float() * module.scaling[adapter_name]
+    parts = [(b, a)]
+    if (offset := stacked(offsets)) is not None:
+        parts.append((-offset[0].to(b.device), offset[1].to(a.device)))
+    return compress(torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=0))
+
+
+def _rank_one_scale(config, rank_pattern: dict[str, int]) -> None:
+    """Point a `LoraConfig` at per-layer ranks `rank_pattern`, every layer at scale 1 (`lora_alpha = r`)."""
+    config.r = max(rank_pattern.values())
+    config.lora_alpha = config.r
+    config.use_rslora = False
+    config.rank_pattern = rank_pattern
+    config.alpha_pattern = {n: float(r) for n, r in rank_pattern.items()}
+    config.init_lora_weights = True
 
 
 def _save_converted(peft_model: nn.Module, directory: Path, adapter_name: str, record) -> None:
@@ -117,24 +152,13 @@ def _save_converted(peft_model: nn.Module, directory: Path, adapter_name: str, r
     config = copy.deepcopy(peft_model.peft_config[adapter_name])
     rank_pattern: dict[str, int] = {}
     for name, module in lora_layers(peft_model, adapter_name).items():
-        a = module.lora_A[adapter_name].weight.detach().float()
-        b = module.lora_B[adapter_name].weight.detach().float() * module.scaling[adapter_name]
-        parts = [(b, a)]
-        offsets = stacked(record.offsets.get(name, []))
-        if offsets is not None:
-            parts.append((-offsets[0].to(b.device), offsets[1].to(a.device)))
-        b_out, a_out = compress(torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=0))
+        b_out, a_out = exported_factors(module, record.offsets.get(name, []), adapter_name)
         dtype = module.lora_A[adapter_name].weight.dtype
         prefix = _state_prefix(state, name)
         state[f"{prefix}.lora_A.weight"] = a_out.to(dtype).contiguous().cpu()
         state[f"{prefix}.lora_B.weight"] = b_out.to(dtype).contiguous().cpu()
         rank_pattern[name] = a_out.shape[0]
-    config.r = max(rank_pattern.values())
-    config.lora_alpha = config.r
-    config.use_rslora = False
-    config.rank_pattern = rank_pattern
-    config.alpha_pattern = {n: float(r) for n, r in rank_pattern.items()}
-    config.init_lora_weights = True
+    _rank_one_scale(config, rank_pattern)
     config.save_pretrained(directory)
     save_file(
         {k: v.contiguous() for k, v in state.items()},

@@ -138,7 +138,7 @@ class _Undo:
             del self.record.offsets[self.name][-len(self.added) :]
         lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
         if lora_a.weight.shape != self.old_a.shape:
-            _resize(self.module, self.adapter_name, self.old_a.shape[0], None)
+            resize_adapter(self.module, self.adapter_name, self.old_a.shape[0], None)
             lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
         with torch.no_grad():
             lora_a.weight.copy_(laid_out_like(self.old_a, lora_a.weight))
@@ -155,7 +155,7 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
     if undo.old_b.any():  # fold the current adapter into the base: outputs stay exactly the same
         offsets.append(Offset(-undo.old_b.float().cpu(), undo.old_a.float().cpu(), module.scaling[adapter_name]))
     if d.rank != undo.old_a.shape[0]:
-        _resize(module, adapter_name, d.rank, alpha)
+        resize_adapter(module, adapter_name, d.rank, alpha)
     lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
     with torch.no_grad():
         lora_a.weight.copy_(laid_out_like(d.A, lora_a.weight))
@@ -171,7 +171,7 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
     undo.record.initial[undo.name] = (stored_b, stored_a)
 
 
-def _resize(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
+def resize_adapter(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
     """Give the adapter rank r; the scale s is kept unless `alpha` says otherwise (s = α/r)."""
     old_a, old_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
     if is_sharded(old_a.weight) or is_partitioned(old_a.weight) or in_flat_shards(module):

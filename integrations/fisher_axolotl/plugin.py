@@ -10,10 +10,9 @@ Where each step happens in Axolotl's flow:
   fused LoRA kernels routed around (see `kernels`), then the JSON report goes to `output_dir`.
   Resumed run: no initialization; the base offsets recorded in the checkpoint are restored.
 - checkpoints: each `checkpoint-N/` keeps the raw adapter and gets `fisher_init.safetensors`.
-- `post_train` after the final save (Axolotl calls it once after training and once after its save, which
-  for RL runs is `model.save_pretrained`, not `trainer.save_model`): when the base was changed (policy
-  `preserve`), the raw adapter moves to `output_dir/fisher_raw/` and `output_dir` gets the exported
-  adapter, which loads with plain PEFT on the original base.
+- when training ends (before Axolotl's final save): where the base was changed (policy `preserve`), the
+  model becomes the original base plus an adapter for it, so `output_dir` gets an adapter that loads with
+  plain PEFT on the original base (`fisher_trainer.OriginalBaseAtTrainEnd`).
 
 Every decision (which objectives allow policy `preserve`, opted into — not DPO/IPO without
 `rl_adapter_ref_model`, whose reference is the adapter-disabled model; KTO/ORPO/SimPO are refused —,
@@ -35,9 +34,9 @@ from fisher_axolotl.args import fisher_config
 from fisher_axolotl.kernels import plain_lora_forward
 from fisher_core import initialize
 from fisher_core.layers import layer_kind
-from fisher_core.write.export import replace_with_export
 from fisher_core.write.peft import lora_layers
 from fisher_trainer import (
+    OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
     check_objective,
     check_step0_policy,
@@ -79,12 +78,6 @@ def unwritable_base(cfg: Any, model: torch.nn.Module) -> str | None:
 class FisherLoRAPlugin(BasePlugin):
     """Initializes Axolotl's LoRA/QLoRA adapter from Fisher statistics of the training data."""
 
-    def __init__(self):
-        super().__init__()
-        self.model: torch.nn.Module | None = None
-        self.is_main_process = True
-        self.post_train_calls = 0
-
     def get_input_args(self) -> str:
         return "fisher_axolotl.args.FisherArgs"
 
@@ -119,8 +112,8 @@ class FisherLoRAPlugin(BasePlugin):
                 "raise sequence_len or check the dataset's fields"
             )
         model = trainer.model
-        self.model, self.is_main_process = model, trainer.accelerator.is_main_process
         trainer.add_callback(RecordInCheckpoints(lambda: model))
+        trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: model))
         checkpoint = resume_checkpoint(cfg)
         if checkpoint is not None:
             LOG.info(f"fisher-lora: {resume(model, checkpoint)}")
@@ -134,14 +127,6 @@ class FisherLoRAPlugin(BasePlugin):
             batches = trainer.get_train_dataloader()
             report = initialize(model, batches, loss_fn=loss_fn, logits_fn=policy_logits, config=config)
         LOG.info(report.summary())
-        if self.is_main_process:
+        if trainer.accelerator.is_main_process:
             path = report.save(Path(cfg.output_dir) / REPORT_FILE)
             LOG.info(f"fisher-lora: per-layer report written to {path}")
-
-    def post_train(self, cfg, model):
-        """Axolotl calls this after `trainer.train()` and again after its final save: export after the save."""
-        if not enabled(cfg) or self.model is None:
-            return
-        self.post_train_calls += 1
-        if self.post_train_calls == 2 and self.is_main_process:
-            replace_with_export(self.model, Path(cfg.output_dir))

@@ -8,8 +8,8 @@ framework's hooks onto these functions.
 """
 
 from fisher_trainer.glue import (
+    OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
-    SaveExports,
     check_objective,
     check_step0_policy,
     policy_logits,
@@ -20,8 +20,8 @@ from fisher_trainer.glue import (
 )
 
 __all__ = [
+    "OriginalBaseAtTrainEnd",
     "RecordInCheckpoints",
-    "SaveExports",
     "check_objective",
     "check_step0_policy",
     "policy_logits",

@@ -12,14 +12,16 @@
   number of pairs, or a mean over supervised tokens times their count.
 - `trainer_state_preserved`: the statistics pass leaves the trainer's metric stores, token counters and
   every random state (python, numpy, torch CPU and CUDA) as they were.
-- `RecordInCheckpoints`, `resume`, `SaveExports`: each checkpoint carries the base offsets; a resumed run
-  restores them instead of re-initializing; the final save ships an adapter for the ORIGINAL base.
+- `RecordInCheckpoints`, `resume`, `OriginalBaseAtTrainEnd`: each checkpoint carries the base offsets; a
+  resumed run restores them instead of re-initializing; when training ends the model becomes the ORIGINAL
+  base plus an adapter for it, so the final save needs nothing of ours.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +34,11 @@ from transformers import TrainerCallback
 
 from fisher_core import FisherConfig
 from fisher_core.estimate.objective import IGNORE_INDEX, Batch, LossFn
-from fisher_core.write import get_record, load_record, restore_offsets, save_record
-from fisher_core.write.export import replace_with_export
+from fisher_core.sharded import sharding
+from fisher_core.write import get_record, load_record, restore_offsets, save_record, to_original_base
+from fisher_core.write.export import record_for_offline_export
 
+logger = logging.getLogger("fisher_trainer")
 # Trainer attributes that `compute_loss` appends metrics or token counts to (transformers, Axolotl, TRL).
 METRIC_ATTRS = ("_metrics", "_stored_metrics", "_total_train_tokens")
 # Batch keys that are not model inputs (labels and the preference trainers' bookkeeping).
@@ -205,26 +209,32 @@ def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default") ->
     return f"resuming from {checkpoint}, not re-initializing: base offsets of {layers} layers restored"
 
 
-class SaveExports:
-    """Makes the trainer's final (non-internal) `save_model` ship an adapter for the ORIGINAL base
-    (`replace_with_export`). The trainer's own method is put back once that export is done, or by `restore()`."""
+class OriginalBaseAtTrainEnd(TrainerCallback):
+    """When training ends, the model whose base the init changed (`preserve`, `force`) becomes the original base
+    plus an adapter for it (`fisher_core.to_original_base`): every save after that — `trainer.save_model`,
+    `save_pretrained`, `push_to_hub` — ships an adapter that loads on the original base, and nothing of the
+    trainer's is replaced. The trainer's optimizer and scheduler are dropped (they hold the reshaped
+    adapter's old Parameters), so a later `train()` builds fresh ones. A sharded model (FSDP, ZeRO-3) cannot be
+    reshaped: its record goes to `output_dir` beside the adapter the trainer saves there, and the log names
+    the `fisher-lora export` command."""
 
     def __init__(self, trainer: Any, model: Callable[[], nn.Module], adapter_name: str = "default") -> None:
         self.trainer, self.model, self.adapter_name = trainer, model, adapter_name
-        self.had_own = "save_model" in vars(trainer)
-        self.original = trainer.save_model
-        trainer.save_model = self._save_and_export
 
-    def _save_and_export(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        self.original(output_dir, _internal_call)
-        if not _internal_call:
-            if self.trainer.args.should_save:
-                replace_with_export(self.model(), Path(output_dir or self.trainer.args.output_dir), self.adapter_name)
-            self.restore()
-
-    def restore(self) -> None:
-        """Give the trainer back its own `save_model`."""
-        if self.had_own:
-            self.trainer.save_model = self.original
-        else:
-            vars(self.trainer).pop("save_model", None)
+    def on_train_end(self, args, state, control, **kwargs):
+        model = self.model()
+        record = get_record(model, self.adapter_name)
+        if record is None or not record.changes_base:
+            return control
+        if sharding(model) is not None:
+            if state.is_world_process_zero:
+                record_for_offline_export(model, Path(args.output_dir), self.adapter_name)
+            return control
+        layers = to_original_base(model, self.adapter_name)
+        self.trainer.optimizer, self.trainer.lr_scheduler = None, None
+        logger.info(
+            "fisher-lora: the model is now the ORIGINAL base plus an adapter for it (%d layers, rank <= 2r, "
+            "scale 1): any save of it loads with plain PeftModel.from_pretrained",
+            layers,
+        )
+        return control

@@ -13,10 +13,10 @@ What runs where:
 - `on_train_begin` (resumed run, `global_step > 0`): no re-initialization; the base offsets saved in
   the checkpoint (`fisher_init.safetensors`) are subtracted from the freshly loaded original base.
 - `on_save`: the offsets record goes next to each checkpoint's raw adapter.
-- `trainer.save_model()` (the final, non-internal save; under `preserve` only): the raw adapter moves
-  to `fisher_raw/` and an adapter for the ORIGINAL base (`fisher_core.export_adapter`) takes its
-  place; a sharded model keeps the raw adapter and its record, and the log names the offline
-  `fisher-lora export` command.
+- `on_train_end` (under `preserve` only): the model becomes the ORIGINAL base plus an adapter for it
+  (rank ≤ 2r, scale 1), so `trainer.save_model()` afterwards ships an adapter for the original base; a
+  sharded model keeps the raw adapter, its record goes to `output_dir`, and the log names the offline
+  `fisher-lora export` command. No method of the trainer's is replaced.
 
 The decisions (policy per objective, the summed loss, what the pass leaves untouched, checkpoints, resume,
 export) are the shared trainer glue's (`fisher_trainer`), the same as Axolotl's; this module maps TRL's
@@ -38,8 +38,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from fisher_core import FisherConfig, InitReport, initialize
 from fisher_core.estimate.objective import LogitsFn, LossFn
 from fisher_trainer import (
+    OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
-    SaveExports,
     check_objective,
     check_step0_policy,
     policy_logits,
@@ -80,25 +80,18 @@ class FisherInitCallback(TrainerCallback):
         self.report_path = Path(report_path) if report_path is not None else None
         self.trainer: Trainer | None = None
         self.report: InitReport | None = None
-        self.export: SaveExports | None = None
 
     def attach(self, trainer: Trainer) -> FisherInitCallback:
-        """Give the callback its trainer and register it: checkpoints carry the base offsets, and, where the init
-        changes the base (`preserve`, `force`), the final `save_model` ships an adapter for the original base
-        (`fisher_trainer.SaveExports`). Under the default `zero` nothing of the trainer's is replaced."""
+        """Give the callback its trainer and register it: checkpoints carry the base offsets, and where the init
+        changed the base (`preserve`, `force`), the model is handed back on the original base when training
+        ends (`fisher_trainer.OriginalBaseAtTrainEnd`). Nothing of the trainer's is replaced."""
         if self.loss_fn is None:
             check_objective(trainer)
         self.trainer = trainer
         trainer.add_callback(self)
         trainer.add_callback(RecordInCheckpoints(lambda: self.model, self.adapter_name))
-        if self.config.policy == "preserve" or self.config.force:  # the only inits that change the base
-            self.export = SaveExports(trainer, lambda: self.model, self.adapter_name)
+        trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: self.model, self.adapter_name))
         return self
-
-    def detach(self) -> None:
-        """Give the trainer back its own `save_model` (done by itself after the final export)."""
-        if self.export is not None:
-            self.export.restore()
 
     @property
     def model(self) -> nn.Module:
@@ -113,6 +106,9 @@ class FisherInitCallback(TrainerCallback):
         if state.global_step > 0:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name))
+            return
+        if self.report is not None:  # a second train() continues from the trained adapter
+            logger.info("fisher-lora: initialized when training first began; not re-initializing")
             return
         trainer = self._trainer()
         check_step0_policy(self.config, trainer)

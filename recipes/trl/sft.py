@@ -4,8 +4,9 @@
         --rank 16 --fisher-num-batches 32 --fisher-selector natural
 
 Data: prompt/completion, messages, or text rows (whatever SFTTrainer reads). Every FisherConfig field
-is a `--fisher-*` flag. The final `out/sft` adapter loads with plain PEFT on the original model; the
-raw training adapter and the base offsets are kept in `out/sft/fisher_raw/`.
+is a `--fisher-*` flag. The final `out/sft` adapter loads with plain PEFT on the original model (under
+`--fisher-policy preserve` the model is handed back on the original base when training ends; each
+`checkpoint-N/` keeps the raw adapter and its base offsets for resuming).
 """
 
 from __future__ import annotations

@@ -128,9 +128,10 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def trained_model(base_dir: Path, out: Path):
-    """The model training ran: original base minus the recorded offsets, plus the raw adapter."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "fisher_raw")
-    restore_offsets(model, load_record(out / "fisher_raw"))
+    """The model training ran: original base minus the offsets recorded in the last checkpoint, plus its raw
+    adapter (an oracle independent of the conversion at train end)."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "checkpoint-4")
+    restore_offsets(model, load_record(out / "checkpoint-4"))
     return model.eval()
 
 
@@ -148,7 +149,7 @@ def test_fresh_run_initializes_every_layer_and_writes_report(fresh):
 
 def test_rank_budget_sets_peft_rank_pattern(fresh):
     out, _ = fresh
-    raw = PeftConfig.from_pretrained(out / "fisher_raw")
+    raw = PeftConfig.from_pretrained(out / "checkpoint-4")
     ranks = raw.rank_pattern
     assert len(ranks) == LAYERS and sum(ranks.values()) == BUDGET and len(set(ranks.values())) > 1
     weights = load_file(out / "checkpoint-4" / "adapter_model.safetensors")
@@ -172,6 +173,7 @@ def test_saved_adapter_reproduces_trained_model_on_original_base(fresh, tiny_lla
     torch.testing.assert_close(logits(exported, ids), expected, rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     assert not torch.allclose(logits(base, ids), expected, atol=1e-4)  # training changed the model
+    assert load_record(out) is None and not (out / "fisher_raw").exists()  # the plain save is the export
 
 
 def test_same_seed_gives_same_adapter(fresh, fresh_again):
@@ -199,7 +201,7 @@ def test_qlora_default_policy_leaves_the_4bit_base_untouched(qlora):
     out, log = qlora
     report = json.loads((out / "fisher_init_report.json").read_text())
     assert report["policy"] == "zero" and len(report["layers"]) == LAYERS
-    assert not (out / "fisher_raw").exists()  # the base is untouched: the plain save is already correct
+    assert load_record(out) is None  # the base is untouched: no offsets travel with the adapter
     assert "'train_loss'" in log
 
 
@@ -225,7 +227,7 @@ def test_dpo_initializes_from_dpo_loss_with_the_base_untouched(dpo, tiny_llama_d
     out, log = dpo
     assert any("directions from empirical Fisher (zero)" in line for line in fisher_lines(log)), fisher_lines(log)
     assert len(json.loads((out / "fisher_init_report.json").read_text())["layers"]) == LAYERS
-    assert not (out / "fisher_raw").exists()
+    assert load_record(out) is None
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     trained = load_file(out / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # it trained from B = 0

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_axolotl import axolotl_train, axolotl_yaml, fisher_lines
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -63,7 +63,12 @@ def test_axolotl_dpo_keeps_the_original_model_as_reference(tiny_llama_dir, tmp_p
 def test_axolotl_dpo_with_precomputed_reference_allows_preserve(tiny_llama_dir, tmp_path):
     steps, _ = dpo_at_lr0(tiny_llama_dir, tmp_path, precompute_ref_log_probs=True, fisher_policy="preserve")
     assert_own_reference(steps)
-    assert (tmp_path / "dpo" / "fisher_raw").is_dir()  # preserve changed the base: the export went to the original
+    # preserve changed the base; at lr 0 the trained model is the original one, and so is what was saved
+    saved = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "dpo").eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()(input_ids=ids).logits
+        torch.testing.assert_close(saved(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_axolotl_dpo_refuses_an_explicit_preserve_against_its_own_reference(tiny_llama_dir, tmp_path):
@@ -112,9 +117,8 @@ def _sft_trainer(tiny_llama_dir, tmp_path) -> Trainer:
 def _via_trl(trainer: Trainer, tmp_path) -> None:
     from fisher_trl import FisherInitCallback
 
-    callback = FisherInitCallback(num_batches=2, progress=False).attach(trainer)
+    callback = FisherInitCallback(num_batches=2, progress=False, policy="preserve").attach(trainer)
     callback.on_train_begin(trainer.args, trainer.state, trainer.control)
-    callback.detach()
 
 
 def _via_axolotl(trainer: Trainer, tmp_path) -> None:
@@ -123,6 +127,7 @@ def _via_axolotl(trainer: Trainer, tmp_path) -> None:
     from fisher_axolotl import FisherLoRAPlugin
 
     cfg = {"lora_init": "fisher", "output_dir": str(tmp_path), "fisher_num_batches": 2, "fisher_progress": False}
+    cfg["fisher_policy"] = "preserve"
     FisherLoRAPlugin().post_trainer_create(DictDefault(cfg), trainer)
 
 
@@ -135,7 +140,7 @@ def test_both_integrations_leave_the_trainer_state_as_they_found_it(integrate, t
     after = _state(trainer)
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
     assert before[3:] == after[3:]
-    assert "save_model" not in vars(trainer)  # nothing of the trainer's stays replaced
+    assert not {"save_model", "train", "compute_loss"} & set(vars(trainer))  # no method of the trainer's replaced
 
 
 def test_axolotl_ipo_keeps_the_original_model_as_reference(tiny_llama_dir, tmp_path):

@@ -12,6 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from fisher_core.write import load_record
+
 pytestmark = pytest.mark.slow  # the real TRL trainers, end to end
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -34,10 +36,10 @@ def loads_on_original_base(model_dir: Path, adapter_dir: Path) -> None:
 def test_tiny_recipes_train_and_save(tiny_llama_dir, tmp_path):
     recipe = load(RECIPES / "tiny" / "trl_tiny.py")
     recipe.main(["--task", "sft", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "sft")])
-    assert not (tmp_path / "sft" / "fisher_raw").exists()  # default policy zero: the base was never changed
+    assert load_record(tmp_path / "sft") is None  # default policy zero: the base was never changed
     loads_on_original_base(tiny_llama_dir, tmp_path / "sft")
     recipe.main(["--task", "dpo", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "dpo")])
-    assert not (tmp_path / "dpo" / "fisher_raw").exists()
+    assert load_record(tmp_path / "dpo") is None
     loads_on_original_base(tiny_llama_dir, tmp_path / "dpo")
 
 
@@ -72,5 +74,5 @@ def test_gpu_recipes_run_on_tiny_model_with_fisher_flags(tiny_llama_dir, tmp_pat
             "preserve",
         ]
     )
-    assert (tmp_path / "dpo" / "fisher_raw").exists()  # preserve is allowed with a precomputed reference
+    assert load_record(tmp_path / "dpo") is None  # preserve (allowed here) was handed back on the original base
     loads_on_original_base(tiny_llama_dir, tmp_path / "dpo")

@@ -13,6 +13,7 @@ from datasets import load_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+from fisher_core.write import load_record, restore_offsets
 from fisher_core.write.record import RECORD_FILE
 from fisher_trainer import policy_logits
 from fisher_trainer import summed_loss_fn as trainer_loss_fn
@@ -137,20 +138,37 @@ def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path
 
 
 def test_final_save_loads_on_original_base_and_reproduces_trained_model(tiny_llama_dir, tmp_path):
-    trainer, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, **EXACT)
+    trainer, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=3, **EXACT)
     trainer.train()
     trainer.save_model()
-    assert (tmp_path / "fisher_raw" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "fisher_raw" / RECORD_FILE).exists()
+    assert not {"save_model", "train"} & set(vars(trainer))  # no method of the trainer's was replaced
+    assert not (tmp_path / RECORD_FILE).exists()  # the model was handed back on the original base
     batch = next(iter(trainer.get_train_dataloader()))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    trained = trainer.model.eval()
+    # oracle: the last checkpoint's raw adapter on the original base minus its recorded offsets
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "checkpoint-3")
+    restore_offsets(trained, load_record(tmp_path / "checkpoint-3"))
+    trained.eval()
     with torch.no_grad():
         expected = trained(**inputs).logits
+        live = trainer.model.eval()(**inputs).logits
+        torch.testing.assert_close(live, expected, rtol=1e-4, atol=1e-4)
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path).eval()
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
         assert not torch.allclose(base(**inputs).logits, expected, atol=1e-4)  # training did move the model
+
+
+def test_a_second_train_continues_the_handed_back_model_without_reinitializing(tiny_llama_dir, tmp_path, caplog):
+    trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, **EXACT)
+    trainer.train()
+    report, handed_back = callback.report, lora_state(trainer.model)
+    with caplog.at_level(logging.INFO, logger="fisher_trl"):
+        trainer.train()
+    assert any("not re-initializing" in r.message for r in caplog.records) and callback.report is report
+    after = lora_state(trainer.model)
+    assert after.keys() == handed_back.keys()
+    assert any(not torch.equal(after[n], p) for n, p in handed_back.items())  # a fresh optimizer trains it on
 
 
 def test_plain_trainer_with_peft_model(tiny_llama_dir, tmp_path):

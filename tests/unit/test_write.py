@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from fisher_core import FisherConfig, export_adapter, initialize
+from fisher_core import FisherConfig, export_adapter, initialize, to_original_base
 from fisher_core.write import get_record, load_record, restore_offsets, save_record
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,6 +74,36 @@ def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(poli
     export_adapter(model, tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     assert (_logits(loaded, batches[1]) - trained).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("rank_budget", [None, 30])
+def test_to_original_base_hands_back_the_original_weights_and_an_adapter_for_them(rank_budget, tmp_path):
+    batches = _batches()
+    model = _peft(use_rslora=rank_budget is not None)
+    initialize(model, batches, config=_cfg(policy="preserve", rank_budget=rank_budget))
+    _train(model, batches)
+    trained = _logits(model, batches[1])
+    assert to_original_base(model) == 5 * 2  # every adapted layer of both blocks
+    assert (_logits(model, batches[1]) - trained).abs().max() <= 1e-5  # the same model
+    original = tiny_llama().state_dict()
+    for name, p in model.named_parameters():
+        if "base_layer.weight" in name:  # the offsets are back in: the base is the original, to fp32 rounding
+            key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            torch.testing.assert_close(p, original[key], rtol=0, atol=1e-6)
+    assert not get_record(model, "default").changes_base and to_original_base(model) == 0
+    model.save_pretrained(tmp_path / "plain")  # a plain save is the export
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain")
+    assert (_logits(loaded, batches[1]) - trained).abs().max() <= 1e-5
+    _train(model, batches, steps=1)  # the reshaped adapter trains on
+    assert (_logits(model, batches[1]) - trained).abs().max() > 1e-4
+
+
+def test_to_original_base_leaves_a_zero_policy_model_alone():
+    model = _peft()
+    initialize(model, _batches(), config=_cfg())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert to_original_base(model) == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_two_runs_with_the_same_seed_give_bit_identical_adapters():
