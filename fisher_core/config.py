@@ -17,6 +17,12 @@ Policy = Literal["preserve", "zero"]
 Positions = Literal["attention", "supervised"]
 
 
+def default_sketch_rank(lora_rank: int) -> int:
+    """k of every low-rank object when `sketch_rank` is None (sketched statistics, top spectra): 128, or 4·r if
+    that is more (a sketched Ḡ then holds 2·r directions, enough for `rank_budget`'s default cap of 2·r)."""
+    return max(128, 4 * lora_rank)
+
+
 class FisherConfig(BaseModel):
     """How statistics are collected and turned into LoRA directions (docs/design.md §1–§3)."""
 
@@ -101,15 +107,16 @@ class FisherConfig(BaseModel):
     sketch_rank: int | None = Field(
         None,
         ge=1,
-        description="k of the sketched statistics (None: max(128, 4·r), halved while a `memory_budget` cannot "
-        "hold the sketches, down to 2·r) and of the low-rank solver's top spectra (None: max(4·r, 64)).",
+        description="k of the sketched statistics and of the low-rank solver's top spectra (None: max(128, 4·r); "
+        "the statistics' k halved while a `memory_budget` cannot hold the sketches, down to 2·r).",
     )
     exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
     memory_budget: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
         None,
         description="Bytes the statistics, plus the layer inputs the pass holds for Ḡ, may take. Above it the "
         "largest factors are kept as rank-`sketch_rank` sketches (O(d·k) memory), if need be from mid-pass on; "
-        "'auto' = half the free accelerator memory; None = no limit.",
+        "'auto' = half the free accelerator memory; None = no limit. Under a budget the pass checkpoints every "
+        "transformers block (it then holds one block's inputs for Ḡ).",
     )
     cache_path: Path | None = Field(
         None, description="safetensors file for the statistics: reused when it matches, written otherwise."

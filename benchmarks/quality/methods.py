@@ -136,12 +136,7 @@ def _fisher(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher
     config = fisher or FisherConfig()
     if config.num_batches > len(calibration):
         config = config.model_copy(update={"num_batches": len(calibration)})
-    budgeted = config.memory_budget is not None  # the pass holds one block's inputs for Ḡ, as a budget needs
-    if budgeted:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = initialize(peft_model, list(calibration), config=config)
-    if budgeted:  # training runs as every other method's (checkpointing changes no statistic, only memory)
-        peft_model.gradient_checkpointing_disable()
     return Adapter(peft_model, dict(report.seconds), report.num_batches)
 
 

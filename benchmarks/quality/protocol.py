@@ -8,10 +8,12 @@ Every method runs the same recipe on each of the four encoder tasks of `tasks.py
 AdamW with warm-up and linear decay, the same 16 calibration batches for every data-driven init):
 1. `grid`   seed 0 at every lr of `lr_grid`; a method whose best lr sits at an edge of what it ran gets
             the next lr beyond it (×2 or ×½), until its best lr is bracketed;
-2. `seeds`  the remaining seeds at each method's own best lr, and at 0.5×, 1× and 2× default LoRA's
-            best lr (the lr-robustness table: the lr a user copies from a LoRA recipe);
-3. `ablate` each Fisher variant of `VARIANTS` (whitening off, calibration size, true Fisher, another
-            selector) on every seed at `fisher`'s (policy preserve) best lr: which ingredient carries it.
+2. `seeds`  the remaining seeds at each method's own best lr;
+3. `ablate` each Fisher variant of `VARIANTS` (whitening off, calibration size, sketched statistics, true
+            Fisher, another selector) on every seed at `fisher`'s (policy preserve) best lr: which
+            ingredient carries it;
+4. `robust` the remaining seeds at 0.5×, 1× and 2× default LoRA's best lr (the lr-robustness table: the
+            lr a user copies from a LoRA recipe).
 A run's quality is read at its best validation checkpoint (validation-based stopping, the test split is
 never used to choose) and at the end; the curve gives 10/25/50/75/100 % of the steps.
 
@@ -53,6 +55,7 @@ VARIANTS: dict[str, dict] = {
     "fisher-nowhiten": {**PRESERVE, "damping": 1e6},  # S + λ·mean(diag S)·I, λ huge: no whitening (LoRA-GA-like)
     "fisher-all16": {**PRESERVE, "stop_tol": None},  # every calibration batch, no early stop
     "fisher-c4": {**PRESERVE, "stop_tol": None, "num_batches": 4},
+    "fisher-lowrank": {**PRESERVE, "solver": "lowrank"},  # every statistic a rank-128 sketch (auto's choice > 2048)
     "fisher-true": {**PRESERVE, "fisher_type": "true"},
     "fisher-select": {**PRESERVE, "selector": "select"},  # W's singular directions scored by Fisher (seed paper)
     "fisher-fwsvd": {**PRESERVE, "selector": "fwsvd"},
@@ -66,7 +69,10 @@ class Preset:
 
     device: str = "cpu"
     tasks: tuple[str, ...] = ("play-genre", "fortune-source", "docstring-library", "word-sentiment")
-    methods: tuple[str, ...] = ("lora", "fisher", "fisher-zero", "eva", "lora_ga")
+    # PEFT's CorDA cannot read BERT's pooler (methods.py): it does not run on the encoder tasks
+    methods: tuple[str, ...] = (
+        "lora", "fisher", "fisher-zero", "eva", "lora_ga", "pissa", "olora", "gaussian", "mica",
+    )  # fmt: skip
     lr_grid: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 120
@@ -77,14 +83,17 @@ class Preset:
     head_warmup: int = 10
     calibration: int = 16
     sizes: tuple[int, int, int] = (200, 40, 64)  # rows per label: train, validation, test
-    robust: tuple[str, ...] = ("lora", "fisher", "fisher-zero")  # seeded at 0.5×/1×/2× LoRA's best lr
+    # seeded at 0.5×/1×/2× LoRA's best lr (the own-lr seeds of every method run first)
+    robust: tuple[str, ...] = ("lora", "fisher", "fisher-zero", "eva", "lora_ga", "pissa", "olora", "gaussian", "mica")
     extend: int = 3  # how many halvings/doublings beyond the grid's edges a best lr at an edge may add
     eval_at: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
     pretrain_steps: int = 1500  # the causal-LM tasks' pre-trained Llama (causal.py)
     # most telling first (a protocol cut short has whole rows); `true` Fisher (no better, twice the init time),
     # `subspace` and `fwsvd` (lost everywhere) were settled on the older suite (BENCHMARKS): the GPU preset
     # repeats them
-    ablations: tuple[str, ...] = ("fisher-random", "fisher-nowhiten", "fisher-c4", "fisher-all16", "fisher-select")
+    ablations: tuple[str, ...] = (
+        "fisher-random", "fisher-nowhiten", "fisher-c4", "fisher-all16", "fisher-select", "fisher-lowrank",
+    )  # fmt: skip
 
 
 # causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits that
@@ -201,22 +210,30 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 
 def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """The other seeds at each method's own best lr, then (the lr-robustness table) at 0.5×/1×/2× default
-    LoRA's best lr for the `robust` methods. Seed 0 ran those lrs in the bracketed grid; only seed 0's runs
-    choose an lr. Own-lr runs come first: a protocol cut short still has the main table."""
+    """The other seeds at each method's own best lr (only seed 0's runs choose an lr)."""
     seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
-    own: list[RunKey] = []
-    robust: list[RunKey] = []
+    own = [
+        RunKey(task, method, best, s)
+        for task in preset.tasks
+        for method in preset.methods
+        if (best := best_lr(seed0, task, method))
+        for s in preset.seeds[1:]
+    ]
+    return [key for key in own if key not in done]
+
+
+def robust_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
+    """The lr-robustness table: the other seeds at 0.5×/1×/2× default LoRA's best lr for the `robust` methods
+    (seed 0 ran those lrs in the bracketed grid)."""
+    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
+    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    todo = []
     for task in preset.tasks:
-        lora = best_lr(seed0, task, "lora")
-        for method in preset.methods:
-            best = best_lr(seed0, task, method)
-            own += [RunKey(task, method, best, s) for s in preset.seeds[1:] if best]
-            if lora and method in preset.robust:
-                robust += [RunKey(task, method, lr, s) for lr in (lora / 2, lora, lora * 2) for s in preset.seeds[1:]]
-    ordered = dict.fromkeys(own + robust)  # first occurrence wins, order kept
-    return [key for key in ordered if key not in done]
+        if lora := best_lr(seed0, task, "lora"):
+            lrs = (lora / 2, lora, lora * 2)
+            todo += [RunKey(task, m, lr, s) for m in preset.robust for lr in lrs for s in preset.seeds[1:]]
+    return [key for key in dict.fromkeys(todo) if key not in done]
 
 
 def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
@@ -229,8 +246,12 @@ def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 
 def plan(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """What to run next: the grid until it is bracketed everywhere, then the seeds, then the ablation."""
-    return grid_runs(preset, records) or seed_runs(preset, records) or ablation_runs(preset, records)
+    """What to run next: the grid until it is bracketed everywhere, then the seeds at each method's own lr, the
+    ablation, and the lr-robustness seeds (most telling first: a protocol cut short has whole tables)."""
+    for stage in (grid_runs, seed_runs, ablation_runs, robust_runs):
+        if todo := stage(preset, records):
+            return todo
+    return []
 
 
 # ---------------------------------------------------------------- running

@@ -64,14 +64,17 @@ class Shape:
         return self.layers * block + 2 * self.vocab * self.hidden + self.hidden
 
 
-# CPU sizes from tiny to ~100M parameters, then two blocks at 8B width; the last two are the real Llama-3
+# CPU sizes from tiny to ~100M parameters, then two blocks at 1B/3B/8B widths; the last two are the real Llama-3
 # shapes (GPU / arithmetic).
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=1024),
     "small": Shape(hidden=256, intermediate=688, layers=8, heads=8, kv_heads=4, vocab=8192),
     "medium": Shape(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=4, vocab=16384),
     "large": Shape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=16384),
-    # two blocks at Llama-3-8B's width (436 M parameters): the real per-layer shapes on a CPU
+    # two decoder blocks at the layer shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3-8B (436 M parameters):
+    # the real per-layer shapes on a CPU, the widths most people fine-tune
+    "1b-width": Shape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=8192),
+    "3b-width": Shape(hidden=3072, intermediate=8192, layers=2, heads=24, kv_heads=8, vocab=8192),
     "8b-width": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, vocab=8192),
     "llama3-8b": Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
     "llama3-70b": Shape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256),

@@ -7,8 +7,8 @@ The backward targets the input embeddings' output, so no parameter ever receives
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -22,14 +22,7 @@ from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
 from fisher_core.estimate.distributed import global_fingerprint, global_max, in_lockstep, is_main_process
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator, shares_input
-from fisher_core.estimate.hooks import (
-    PassState,
-    estimation_mode,
-    input_embeddings,
-    recording,
-    replayed_layers,
-    rooted,
-)
+from fisher_core.estimate.hooks import estimation_mode, input_embeddings, replayed_layers, rooted
 from fisher_core.estimate.objective import (
     Batch,
     LogitsFn,
@@ -40,7 +33,8 @@ from fisher_core.estimate.objective import (
     summed_cross_entropy,
     supervised_logits,
 )
-from fisher_core.estimate.plan import plan_for_held, plan_sketches, resolve_budget
+from fisher_core.estimate.plan import Plan, make_plan, resolve_budget
+from fisher_core.estimate.recorders import Record, Recorders
 from fisher_core.estimate.sums import is_finite, is_zero
 from fisher_core.layers import base_layer, find_targets, layer_kind
 from fisher_core.sharded import whole_parameters
@@ -80,9 +74,9 @@ def estimate(
     started = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    acc, state, used = _pass(model, batches, modules, config, loss_fn, logits_fn)
+    acc, recorders, used, supervised = _pass(model, batches, modules, config, loss_fn, logits_fn)
     stats = acc.finalize(config.fisher_type, used)  # all-reduces: every check below is global
-    _check_result(stats, state, used)
+    _check_result(stats, recorders.inputs.unmasked, used, supervised)
     seconds = time.perf_counter() - started
     logger.info(
         "fisher-lora: %s Fisher over %d batches, %d tokens, %d layers in %.1fs%s",
@@ -90,7 +84,7 @@ def estimate(
         f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "",
     )  # fmt: skip
     stats.meta["seconds"] = f"{seconds:.3f}"
-    stats.meta["held_peak_bytes"] = str(state.held_peak)  # layer inputs/gradients kept at once for Ḡ
+    stats.meta["held_peak_bytes"] = str(recorders.held_peak)  # layer inputs/gradients kept at once for Ḡ
     if key is not None and is_main_process():  # the statistics are global: one writer
         save(stats, config.cache_path, modules, config, *key)
     return stats
@@ -111,171 +105,134 @@ def _cache_key(
 def _pass(
     model: nn.Module, batches: Iterable[Batch], modules: Mapping[str, nn.Module], config: FisherConfig,
     loss_fn: LossFn | None, logits_fn: LogitsFn | None,
-) -> tuple[StatsAccumulator, PassState, int]:  # fmt: skip
+) -> tuple[StatsAccumulator, Recorders, int, int]:  # fmt: skip
     """The batch loop: accumulate each batch, refit the memory plan to what the pass held, stop at
-    convergence. Returns the accumulator, the pass state and the number of batches read."""
+    convergence. Returns the accumulator, the recorders, the number of batches read and of supervised units."""
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     device = _device(model)
     budget = resolve_budget(config.memory_budget, device)
-    sketch_above = {"auto": config.exact_max_dim, "exact": None, "lowrank": 0}[config.solver]
-    sketched, sketch_rank = _plan(shapes, config, budget, sketch_above, modules)
-    acc = StatsAccumulator(shapes, config.needs_mean_grad, sketched, sketch_rank, config.seed, device)
-    state = PassState()
+    plan = make_plan(shapes, config, budget, _lora_ranks(modules))
+    acc = StatsAccumulator(shapes, config.needs_mean_grad, plan.sketched, plan.sketch_rank, config.seed, device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
-    used, stopped_early = 0, False
-    with estimation_mode(model) as blocks, recording(model, modules, acc, state):
-        state.replayed = replayed_layers(modules, blocks)
+    used, supervised, stopped_early = 0, 0, False
+    checkpoint_all = budget is not None and config.needs_mean_grad  # held inputs for Ḡ: one block's at a time
+    with estimation_mode(model, checkpoint_all) as blocks:
+        if checkpoint_all and blocks:
+            logger.info("fisher-lora: memory_budget: the pass checkpoints %d blocks (holds one's inputs)", len(blocks))
+        recorders = Recorders(acc, modules, replayed_layers(modules, blocks), config.needs_mean_grad)
         progress = tqdm(
             islice(in_lockstep(batches), config.num_batches),  # every process reads the same count
             total=config.num_batches, desc="fisher-lora statistics", unit="batch", disable=not config.progress,
         )  # fmt: skip
-        for batch in progress:
-            _accumulate_batch(model, _to_device(batch, device), state, config, loss_fn, logits_fn, generator)
-            _check_replays(state)
-            if budget is not None:  # what the pass held for Ḡ counts against the budget too
-                sketched = _refit(acc, state, shapes, config, budget, sketch_rank, sketched)
-            state.end_batch()
-            used += 1
-            progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
-            if monitor is not None and monitor.due(used) and monitor.converged(acc) and used >= 4:
-                logger.info(
-                    "fisher-lora: statistics converged after %d batches (median change %.3g < stop_tol=%g)",
-                    used, monitor.last_change, config.stop_tol,
-                )  # fmt: skip
-                stopped_early = True
-                break
+        with recorders.attached(model):
+            for batch in progress:
+                supervised += _accumulate_batch(
+                    model, _to_device(batch, device), recorders, config, loss_fn, logits_fn, generator
+                )
+                _check_replays(recorders)
+                if budget is not None:  # what the pass held for Ḡ counts against the budget too
+                    plan = _refit(acc, recorders.held_peak, shapes, config, budget, plan)
+                recorders.end_batch()
+                used += 1
+                progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
+                if monitor is not None and monitor.due(used) and monitor.converged(acc) and used >= 4:
+                    logger.info(
+                        "fisher-lora: statistics converged after %d batches (median change %.3g < stop_tol=%g)",
+                        used, monitor.last_change, config.stop_tol,
+                    )  # fmt: skip
+                    stopped_early = True
+                    break
     if used == 0:
         raise ValueError("the batches yielded nothing: pass a non-empty dataloader or iterable of dicts")
     if used < config.num_batches and not stopped_early:
         warnings.warn(
             f"only {used} of num_batches={config.num_batches} batches were available; using {used}", stacklevel=3
         )
-    return acc, state, used
+    return acc, recorders, used, supervised
 
 
-def _check_replays(state: PassState) -> None:
+def _check_replays(recorders: Recorders) -> None:
     """A checkpointed layer whose input and output gradient never met would make Ḡ wrong."""
-    if state.halves:
+    if unpaired := recorders.unpaired():
         raise RuntimeError(
-            f"gradient checkpointing: layers {sorted(state.halves)[:3]} were not replayed with their "
+            f"gradient checkpointing: layers {unpaired[:3]} were not replayed with their "
             "gradients; turn checkpointing off for the statistics (model.gradient_checkpointing_disable())"
         )
 
 
 def _refit(
-    acc: StatsAccumulator, state: PassState, shapes: Mapping[str, tuple[int, int]], config: FisherConfig,
-    budget: int, sketch_rank: int, sketched: dict[str, set[str]],
-) -> dict[str, set[str]]:  # fmt: skip
-    """The memory plan re-made with the bytes the pass held for Ḡ (the most over processes); the
-    accumulator sketches what the tighter plan sketches."""
-    held = global_max(state.held_peak)
+    acc: StatsAccumulator, held_peak: int, shapes: Mapping[str, tuple[int, int]], config: FisherConfig,
+    budget: int, plan: Plan,
+) -> Plan:  # fmt: skip
+    """The memory plan re-made (`make_plan`) with the bytes the pass held for Ḡ (`held_peak`, the most over
+    processes); the accumulator sketches what the tighter plan sketches."""
     unread = [n for n, layer in acc.layers.items() if shares_input(layer.input_group, n)]
-    tighter = plan_for_held(shapes, config.needs_mean_grad, budget, sketch_rank, sketched, held, unread)
-    if tighter is None:
-        return sketched
-    logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
-    acc.sketch_more(tighter)
+    tighter = make_plan(shapes, config, budget, (), held=global_max(held_peak), current=plan, unread_inputs=unread)
+    if tighter is not plan:
+        acc.sketch_more(tighter.sketched)
     return tighter
 
 
-def _check_result(stats: FisherStats, state: PassState, used: int) -> None:
+def _check_result(stats: FisherStats, unmasked: set[str], used: int, supervised: int) -> None:
     """Refuse non-finite statistics or no supervised tokens; warn on unmasked layers."""
-    if state.unmasked:
+    if unmasked:
         warnings.warn(
-            "layer inputs did not match the attention mask's shape, every position counted: "
-            f"{sorted(state.unmasked)[:3]}",
+            f"layer inputs did not match the attention mask's shape, every position counted: {sorted(unmasked)[:3]}",
             stacklevel=3,
         )
     _check_finite(stats)
     if all(is_zero(s.grad_cov) for s in stats.values()):
         raise ValueError(
-            f"no supervised tokens in {used} batches ({state.supervised} on this process): every label is -100 "
+            f"no supervised tokens in {used} batches ({supervised} on this process): every label is -100 "
             "or the loss does not depend on the adapted layers; check the labels / prompt masking, or the loss_fn"
         )
-
-
-def default_sketch_rank(modules: Mapping[str, nn.Module]) -> int:
-    """k when `sketch_rank` is None: 128, or 4× the largest LoRA rank of the layers if that is more (a
-    sketched Ḡ then holds 2·r directions, enough for `rank_budget`'s default cap of 2·r)."""
-    return max([128, *(4 * r for r in _lora_ranks(modules))])
 
 
 def _lora_ranks(modules: Mapping[str, nn.Module]) -> list[int]:
     return [max(m.r.values()) for m in modules.values() if isinstance(getattr(m, "r", None), dict) and m.r]
 
 
-def _plan(
-    shapes: Mapping[str, tuple[int, int]],
-    config: FisherConfig,
-    budget: int | None,
-    sketch_above: int | None,
-    modules: Mapping[str, nn.Module],
-) -> tuple[dict[str, set[str]], int]:
-    """The memory plan and its sketch rank k: `sketch_rank` as set, or (None) the default halved while the
-    budget cannot hold even sketches, down to the least the selector can use (a sketched Ḡ holds k/2
-    directions: 2·r, or 2·ρ·r under `rank_budget`). A budget below that is refused with both numbers."""
-    k = config.sketch_rank or default_sketch_rank(modules)
-    ranks = _lora_ranks(modules)
-    least = 2 * max(ranks) * (math.ceil(config.rank_cap) if config.rank_budget is not None else 1) if ranks else k
-    while True:
-        try:
-            sketched = plan_sketches(shapes, config.needs_mean_grad, budget, k, sketch_above)
-        except MemoryError:
-            if config.sketch_rank is not None or k // 2 < least:
-                raise
-            k //= 2
-            continue
-        if k < (config.sketch_rank or default_sketch_rank(modules)):
-            logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, k)
-        return sketched, k
-
-
 def _accumulate_batch(
     model: nn.Module,
     batch: Batch,
-    state: PassState,
+    recorders: Recorders,
     config: FisherConfig,
     loss_fn: LossFn | None,
     logits_fn: LogitsFn | None,
     generator: torch.Generator,
-) -> None:
-    state.mask = position_mask(model, batch, config.positions)
+) -> int:
+    """One forward and the backwards of the objective (curvlinops' split: one branch per Fisher type, each
+    backward told what it records). Returns the supervised units (tokens or sequences) the batch held."""
+    mask = position_mask(model, batch, config.positions)
     if config.position_fraction < 1.0:
-        state.mask = subsample(state.mask, batch, config.position_fraction, generator)
-    if state.mask is not None and bool(state.mask.all()):
-        state.mask = None  # every position counts: skip the indexing copies
+        mask = subsample(mask, batch, config.position_fraction, generator)
     batch, leaves = _float_inputs_require_grad(model, batch)
-    state.leaves = leaves
-    state.record_input, state.record_grad_cov, state.grad_weight = True, True, 1.0
-    state.record_mean_grad = config.needs_mean_grad
+    recorders.begin_batch(None if mask is not None and bool(mask.all()) else mask, leaves)  # all: no indexing
+    backward = functools.partial(_backward, recorders, model=model, batch=batch)
     with torch.enable_grad():
         if config.fisher_type == "empirical":
             if loss_fn is not None:
                 loss = loss_fn(model, batch)
-                state.supervised += int(loss.requires_grad)
+                supervised = int(loss.requires_grad)
             else:
                 logits, labels = supervised_logits(model, batch)
-                state.supervised += labels.numel()
-                loss = summed_cross_entropy(logits, labels)
+                supervised, loss = labels.numel(), summed_cross_entropy(logits, labels)
                 del logits  # the backward keeps what the loss saved, as a training step does, not a second copy
-            _backward(loss, state, retain=False, model=model, batch=batch)
-            return
+            backward(loss, Record(grad_cov=True, mean_grad=config.needs_mean_grad), retain=False)
+            return supervised
         logits, labels = (logits_fn or supervised_logits)(model, batch)
-        state.supervised += labels.numel()
-        state.record_input = False
         if config.needs_mean_grad:  # Ḡ always comes from the data's labels
-            state.record_grad_cov = False
-            _backward(summed_cross_entropy(logits, labels), state, retain=True, model=model, batch=batch)
-            state.record_grad_cov, state.record_mean_grad = True, False
-        state.grad_weight = 1.0 / config.mc_samples
+            backward(summed_cross_entropy(logits, labels), Record(grad_cov=False, mean_grad=True), retain=True)
+        sampled = Record(grad_cov=True, mean_grad=False, weight=1.0 / config.mc_samples)
         for i in range(config.mc_samples):
-            sampled = summed_cross_entropy(logits, sample_labels(logits, generator))
-            _backward(sampled, state, retain=i < config.mc_samples - 1, model=model, batch=batch)
+            loss = summed_cross_entropy(logits, sample_labels(logits, generator))
+            backward(loss, sampled, retain=i < config.mc_samples - 1)
+        return labels.numel()
 
 
-def _backward(loss: Tensor, state: PassState, retain: bool, model: nn.Module, batch: Batch) -> None:
-    """Input-gradient backward: the hooks see every g_t; no parameter gets a `.grad`."""
+def _backward(recorders: Recorders, loss: Tensor, record: Record, retain: bool, model: nn.Module, batch: Batch) -> None:
+    """Input-gradient backward recording `record`: the hooks see every g_t; no parameter gets a `.grad`."""
     if not torch.isfinite(loss):
         layer = first_nonfinite_layer(model, batch)
         where = f"; the first non-finite output is at layer {layer!r}" if layer else ""
@@ -285,12 +242,12 @@ def _backward(loss: Tensor, state: PassState, retain: bool, model: nn.Module, ba
         )
     if loss.numel() == 1 and not loss.requires_grad:
         return  # a batch without supervised tokens: nothing to differentiate
-    if not state.leaves:
+    if not recorders.leaves:
         raise RuntimeError(
             "no input tensor requires grad: the model has no get_input_embeddings() and the batch no float "
             "inputs; pass a model with input embeddings or float inputs"
         )
-    torch.autograd.grad(loss, state.leaves, retain_graph=retain, allow_unused=True)
+    recorders.backward(loss, record, retain)
 
 
 def first_nonfinite_layer(model: nn.Module, batch: Batch) -> str | None:

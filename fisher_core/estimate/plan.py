@@ -13,9 +13,13 @@ into sketches of what they hold, exactly).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 import torch
+
+from fisher_core.config import FisherConfig, default_sketch_rank
 
 logger = logging.getLogger("fisher_core")
 FLOAT_BYTES = 4
@@ -107,35 +111,76 @@ def planned_bytes(
     )
 
 
-def plan_for_held(
-    shapes: Mapping[str, tuple[int, int]],
-    with_mean_grad: bool,
-    budget: int | None,
-    sketch_rank: int,
-    sketched: Mapping[str, set[str]],
-    held: int,
-    unread_inputs: Collection[str] = (),
-) -> dict[str, set[str]] | None:
-    """A tighter plan when the statistics plus the layer inputs the pass holds for Ḡ exceed the budget
-    (None while they fit); MemoryError, saying what to change, when even sketching all cannot make room.
+@dataclass(frozen=True)
+class Plan:
+    """Which statistics of each layer are sketches ("input", "grad", "mean_grad"), and their rank k."""
 
-    What is held is measured (the most at once so far, on any process), not planned: it grows with the
-    tokens of a batch and is bounded by gradient checkpointing (one block's inputs), not by sketching.
-    """
-    planned = planned_bytes(shapes, with_mean_grad, sketched, sketch_rank, unread_inputs)
-    if budget is None or planned + held <= budget:
-        return None
+    sketched: dict[str, set[str]]
+    sketch_rank: int
+
+
+def make_plan(
+    shapes: Mapping[str, tuple[int, int]],
+    config: FisherConfig,
+    budget: int | None,
+    lora_ranks: Collection[int],
+    *,
+    held: int = 0,
+    current: Plan | None = None,
+    unread_inputs: Collection[str] = (),
+) -> Plan:
+    """The memory plan, the one place it is decided. Before the pass (`current` None): statistics above
+    `exact_max_dim` (solver auto; all for lowrank, none for exact) are sketches, the rest sketched
+    largest-first while the budget needs it, at `sketch_rank` as set or else the default
+    (`default_sketch_rank`) halved while the budget cannot hold even sketches, down to the least the selector
+    can use (a sketched Ḡ holds k/2 directions: 2·r, or 2·ρ·r under `rank_budget`). During the pass, with
+    what it measured (`held`: the bytes of layer inputs held for Ḡ at once, the most over processes;
+    `unread_inputs`: layers known to read another's input): `current` if it still fits, else a tighter plan
+    at the same rank (dense sums become sketches of what they hold); MemoryError, saying what to change,
+    when nothing fits."""
+    if current is not None:
+        return _refit(shapes, config.needs_mean_grad, budget, current, held, unread_inputs)
+    sketch_above = {"auto": config.exact_max_dim, "exact": None, "lowrank": 0}[config.solver]
+    first = k = config.sketch_rank or default_sketch_rank(max(lora_ranks, default=0))
+    least = (
+        2 * max(lora_ranks) * (math.ceil(config.rank_cap) if config.rank_budget is not None else 1) if lora_ranks else k
+    )
+    while True:
+        try:
+            sketched = plan_sketches(shapes, config.needs_mean_grad, budget, k, sketch_above)
+        except MemoryError:
+            if config.sketch_rank is not None or k // 2 < least:
+                raise
+            k //= 2
+            continue
+        if k < first:
+            logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, k)
+        return Plan(sketched, k)
+
+
+def _refit(
+    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, budget: int | None, current: Plan, held: int,
+    unread_inputs: Collection[str],
+) -> Plan:  # fmt: skip
+    """`current`, or a tighter plan when its statistics plus the `held` bytes exceed the budget. What is held
+    grows with the tokens of a batch and is bounded by checkpointing (one block's inputs; a budgeted pass
+    checkpoints transformers blocks itself), not by sketching."""
+    k = current.sketch_rank
+    if budget is None or planned_bytes(shapes, with_mean_grad, current.sketched, k, unread_inputs) + held <= budget:
+        return current
     try:
-        return plan_sketches(
-            shapes, with_mean_grad, budget - held, sketch_rank, sketched=sketched, unread_inputs=unread_inputs
+        sketched = plan_sketches(
+            shapes, with_mean_grad, budget - held, k, sketched=current.sketched, unread_inputs=unread_inputs
         )
     except MemoryError:
         raise MemoryError(
             f"memory_budget={budget} bytes: the pass holds {held} bytes of layer inputs for Ḡ at once, which "
-            "leaves too little for the statistics even sketched; enable gradient checkpointing "
-            "(model.gradient_checkpointing_enable(): the pass then holds one block's inputs), use fewer tokens "
-            "per calibration batch or position_fraction < 1, or raise memory_budget"
+            "leaves too little for the statistics even sketched; use fewer tokens per calibration batch or "
+            "position_fraction < 1, or raise memory_budget (a model of transformers blocks is checkpointed for the "
+            "pass, so this is one block's inputs; another model must checkpoint its own blocks)"
         ) from None
+    logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
+    return Plan(sketched, k)
 
 
 def _layer_bytes(m: int, n: int, with_mean_grad: bool, sketched: set[str], k: int, own_input: bool = True) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fisher_core.config import FisherConfig
+from fisher_core.config import FisherConfig, default_sketch_rank
 from fisher_core.estimate.factors import FisherStats, group_of
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select.base import Candidates, Selector, Solver
@@ -69,7 +69,6 @@ class Directions(Mapping[str, LayerDirections]):
     policy: str
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    solved_on: dict[str, int] = field(default_factory=dict)  # the process (rank) that solved each layer
 
     def __getitem__(self, name: str) -> LayerDirections:
         return self.layers[name]
@@ -121,13 +120,12 @@ def select(
             # sharded weights whose values the selector reads: each layer's W is gathered only while it is
             # solved, by every process in the same order (a gather is a collective), so the solves are not spread
             cands = {name: solve(name, _whole_weight(modules[name], plans[name][0])) for name in plans}
-            owners: dict[str, int] = {}  # every process solved every layer
         else:
-            cands, owners = solve_spread(list(plans), groups, costs, solve)
+            cands = solve_spread(list(plans), groups, costs, solve)
         if config.rank_budget is not None:
             ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
         layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
-        directions = Directions(layers, selector=config.selector, policy=config.policy, solved_on=owners)
+        directions = Directions(layers, selector=config.selector, policy=config.policy)
         if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
             for name, (_, _, scaling, rslora) in plans.items():
                 directions.rank_pattern[name] = ranks[name]
@@ -167,7 +165,7 @@ def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solv
     # a full SVD costs O(mn·min(m,n)); the top k (k ≪ min(m,n)) come as accurately from a few power iterations
     svd_exact = config.solver == "exact" or (exact and 4 * (k + 10) >= min(weight.shape))
     return Solver(
-        sketch=None if exact else config.sketch_rank or max(4 * k, 64),
+        sketch=None if exact else config.sketch_rank or default_sketch_rank(k),
         seed=config.seed,
         svd_exact=svd_exact,
         spectra=spectra,

@@ -47,12 +47,12 @@ def solve_spread(
     groups: Mapping[str, str],
     costs: Mapping[str, float],
     solve: Callable[[str], Candidates],
-) -> tuple[dict[str, Candidates], dict[str, int]]:
-    """Every layer's candidates (in `names` order) and the rank that solved it; a collective under
-    `torch.distributed` (every process must call it), a plain loop otherwise."""
+) -> dict[str, Candidates]:
+    """Every layer's candidates (in `names` order), each solved by the process `assign_owners` gives it; a
+    collective under `torch.distributed` (every process must call it), a plain loop otherwise."""
     world = world_size()
     if world == 1:
-        return {name: solve(name) for name in names}, dict.fromkeys(names, 0)
+        return {name: solve(name) for name in names}
     owners = assign_owners(groups, costs, world)
     rank = dist.get_rank()
     local = {
@@ -70,4 +70,4 @@ def solve_spread(
     for name in names:
         b, a, scores, total = merged[name]
         out[name] = Candidates(B=b, A=a, scores=scores, total=total)
-    return out, owners
+    return out

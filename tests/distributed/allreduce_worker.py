@@ -5,6 +5,7 @@ Usage: torchrun --nproc_per_node N allreduce_worker.py OUT_DIR
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -46,17 +47,29 @@ def main(out: Path) -> None:
     dist.barrier()
     reused = estimate(model, mine, target_modules=TARGETS, config=cached_cfg)  # every rank reads them back
     assert reused.meta.get("cache") and all(torch.equal(reused[n].grad_cov, stats[n].grad_cov) for n in stats)
+    solved: list[str] = []  # the layers this rank solves: our own selector, wrapped to say which
+    selection = importlib.import_module("fisher_core.select")  # the package (`fisher_core.select` is the function)
+    natural = selection.SELECTORS["natural"]
+
+    def counted(weight, layer_stats, *args):
+        solved.append(next(n for n, s in stats.items() if s is layer_stats))
+        return natural(weight, layer_stats, *args)
+
+    selection.SELECTORS["natural"] = counted
     directions = select(stats, model, rank=4, config=cfg)
+    selection.SELECTORS["natural"] = natural
     # shards of different lengths (1 and 3 batches), default config (early stopping on): no hang,
     # every process reads as many batches as the shortest shard
     uneven = global_batches()[:1] if rank == 0 else global_batches()[1:]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         short = estimate(model, uneven, target_modules=TARGETS, config=FisherConfig(progress=False))
-    # a budget the held inputs for Ḡ overflow: rank 1's batches have no padding, so it holds more (a view of x,
-    # not a masked copy); the tightened plan must be the same on both ranks or the all-reduce would not match
+    # a budget the held inputs for Ḡ overflow (one block's, the budgeted pass checkpoints): rank 1's batches have
+    # no padding, so it holds more (a view of x, not a masked copy); the tightened plan must be the same on both
+    # ranks or the all-reduce would not match
     targets = find_targets(model, TARGETS)
-    dense = planned_bytes({n: layer_kind(m).shape(base_layer(m)) for n, m in targets.items()}, True, {}, 8)
+    shapes = {n: layer_kind(m).shape(base_layer(m)) for n, m in targets.items()}
+    dense = planned_bytes(shapes, True, {}, 8, [n for n, s in stats.items() if s.input_group != n])
     held = mine if rank == 0 else [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in mine]
     budgeted = estimate(
         model,
@@ -73,7 +86,7 @@ def main(out: Path) -> None:
             "uneven": (short.num_batches, short.num_tokens, [str(w.message) for w in caught]),
             "stats": {n: (s.input_cov, s.grad_cov, s.mean_grad, s.num_tokens) for n, s in stats.items()},
             "directions": {n: (d.B, d.A) for n, d in directions.items()},
-            "solved_on": directions.solved_on,
+            "solved": solved,
         },
         out / f"rank{rank}.pt",
     )

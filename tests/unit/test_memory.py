@@ -13,7 +13,7 @@ from tiny import tiny_llama
 from fisher_core import FisherConfig, estimate, select
 from fisher_core.estimate.factors import StatsAccumulator
 from fisher_core.estimate.objective import supervised_logits
-from fisher_core.estimate.plan import plan_sketches, planned_bytes
+from fisher_core.estimate.plan import make_plan, plan_sketches, planned_bytes
 from fisher_core.estimate.sums import CrossSketch, PsdSketch
 from fisher_core.layers import base_layer, find_targets, layer_kind
 
@@ -73,10 +73,10 @@ def test_plan_sketches_the_largest_factors_until_the_budget_holds():
 
 
 def test_the_inputs_held_for_the_mean_gradient_count_against_the_budget():
-    """The layer inputs a pass holds for Ḡ count against the budget: a budget that holds the dense statistics
-    but not those inputs gets the statistics sketched mid-pass; with gradient checkpointing the pass holds one
-    block's inputs and the same budget keeps them dense; a budget the inputs alone fill is refused with what
-    to do."""
+    """The layer inputs a pass holds for Ḡ count against the budget. Under a budget the pass checkpoints every
+    block itself, so it holds one block's inputs whether or not the model checkpoints: a budget that holds the
+    dense statistics and one block's inputs (but not every block's) keeps them dense, with the same values and
+    the model's own setting back afterwards; a budget the inputs alone fill is refused with what to do."""
 
     def run(checkpointing: bool, budget: int | None = None):
         model = tiny_llama(layers=4)
@@ -97,10 +97,25 @@ def test_the_inputs_held_for_the_mean_gradient_count_against_the_budget():
     shapes = {n: layer_kind(m).shape(base_layer(m)) for n, m in targets.items()}
     statistics = planned_bytes(shapes, True, {}, 8)
     budget = statistics + (held_plain + held_checkpointed) // 2
-    assert sketched(run(False, budget)) > 0 and sketched(run(True, budget)) == 0
+    plain, budgeted = run(False), run(False, budget)
+    assert sketched(budgeted) == 0 and sketched(run(True, budget)) == 0
+    assert int(budgeted.meta["held_peak_bytes"]) == held_checkpointed
+    for name, s in plain.items():
+        torch.testing.assert_close(budgeted[name].mean_grad, s.mean_grad, rtol=1e-5, atol=1e-7)
     all_sketched = planned_bytes(shapes, True, {n: {"input", "grad", "mean_grad"} for n in shapes}, 8)
-    with pytest.raises(MemoryError, match=r"holds \d+ bytes of layer inputs for Ḡ.*gradient checkpointing"):
-        run(False, all_sketched + held_plain // 2)  # the statistics fit, until the pass holds the inputs
+    with pytest.raises(MemoryError, match=r"holds \d+ bytes of layer inputs for Ḡ.*position_fraction"):
+        run(False, all_sketched + held_checkpointed // 2)  # the statistics fit, until the pass holds the inputs
+
+
+def test_a_budgeted_pass_checkpoints_and_hands_the_model_back_as_it_was():
+    model = tiny_llama(layers=2)
+    blocks = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    seen: list[bool] = []
+    blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.gradient_checkpointing and m.training))
+    config = FisherConfig(progress=False, num_batches=1, memory_budget=10**9)
+    estimate(model, _batches(), target_modules=TARGETS, config=config)
+    assert seen and all(seen)  # checkpointed during the pass
+    assert not model.is_gradient_checkpointing and not any(b.gradient_checkpointing or b.training for b in blocks)
 
 
 def test_statistics_sketched_mid_pass_equal_sketches_streamed_from_the_start():
@@ -125,7 +140,7 @@ def test_statistics_sketched_mid_pass_equal_sketches_streamed_from_the_start():
 
 def test_budgeted_estimate_keeps_sketches_and_selection_still_works():
     model = tiny_llama()
-    budget = 130_000  # dense statistics need ~154 kB, all sketched ~68 kB; the pass holds ~52 kB of inputs for Ḡ
+    budget = 100_000  # dense statistics need ~154 kB, all sketched ~68 kB, plus one checkpointed block's inputs for Ḡ
     cfg = FisherConfig(progress=False, num_batches=2, selector="natural", memory_budget=budget, sketch_rank=8)
     stats = estimate(model, _batches(), target_modules=TARGETS, config=cfg)
     kinds = {type(s.grad_cov).__name__ for s in stats.values()} | {type(s.mean_grad).__name__ for s in stats.values()}
@@ -253,22 +268,14 @@ def test_a_tighter_plan_does_not_bring_back_an_input_sum_nobody_reads():
 
 
 def test_a_budget_lowers_the_default_sketch_rank_until_it_fits_but_not_a_rank_the_user_set():
-    collect = importlib.import_module("fisher_core.estimate.collect")
     shapes = {"a": (512, 512), "b": (512, 512)}  # (m, n)
-
-    def lora_layers(r: int) -> dict:
-        modules = {name: torch.nn.Linear(n, m, bias=False) for name, (m, n) in shapes.items()}
-        for module in modules.values():
-            module.r = {"default": r}
-        return modules
-
     budget = 1_000_000  # rank-128 and rank-64 sketches of both layers do not fit, rank 32 does
-    sketched, k = collect._plan(shapes, FisherConfig(memory_budget=budget), budget, 0, lora_layers(4))
-    assert k == 32 and planned_bytes(shapes, True, sketched, k) <= budget
+    plan = make_plan(shapes, FisherConfig(memory_budget=budget), budget, [4])
+    assert plan.sketch_rank == 32 and planned_bytes(shapes, True, plan.sketched, 32) <= budget
     with pytest.raises(MemoryError, match="rank 128"):  # the user's own sketch_rank is kept
-        collect._plan(shapes, FisherConfig(memory_budget=budget, sketch_rank=128), budget, 0, lora_layers(4))
+        make_plan(shapes, FisherConfig(memory_budget=budget, sketch_rank=128), budget, [4])
     with pytest.raises(MemoryError, match="rank 64"):  # r = 32: Ḡ's sketch must hold 32 directions (k ≥ 64)
-        collect._plan(shapes, FisherConfig(memory_budget=budget), budget, 0, lora_layers(32))
+        make_plan(shapes, FisherConfig(memory_budget=budget), budget, [32])
 
 
 def _dense(m) -> torch.Tensor:

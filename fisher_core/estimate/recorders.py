@@ -1,0 +1,214 @@
+"""Recording `x_t` and `g_t` of every adapted layer: one `LayerRecorder` per layer, owned by `Recorders`.
+
+A layer's forward hook adds `x_tᵀ x_t` of the kept positions to its input sum at once (nothing is stored,
+except `x` for `Ḡ` when a selector needs it); a tensor hook on its output adds `g_tᵀ g_t` and `g_t x_tᵀ`
+when the backward reaches it. What a backward records (which sums, with which weight) is a `Record` the
+driver hands to `Recorders.backward` for that one backward; a forward that runs while a backward does is
+a checkpointing replay. Each `LayerRecorder` owns what it holds: its input rows for `Ḡ` until its gradient
+arrives and, in a checkpointed block, the half of the (x, g) pair that came first (docs/design.md §4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fisher_core.estimate.factors import StatsAccumulator
+from fisher_core.estimate.hooks import input_embeddings, rooted
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one backward adds: `weight · g gᵀ` to `S_G` (`grad_cov`), and `g xᵀ` to `Ḡ` (`mean_grad`)."""
+
+    grad_cov: bool
+    mean_grad: bool
+    weight: float = 1.0
+
+
+class InputRows:
+    """The batch's sample positions, and the layer inputs seen in its forward: each input tensor's rows
+    are masked once for every layer that reads it (q/k/v, gate/up), and its first reader names the group
+    whose `S_A` those layers share (fixed after the first batch)."""
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None  # [B, T] bool: positions that count as samples
+        self.grouped = False
+        self.unmasked: set[str] = set()  # layers whose input shape did not match the mask
+        self._last: tuple[weakref.ref, Tensor, str] | None = None
+        self._seen: dict[int, tuple[str, weakref.ref]] = {}
+
+    def rows(self, x: Tensor, name: str) -> Tensor:
+        """`x` as `[k, d]` rows at the kept positions, computed once for consecutive readers of `x`."""
+        last = self._last
+        if last is not None and last[0]() is x:
+            if last[2] in self.unmasked:
+                self.unmasked.add(name)
+            return last[1]
+        rows = self.of(x.detach(), name)
+        self._last = (weakref.ref(x), rows, name)
+        return rows
+
+    def of(self, t: Tensor, name: str) -> Tensor:
+        """Flatten `[..., d]` to `[k, d]`, keeping only the masked positions when the shapes line up."""
+        mask = self.mask
+        if mask is not None and t.dim() >= 2 and t.shape[:-1] == mask.shape:
+            return t[mask]
+        if mask is not None and t.dim() > 2:  # a [B, d] input (e.g. a pooler) has one row per sequence: no mask
+            self.unmasked.add(name)
+        return t.reshape(-1, t.shape[-1])
+
+    def first_reader(self, x: Tensor, name: str) -> str:
+        """The first layer that read the tensor `x` in this forward (`name` if none did). Held by weak
+        reference: keeping every layer's input alive until the batch ends would cost a whole forward's
+        activations (a dead entry's id may be reused by a new tensor, which then starts a new group)."""
+        seen = self._seen.get(id(x))
+        if seen is None or seen[1]() is not x:
+            self._seen[id(x)] = seen = (name, weakref.ref(x))
+        return seen[0]
+
+    def end_batch(self) -> None:
+        self.grouped = True
+        self._seen.clear()
+        self._last = None
+
+
+Held = tuple[Tensor, Tensor | None]  # rows, and their projection by a sketched factor's test matrix (or None)
+
+
+class LayerRecorder:
+    """One adapted layer's hooks and what they hold between its forward and its gradient."""
+
+    def __init__(self, name: str, acc: StatsAccumulator, recorders: Recorders, replayed: bool) -> None:
+        self.name, self.acc, self.layer = name, acc, acc.layers[name]  # the layer's sums
+        self.recorders, self.replayed = recorders, replayed  # replayed: inside a checkpointed block
+        self.input: Held | None = None  # x for Ḡ until g arrives (a block that is not checkpointed)
+        self.half: tuple[Tensor | None, Held | None] | None = None  # (x, g) of a replayed layer, the first to come
+
+    def forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            return  # e.g. a reference forward under no_grad: not part of the objective's graph
+        x = args[0] if args else None
+        if x is None:
+            return
+        rows = self.recorders.inputs
+        record = self.recorders.record
+        if record is not None:  # a forward inside a backward: a checkpointing replay, counted already but Ḡ's x
+            if record.mean_grad and self.replayed:
+                self._meet(x=rows.rows(x, self.name))
+            return
+        if not rows.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
+            self.layer.input_group = rows.first_reader(x, self.name)
+            if self.layer.input_group != self.name:
+                self.acc.drop_input(self.name)
+        x_rows = rows.rows(x, self.name)  # masked once, for both uses below and the layers sharing x
+        self.layer.tokens += x_rows.shape[0]
+        projected = self.layer.input_sum.add_outer(x_rows) if self.layer.input_group == self.name else None
+        if self.recorders.holds_inputs and not self.replayed:
+            self.input = (x_rows, projected)  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
+            self.recorders.note_held()
+        output.register_hook(self.backward)
+
+    def backward(self, grad: Tensor) -> None:
+        record = self.recorders.record
+        if record is None:  # a backward the pass did not run records nothing
+            return
+        g = self.recorders.inputs.of(grad.detach(), self.name)
+        projected = self.layer.grad_sum.add_outer(g, weight=record.weight) if record.grad_cov else None
+        if not record.mean_grad:
+            return
+        if self.replayed:
+            self._meet(g=(g, projected))
+            return
+        (x, x_projected), self.input = self.input, None
+        self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
+
+    def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
+        """Ḡ += g xᵀ for a layer in a checkpointed block, once both halves arrived (in either order)."""
+        if self.half is None:
+            self.half = (x, g)
+            self.recorders.note_held()
+            return
+        (x_first, g_first), self.half = self.half, None
+        g_rows, g_projected = g if g is not None else g_first
+        self.layer.mean_grad_sum.add_outer(g_rows, other=x if x is not None else x_first, rows_projected=g_projected)
+
+    def held(self) -> Iterator[Tensor]:
+        """The tensors this layer holds for Ḡ now."""
+        if self.input is not None:
+            yield from (t for t in self.input if t is not None)
+        if self.half is not None:
+            x, g = self.half
+            yield from (t for t in (x, g[0] if g is not None else None) if t is not None)
+
+
+class Recorders:
+    """Every adapted layer's `LayerRecorder`, the roots the backward targets, and the `Record` of the backward
+    now running (None between backwards; set only by `backward`)."""
+
+    def __init__(
+        self, acc: StatsAccumulator, modules: Mapping[str, nn.Module], replayed: frozenset[str], holds_inputs: bool
+    ) -> None:
+        self.modules, self.holds_inputs = modules, holds_inputs
+        self.layers = {name: LayerRecorder(name, acc, self, name in replayed) for name in modules}
+        self.inputs = InputRows()
+        self.record: Record | None = None
+        self.leaves: list[Tensor] = []  # what the input-gradient backward targets
+        self.held_peak = 0  # the most bytes held for Ḡ at once (this process, any batch)
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator[Recorders]:
+        """The layers' forward hooks (and the embeddings' root hook) for the duration; always removed."""
+        handles = [m.register_forward_hook(self.layers[name].forward) for name, m in self.modules.items()]
+        embeddings = input_embeddings(model)
+        if embeddings is not None:
+            handles.append(embeddings.register_forward_hook(self._root))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in self.layers.values():
+                layer.input = layer.half = None
+
+    def begin_batch(self, mask: Tensor | None, leaves: list[Tensor]) -> None:
+        self.inputs.mask, self.leaves = mask, leaves
+
+    def end_batch(self) -> None:
+        """Input groups are fixed after the first batch; what identified this batch's inputs is dropped."""
+        self.inputs.end_batch()
+
+    def backward(self, loss: Tensor, record: Record, retain: bool) -> None:
+        """One input-gradient backward of `loss` recording `record`: no parameter gets a `.grad`."""
+        self.record = record
+        try:
+            torch.autograd.grad(loss, self.leaves, retain_graph=retain, allow_unused=True)
+        finally:
+            self.record = None
+
+    def unpaired(self) -> list[str]:
+        """Replayed layers whose input and output gradient never met (Ḡ would miss them)."""
+        return sorted(name for name, layer in self.layers.items() if layer.half is not None)
+
+    def note_held(self) -> None:
+        """Update `held_peak` with the bytes now kept for Ḡ (a storage shared by layers counted once)."""
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for layer in self.layers.values()
+            for t in layer.held()
+        }
+        self.held_peak = max(self.held_peak, sum(storages.values()))
+
+    def _root(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Make the embeddings' output the root of the graph, and the target of the backward."""
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return output
+        if output.requires_grad:
+            self.leaves.append(output)
+            return output
+        return rooted(output, self.leaves)
