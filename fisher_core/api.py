@@ -96,8 +96,8 @@ def initialize(
     """
     config = config or FisherConfig()
     layers = supported(lora_layers(peft_model, adapter_name))
-    with whole_parameters(peft_model):
-        trained = trained_layers(peft_model, layers, adapter_name)
+    with whole_parameters(peft_model) as gathering:
+        trained = trained_layers(peft_model, layers, adapter_name, gathering)
         if not config.force:
             refuse_trained(trained, adapter_name)
         check_ranks(layers, adapter_name, config)
@@ -111,12 +111,12 @@ def initialize(
             peft_model, batches, target_modules=layers, loss_fn=loss_fn, logits_fn=logits_fn, config=config
         )
     times["estimate"] = time.perf_counter() - t
-    with whole_parameters(peft_model):  # FSDP1: entered once for both (one unit whole at a time inside)
+    with whole_parameters(peft_model) as gathering:  # FSDP1: one region for both (one unit whole at a time)
         t = time.perf_counter()
-        directions = select(stats, peft_model, config=config, adapter_name=adapter_name)
+        directions = select(stats, peft_model, config=config, adapter_name=adapter_name, gathering=gathering)
         times["select"] = time.perf_counter() - t
         t = time.perf_counter()
-        apply(peft_model, directions, adapter_name, force=config.force)
+        apply(peft_model, directions, adapter_name, force=config.force, gathering=gathering)
         times["write"] = time.perf_counter() - t
     report = InitReport(
         selector=config.selector,

@@ -8,15 +8,15 @@ same whole tensors, so each simply keeps its own shard of them (no communication
 
 FSDP1's flat parameters and ZeRO-3's partitioned ones (outside DeepSpeed's forward a ZeRO-3 parameter is
 an empty placeholder) are made whole one adapted layer at a time, only where values are read or written
-(`whole_layer`): under FSDP1 the unit that holds the layer (one decoder block when blocks are wrapped,
-as accelerate's transformer wrap policy does), under ZeRO-3 the layer's own parameters.
+(`Gathering.layer`; `whole_parameters` yields the `Gathering` that callers hand down): under FSDP1 the
+unit that holds the layer (one decoder block when blocks are wrapped, as accelerate's transformer wrap
+policy does), under ZeRO-3 the layer's own parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -84,21 +84,56 @@ class _Fsdp1Region:
         self.whole_unit = unit
 
 
-_FSDP1: ContextVar[_Fsdp1Region | None] = ContextVar("fsdp1_region", default=None)
+class Gathering:
+    """How one adapted layer's parameters are made whole where they are read or written, handed to everything
+    that reads or writes them: DeepSpeed ZeRO-3 gathers the layer's own parameters; FSDP1 (made by
+    `whole_parameters`) makes whole the unit holding the layer and keeps it whole across that unit's layers;
+    FSDP2's DTensors and whole models need nothing (`whole`, `laid_out_like`)."""
+
+    def __init__(self, fsdp1: _Fsdp1Region | None = None) -> None:
+        self.fsdp1 = fsdp1
+
+    def layer(self, layer: nn.Module, write: bool = False) -> contextlib.AbstractContextManager:
+        """Inside: `layer`'s parameters (base weight, bias, LoRA factors) are whole. ZeRO-3: gathered; with
+        `write`, process 0's values are re-partitioned on exit (every process writes the same values). FSDP1:
+        the unit holding the layer is made whole (with the units inside it) and stays whole after the context,
+        until another unit is asked for; written values are kept. A collective in both cases (every process
+        enters, layer by layer in the same order); else a no-op."""
+        if self.fsdp1 is not None:
+            unit = self.fsdp1.units.get(layer)
+            if unit is not None:
+                self.fsdp1.make_whole(unit)
+            return contextlib.nullcontext()
+        params = [p for p in layer.parameters() if is_partitioned(p)]
+        if not params:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None)
+
+    def by_layer(self, layer: nn.Module) -> bool:
+        """Whether `layer`'s parameters are whole only inside `layer(...)` (elsewhere: placeholders or shards
+        whose shape is not the layer's): ZeRO-3, or an FSDP1 inner unit (a block) holds the layer."""
+        if self.fsdp1 is not None and self.fsdp1.units.get(layer) is not None:
+            return True
+        return any(is_partitioned(p) for p in layer.parameters())
+
+    def in_flat_shards(self, layer: nn.Module) -> bool:
+        """Whether FSDP1 holds `layer` in a flat parameter: its modules cannot be replaced."""
+        return self.fsdp1 is not None and layer in self.fsdp1.units
 
 
 @contextlib.contextmanager
-def whole_parameters(model: nn.Module) -> Iterator[None]:
-    """The region where layers are read and written whole, one unit at a time (`whole_layer`). FSDP1
-    (`FullyShardedDataParallel`): the outermost units' own parameters (embeddings, head, and everything
-    when nothing is wrapped inside) are whole throughout; a unit wrapped inside (a decoder block) is made
-    whole when `whole_layer` asks for a layer it holds, and stays whole until a layer of another unit is
-    asked for (so at most one inner unit is whole). Written values are kept (`writeback=True`). A collective:
-    every process enters, and asks for the same layers in the same order. Re-entrant. A no-op for any other
-    model: FSDP2's DTensors need no gathering (`whole`, `laid_out_like`), ZeRO-3 gathers a layer's
-    parameters in `whole_layer`."""
-    if _FSDP1.get() is not None or sharding(model) != "FSDP1":  # already inside, or nothing to do
-        yield
+def whole_parameters(model: nn.Module) -> Iterator[Gathering]:
+    """The region where layers are read and written whole, one unit at a time; yields the `Gathering` to hand
+    to whatever reads or writes them. FSDP1 (`FullyShardedDataParallel`): the outermost units' own parameters
+    (embeddings, head, and everything when nothing is wrapped inside) are whole throughout; a unit wrapped
+    inside (a decoder block) is made whole when `Gathering.layer` asks for a layer it holds, and stays whole
+    until a layer of another unit is asked for (so at most one inner unit is whole). Written values are kept
+    (`writeback=True`). A collective: every process enters, and asks for the same layers in the same order.
+    Any other model: nothing to enter (ZeRO-3 gathers a layer's parameters in `Gathering.layer`)."""
+    if sharding(model) != "FSDP1":
+        yield Gathering()
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -108,11 +143,7 @@ def whole_parameters(model: nn.Module) -> Iterator[None]:
         for root in roots:  # the root first: FSDP1's lazy initialization must start there
             stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=True))
         stack.enter_context(region.held)  # closed before the roots: inner units first
-        token = _FSDP1.set(region)
-        try:
-            yield
-        finally:
-            _FSDP1.reset(token)
+        yield Gathering(region)
 
 
 def _fsdp1_units(model: nn.Module) -> tuple[dict[nn.Module, nn.Module | None], list[nn.Module]]:
@@ -133,43 +164,6 @@ def _fsdp1_units(model: nn.Module) -> tuple[dict[nn.Module, nn.Module | None], l
         units[module] = unit
         stack.extend((child, unit) for child in module.children())
     return units, roots
-
-
-def gathered_by_layer(layer: nn.Module) -> bool:
-    """Whether `layer`'s parameters are whole only inside `whole_layer(layer)` (elsewhere: placeholders or
-    shards whose shape is not the layer's): DeepSpeed ZeRO-3, or FSDP1 inside `whole_parameters` when an
-    inner unit (a block) holds the layer."""
-    region = _FSDP1.get()
-    if region is not None and region.units.get(layer) is not None:
-        return True
-    return any(is_partitioned(p) for p in layer.parameters())
-
-
-def in_flat_shards(layer: nn.Module) -> bool:
-    """Whether FSDP1 holds `layer` in a flat parameter (only known inside `whole_parameters`): its modules
-    cannot be replaced."""
-    region = _FSDP1.get()
-    return region is not None and layer in region.units
-
-
-def whole_layer(layer: nn.Module, write: bool = False) -> contextlib.AbstractContextManager:
-    """Inside: `layer`'s parameters (base weight, bias, LoRA factors) are whole. DeepSpeed ZeRO-3: gathered;
-    with `write`, process 0's values are re-partitioned on exit (every process writes the same values).
-    FSDP1 inside `whole_parameters`: the unit holding the layer is made whole (with the units inside it) and
-    stays whole after the context, until another unit is asked for; written values are kept. A collective in
-    both cases (every process enters, layer by layer in the same order); else a no-op."""
-    region = _FSDP1.get()
-    if region is not None:
-        unit = region.units.get(layer)
-        if unit is not None:
-            region.make_whole(unit)
-        return contextlib.nullcontext()
-    params = [p for p in layer.parameters() if is_partitioned(p)]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None)
 
 
 def has_flat_shards(model: nn.Module) -> bool:

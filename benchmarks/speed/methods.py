@@ -110,6 +110,7 @@ def fisher(selector: str | None) -> Method:
             return {
                 "selector": config.selector,
                 "phases": report.seconds,
+                "statistics_bytes": statistics_bytes(report.stats),
                 "held_peak_bytes": held,
                 "adapter_bytes": adapter,  # the LoRA weights themselves, which every LoRA method allocates
                 "wrapping_bytes": wrapping,  # what get_peft_model added: the adapter and PEFT's wrapper objects
@@ -118,6 +119,16 @@ def fisher(selector: str | None) -> Method:
         return run
 
     return method
+
+
+def statistics_bytes(stats) -> int:
+    """Bytes of the averaged statistics (a factor shared by layers reading one input counted once)."""
+    tensors = {}
+    for s in stats.values():
+        for stat in (s.input_cov, s.grad_cov, s.mean_grad):
+            parts = [getattr(stat, a) for a in ("y", "omega", "left", "right") if hasattr(stat, a)] or [stat]
+            tensors.update({id(t): t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor)})
+    return sum(tensors.values())
 
 
 def lora_ga(model: nn.Module, batches: list[Batch], settings: dict) -> Timed:

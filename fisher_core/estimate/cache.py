@@ -24,7 +24,7 @@ from fisher_core.estimate.factors import FisherStats, LayerStats, group_of, shar
 from fisher_core.estimate.sums import FactorSketch, LowRank
 from fisher_core.io import atomic_path
 from fisher_core.layers import base_layer, layer_kind
-from fisher_core.sharded import whole, whole_layer
+from fisher_core.sharded import Gathering, whole
 
 logger = logging.getLogger("fisher_core")
 FORMAT = "fisher-lora-stats/1"
@@ -34,15 +34,16 @@ class CacheMismatchError(ValueError):
     """The cache file was computed from another model, other targets, settings or version."""
 
 
-def fingerprint(modules: Mapping[str, nn.Module]) -> str:
+def fingerprint(modules: Mapping[str, nn.Module], gathering: Gathering | None = None) -> str:
     """sha256 over target names, shapes and a strided sample of each target's weight.
 
-    Reads whole weights (a collective on a sharded model: every process calls it; FSDP1 inside
-    `whole_parameters`).
+    Reads whole weights (a collective on a sharded model: every process calls it; FSDP1 with the `Gathering`
+    of a `whole_parameters` region).
     """
+    gathering = gathering or Gathering()
     h = hashlib.sha256()
     for name, module in sorted(modules.items()):
-        with whole_layer(base_layer(module)):  # the sample is taken while the weight is whole: no full copy
+        with gathering.layer(base_layer(module)):  # the sample is taken while the weight is whole: no full copy
             w = whole(layer_kind(module).weight(base_layer(module)))
             flat = w.reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).contiguous()

@@ -98,8 +98,8 @@ def _cache_key(
     from fisher_core.estimate.cache import data_fingerprint, fingerprint
 
     data = global_fingerprint(data_fingerprint(batches, loss_fn, logits_fn))
-    with whole_parameters(model):  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
-        return data, fingerprint(modules)
+    with whole_parameters(model) as gathering:  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
+        return data, fingerprint(modules, gathering)
 
 
 def _pass(

@@ -9,6 +9,7 @@ components, allocates ranks (uniform, or under `rank_budget`), and applies the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
 from fisher_core.select.sensitivity import select_sensitive
 from fisher_core.select.subspace import select_subspace
-from fisher_core.sharded import gathered_by_layer, is_sharded, whole, whole_layer, whole_parameters
+from fisher_core.sharded import Gathering, is_sharded, whole, whole_parameters
 
 # selectors that read W's values (the others need only its shape, which a sharded W knows whole)
 READS_WEIGHTS = ("select", "fwsvd")
@@ -89,18 +90,23 @@ def select(
     adapter_name: str = "default",
     lora_alpha: float | None = None,
     use_rslora: bool = False,
+    gathering: Gathering | None = None,
 ) -> Directions:
     """Rank-r factors for every layer in `stats`.
 
     On a PEFT model, each layer's rank and scale `s` come from its LoRA adapter `adapter_name`; on a
     plain model pass `rank` (and `lora_alpha`, default `rank`, so `s = α/r` or `α/√r` with rsLoRA).
     Under `torch.distributed` this is a collective, like `estimate`: every process calls it, each solves
-    a share of the layers (`fisher_core.select.parallel`) and all return the same directions.
+    a share of the layers (`fisher_core.select.parallel`) and all return the same directions. `gathering`:
+    that of an enclosing `whole_parameters(model)` region (`initialize` hands its own); None enters one.
     """
-    with whole_parameters(model):  # FSDP1: one unit whole at a time (`whole_layer`)
+    region = whole_parameters(model) if gathering is None else contextlib.nullcontext(gathering)
+    with region as gathering:  # FSDP1: one unit whole at a time
         config = config or FisherConfig()
         modules = {canonical_name(n): m for n, m in model.named_modules()}
-        plans = {name: _layer_plan(modules, name, adapter_name, rank, lora_alpha, use_rslora) for name in stats}
+        plans = {
+            name: _layer_plan(modules, name, adapter_name, rank, lora_alpha, use_rslora, gathering) for name in stats
+        }
         ranks = {name: plan[1] for name, plan in plans.items()}
         if config.rank_budget is not None:
             caps = {name: min(math.ceil(config.rank_cap * r), min(w.shape)) for name, (w, r, _, _) in plans.items()}
@@ -119,7 +125,7 @@ def select(
         if config.selector in READS_WEIGHTS and any(is_sharded(w) or w.is_meta for w, _, _, _ in plans.values()):
             # sharded weights whose values the selector reads: each layer's W is gathered only while it is
             # solved, by every process in the same order (a gather is a collective), so the solves are not spread
-            cands = {name: solve(name, _whole_weight(modules[name], plans[name][0])) for name in plans}
+            cands = {name: solve(name, _whole_weight(modules[name], plans[name][0], gathering)) for name in plans}
         else:
             cands = solve_spread(list(plans), groups, costs, solve)
         if config.rank_budget is not None:
@@ -133,18 +139,18 @@ def select(
         return directions
 
 
-def _whole_weight(module: nn.Module, weight: Tensor) -> Tensor:
+def _whole_weight(module: nn.Module, weight: Tensor, gathering: Gathering) -> Tensor:
     """`W` whole: an FSDP2 DTensor all-gathered, a ZeRO-3 layer or FSDP1 unit gathered (collectives); else as it is."""
     if not weight.is_meta:
         return whole(weight)
     base = base_layer(module)
-    with whole_layer(base):
+    with gathering.layer(base):
         return layer_kind(module).weight(base).clone()
 
 
 def _layer_plan(
     modules: Mapping[str, nn.Module], name: str, adapter_name: str, rank: int | None, lora_alpha: float | None,
-    use_rslora: bool,
+    use_rslora: bool, gathering: Gathering,
 ) -> tuple[Tensor, int, float, bool]:  # fmt: skip
     """(W, r, s, rsLoRA) of layer `name`; W is a meta tensor of its shape where the layer is gathered only
     when read (ZeRO-3, FSDP1)."""
@@ -153,7 +159,7 @@ def _layer_plan(
     module = modules[name]
     r, scaling, rslora = _lora_settings(module, adapter_name, rank, lora_alpha, use_rslora, name)
     kind, base = layer_kind(module), base_layer(module)
-    weight = torch.empty(kind.shape(base), device="meta") if gathered_by_layer(base) else kind.weight(base)
+    weight = torch.empty(kind.shape(base), device="meta") if gathering.by_layer(base) else kind.weight(base)
     if r > min(weight.shape):
         raise ValueError(f"rank {r} exceeds min(out, in) = {min(weight.shape)} of layer {name!r}; lower the rank")
     return weight, r, scaling, rslora

@@ -10,6 +10,7 @@ already written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -20,15 +21,7 @@ from torch import nn
 
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select import Directions, LayerDirections
-from fisher_core.sharded import (
-    in_flat_shards,
-    is_partitioned,
-    is_sharded,
-    laid_out_like,
-    whole,
-    whole_layer,
-    whole_parameters,
-)
+from fisher_core.sharded import Gathering, is_partitioned, is_sharded, laid_out_like, whole, whole_parameters
 from fisher_core.write.record import InitRecord, Offset, get_record, set_record, total_delta
 
 logger = logging.getLogger("fisher_core")
@@ -70,15 +63,26 @@ def is_at_init(module: nn.Module, adapter_name: str, record: InitRecord | None, 
     return not bool(b.any())
 
 
-def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "default", *, force: bool = False) -> None:
-    """Write `directions` into the LoRA layers of `adapter_name` (and the base, under `preserve`)."""
-    with whole_parameters(peft_model):  # FSDP1: one unit whole at a time (`whole_layer`)
+def apply(
+    peft_model: nn.Module,
+    directions: Directions,
+    adapter_name: str = "default",
+    *,
+    force: bool = False,
+    gathering: Gathering | None = None,
+) -> None:
+    """Write `directions` into the LoRA layers of `adapter_name` (and the base, under `preserve`). `gathering`:
+    that of an enclosing `whole_parameters(peft_model)` region (`initialize` hands its own); None enters one."""
+    region = whole_parameters(peft_model) if gathering is None else contextlib.nullcontext(gathering)
+    with region as gathering:  # FSDP1: one unit whole at a time
         layers = lora_layers(peft_model, adapter_name)
         record = get_record(peft_model, adapter_name) or InitRecord()
         missing = [n for n in directions if n not in layers]
         if missing:
             raise KeyError(f"no LoRA layer for {missing[:3]} under adapter {adapter_name!r}; estimate on this model")
-        trained = [n for n in directions if not _read(layers[n], is_at_init, layers[n], adapter_name, record, n)]
+        trained = [
+            n for n in directions if not _read(gathering, layers[n], is_at_init, layers[n], adapter_name, record, n)
+        ]
         if trained and not force:
             raise RuntimeError(
                 f"adapter {adapter_name!r} is no longer at its initial value (e.g. {trained[0]!r}): it looks "
@@ -87,20 +91,22 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
             )
         for name, d in directions.items():
             kind = layer_kind(layers[name])
-            needs_write = d.policy == "preserve" or _read(layers[name], _has_product, layers[name], adapter_name)
+            needs_write = d.policy == "preserve" or _read(
+                gathering, layers[name], _has_product, layers[name], adapter_name
+            )
             if needs_write and not kind.writable:
                 raise TypeError(f"layer {name!r} ({kind.name}) cannot be written: use policy='zero' on quantized bases")
         resized = {n: d.rank for n, d in directions.items() if d.rank != layers[n].r[adapter_name]}
         done: list[_Undo] = []
         try:
             for name, d in directions.items():
-                with whole_layer(layers[name], write=True):  # ZeRO-3: one layer gathered at a time
-                    undo = _Undo(name, layers[name], adapter_name, record)
+                with gathering.layer(layers[name], write=True):  # ZeRO-3: one layer gathered at a time
+                    undo = _Undo(name, layers[name], adapter_name, record, gathering)
                     done.append(undo)
                     _write_layer(undo, d, directions.alpha_pattern.get(name))
         except BaseException:
             for undo in reversed(done):
-                with whole_layer(undo.module, write=True):
+                with gathering.layer(undo.module, write=True):
                     undo.revert()
             raise
         set_record(peft_model, adapter_name, record)
@@ -112,9 +118,9 @@ def apply(peft_model: nn.Module, directions: Directions, adapter_name: str = "de
             cfg.alpha_pattern = {**cfg.alpha_pattern, **alphas}
 
 
-def _read(layer: nn.Module, fn: Callable[..., T], *args: object) -> T:
+def _read(gathering: Gathering, layer: nn.Module, fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)` with `layer`'s parameters whole (ZeRO-3: gathered for the call)."""
-    with whole_layer(layer):
+    with gathering.layer(layer):
         return fn(*args)
 
 
@@ -125,8 +131,11 @@ def _has_product(module: nn.Module, adapter_name: str) -> bool:
 class _Undo:
     """Everything needed to put one layer back as it was before `_write_layer` touched it."""
 
-    def __init__(self, name: str, module: nn.Module, adapter_name: str, record: InitRecord) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, adapter_name: str, record: InitRecord, gathering: Gathering
+    ) -> None:
         self.name, self.module, self.adapter_name, self.record = name, module, adapter_name, record
+        self.gathering = gathering
         self.old_b = whole(module.lora_B[adapter_name].weight.detach()).clone()  # whole, also under FSDP
         self.old_a = whole(module.lora_A[adapter_name].weight.detach()).clone()
         self.old_initial = record.initial.get(name)
@@ -138,7 +147,7 @@ class _Undo:
             del self.record.offsets[self.name][-len(self.added) :]
         lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
         if lora_a.weight.shape != self.old_a.shape:
-            resize_adapter(self.module, self.adapter_name, self.old_a.shape[0], None)
+            resize_adapter(self.module, self.adapter_name, self.old_a.shape[0], None, self.gathering)
             lora_a, lora_b = self.module.lora_A[self.adapter_name], self.module.lora_B[self.adapter_name]
         with torch.no_grad():
             lora_a.weight.copy_(laid_out_like(self.old_a, lora_a.weight))
@@ -155,7 +164,7 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
     if undo.old_b.any():  # fold the current adapter into the base: outputs stay exactly the same
         offsets.append(Offset(-undo.old_b.float().cpu(), undo.old_a.float().cpu(), module.scaling[adapter_name]))
     if d.rank != undo.old_a.shape[0]:
-        resize_adapter(module, adapter_name, d.rank, alpha)
+        resize_adapter(module, adapter_name, d.rank, alpha, undo.gathering)
     lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
     with torch.no_grad():
         lora_a.weight.copy_(laid_out_like(d.A, lora_a.weight))
@@ -171,10 +180,13 @@ def _write_layer(undo: _Undo, d: LayerDirections, alpha: float | None) -> None:
     undo.record.initial[undo.name] = (stored_b, stored_a)
 
 
-def resize_adapter(module: nn.Module, adapter_name: str, r: int, alpha: float | None) -> None:
+def resize_adapter(
+    module: nn.Module, adapter_name: str, r: int, alpha: float | None, gathering: Gathering | None = None
+) -> None:
     """Give the adapter rank r; the scale s is kept unless `alpha` says otherwise (s = α/r)."""
     old_a, old_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
-    if is_sharded(old_a.weight) or is_partitioned(old_a.weight) or in_flat_shards(module):
+    flat = gathering is not None and gathering.in_flat_shards(module)
+    if is_sharded(old_a.weight) or is_partitioned(old_a.weight) or flat:
         raise ValueError(
             "rank_budget resizes LoRA layers, which FSDP or DeepSpeed ZeRO-3 has already sharded: drop rank_budget, "
             "or initialize before the model is sharded (fully_shard, deepspeed.initialize)"
@@ -204,10 +216,10 @@ def restore_offsets(peft_model: nn.Module, record: InitRecord, adapter_name: str
     missing = [name for name in record.offsets if name not in layers]
     if missing:
         raise KeyError(f"the saved record names layer {missing[0]!r}, which adapter {adapter_name!r} does not have")
-    with whole_parameters(peft_model):  # FSDP1 and ZeRO-3: one layer's weights whole at a time
+    with whole_parameters(peft_model) as gathering:  # FSDP1 and ZeRO-3: one layer's weights whole at a time
         for name, offsets in record.offsets.items():
             if offsets:
                 module = layers[name]
-                with whole_layer(module, write=True):
+                with gathering.layer(module, write=True):
                     layer_kind(module).subtract(base_layer(module), total_delta(offsets))
     set_record(peft_model, adapter_name, record)

@@ -21,20 +21,23 @@ from torch import nn
 from fisher_core.config import FisherConfig
 from fisher_core.layers import base_layer, layer_kind
 from fisher_core.select.ranks import check_budget
+from fisher_core.sharded import Gathering
 from fisher_core.write.peft import _read, is_at_init
 from fisher_core.write.record import get_record
 
 logger = logging.getLogger("fisher_core")
 
 
-def trained_layers(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str) -> list[str]:
+def trained_layers(
+    peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, gathering: Gathering
+) -> list[str]:
     """Names of the layers whose adapter `adapter_name` is no longer at its initial value (merged ones too)."""
     record = get_record(peft_model, adapter_name)
     return [
         name
         for name, module in layers.items()
         if adapter_name in getattr(module, "merged_adapters", ())
-        or not _read(module, is_at_init, module, adapter_name, record, name)
+        or not _read(gathering, module, is_at_init, module, adapter_name, record, name)
     ]
 
 
