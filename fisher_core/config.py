@@ -110,7 +110,7 @@ class FisherConfig(BaseModel):
         description="k of the sketched statistics and of the low-rank solver's top spectra (None: max(128, 4·r); "
         "the statistics' k halved while a `memory_budget` cannot hold the sketches, down to 2·r).",
     )
-    exact_max_dim: int = Field(2048, ge=1, description="Largest layer dimension `auto` solves exactly.")
+    exact_max_dim: int = Field(1024, ge=1, description="Largest layer dimension `auto` solves exactly.")
     memory_budget: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
         None,
         description="Bytes the statistics, plus the layer inputs the pass holds for Ḡ, may take. Above it the "
