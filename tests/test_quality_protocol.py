@@ -75,3 +75,20 @@ def test_gpu_script_stops_at_its_budget_and_still_writes_tables(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "runs recorded" in done.stdout and (tmp_path / "tables.md").is_file()
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "cpu", "lm"])
+def test_the_plan_runs_only_the_presets_methods_and_ablations_and_ends(preset_name):
+    """Played to the end on made-up curves (val loss lowest at each task's middle lr): every planned run is
+    one of the preset's methods or ablations, and the plan ends. (A `robust` list inherited from a larger
+    preset once planned runs of methods the preset does not train.)"""
+    from benchmarks.quality.protocol import PRESETS, plan
+
+    preset = PRESETS[preset_name]
+    records: list[dict] = []
+    while todo := plan(preset, records):
+        for key in todo:
+            loss = abs(key.lr - preset.lr_grid[len(preset.lr_grid) // 2]) + 1.0
+            records.append({**key.__dict__, "curve": [{"step": 1, "val_loss": loss}]})
+        assert len(records) < 2000
+    assert {r["method"] for r in records} <= set(preset.methods) | set(preset.ablations)

@@ -224,15 +224,17 @@ def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 
 def robust_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """The lr-robustness table: the other seeds at 0.5×/1×/2× default LoRA's best lr for the `robust` methods
-    (seed 0 ran those lrs in the bracketed grid)."""
+    """The lr-robustness table: every seed at 0.5×/1×/2× default LoRA's best lr for the `robust` methods (seed 0
+    usually ran them in the grid, but not an lr the grid added beyond its edge for LoRA alone). A `robust` method
+    the preset does not run is skipped."""
     seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     todo = []
     for task in preset.tasks:
         if lora := best_lr(seed0, task, "lora"):
             lrs = (lora / 2, lora, lora * 2)
-            todo += [RunKey(task, m, lr, s) for m in preset.robust for lr in lrs for s in preset.seeds[1:]]
+            methods = [m for m in preset.robust if m in preset.methods]
+            todo += [RunKey(task, m, lr, s) for m in methods for lr in lrs for s in preset.seeds]
     return [key for key in dict.fromkeys(todo) if key not in done]
 
 
