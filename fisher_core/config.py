@@ -45,8 +45,8 @@ class FisherConfig(BaseModel):
         description="Step-0 policy. `zero`: A gets the Fisher directions at PEFT's default row norm and B = 0, "
         "the base is untouched, so the LoRA learning rate a recipe already has stays right (BENCHMARKS.md: "
         "within seed noise of default LoRA at 0.5×–2× its best lr on four held-out tasks). `preserve`: B and A "
-        "both nonzero and W_base ← W − s·B·A so outputs are unchanged; it wants about half LoRA's lr and needs "
-        "an export.",
+        "both nonzero and W_base ← W − s·B·A so outputs are unchanged; its best lr ranged from 0.5× to 2× LoRA's "
+        "by task (tune it), and it needs an export.",
     )
     num_batches: int = Field(
         32,

@@ -1,3 +1,4 @@
-"""Quality benchmark pieces: real text (`shakespeare`), the MiniLM encoder task (`encoder`), LoRA
-initializers by name (`methods`) and the one-configuration runner (`runner`) the demo and the
-benchmark share."""
+"""The quality protocol (`protocol`, one command) and its pieces: real text (`shakespeare`), the held-out
+encoder tasks (`tasks`), the MiniLM encoder (`encoder`), LoRA initializers by name (`methods`), the encoder
+run (`runner`, which the demo shares), the causal-LM SFT/DPO tasks (`causal`, `completions`) and the tables
+and plot (`report`)."""

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality.lm import _clip, _collate, _encode, _play_speeches, evaluate_dpo, evaluate_sft
-from benchmarks.quality.shakespeare import cache_dir
+from benchmarks.quality.completions import collate, encode, evaluate_dpo, evaluate_sft
+from benchmarks.quality.shakespeare import cache_dir, speeches, texts_dir
 
 PRETRAIN_NAME = "llama-1.7m-comedies-histories-docstrings-v1"
 PRETRAIN_PLAYS = (
@@ -45,6 +45,16 @@ SPLITS = {
 BASE_CHANGING = ("lora_ga", "pissa", "olora", "corda")  # PEFT inits that write the base (and fisher's `preserve`)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 128
+
+
+def _play_speeches(plays: tuple[str, ...], min_words: int) -> list[list[str]]:
+    folder = texts_dir()
+    return [speeches((folder / f"{p}_gut.txt").read_text(encoding="utf-8", errors="replace"), min_words) for p in plays]
+
+
+def _clip(text: str, words: int, tail: bool) -> str:
+    w = text.split()
+    return " ".join(w[-words:] if tail else w[:words])
 
 
 def pretraining_text() -> list[str]:
@@ -140,9 +150,9 @@ def run_causal(task: str, method: str, fisher: dict | None, lr: float, seed: int
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
     else:
         rows = random.Random(seed).sample(data["train"], preset.calibration * preset.batch_size)
-        encoded = [_encode(tokenizer, r["prompt"], r["completion"]) for r in rows]
+        encoded = [encode(tokenizer, r["prompt"], r["completion"]) for r in rows]
         batches = [
-            _collate(encoded[i : i + preset.batch_size], tokenizer.pad_token_id)
+            collate(encoded[i : i + preset.batch_size], tokenizer.pad_token_id)
             for i in range(0, len(encoded), preset.batch_size)
         ]
         model = build_adapter(method, model, batches, lora={**lora, "task_type": "CAUSAL_LM"}).model

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.quality.encoder import Split, batch_stream, evaluate, load_classifier
-from benchmarks.quality.methods import build_adapter, lora_kwargs
+from benchmarks.quality.methods import Adapter, build_adapter, lora_kwargs
 from fisher_core import FisherConfig
 
 EVAL_AT = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -97,15 +97,7 @@ def run(
     if spec.head_warmup:
         _train_head(model, _on(device, batch_stream(train, spec.batch_size, seed=10_000 + spec.seed)), spec)
     stream = _on(device, batch_stream(train, spec.batch_size, seed=spec.seed))
-    # the first batches training will see (a fresh stream with the same seed)
-    calibration = list(islice(_on(device, batch_stream(train, spec.batch_size, spec.seed)), spec.calibration_batches))
-    torch.manual_seed(spec.seed)
-    with peak_memory() as peak:
-        started = time.perf_counter()
-        adapter = build_adapter(
-            spec.method, model, calibration, lora=lora_kwargs(spec.rank, spec.alpha), fisher=spec.fisher
-        )
-        init_seconds = time.perf_counter() - started
+    adapter, init_seconds, init_peak_mib = _init_adapter(spec, model, train, device)
     model = adapter.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
@@ -139,13 +131,26 @@ def run(
         spec=spec,
         curve=curve,
         init_seconds=init_seconds,
-        init_peak_mib=peak(),
+        init_peak_mib=init_peak_mib,
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
         trainable_params=sum(p.numel() for p in params),
         init_phases=adapter.phases,
         init_batches=adapter.batches,
     )
+
+
+def _init_adapter(spec: RunSpec, model: nn.Module, train: Split, device: torch.device) -> tuple[Adapter, float, float]:
+    """(adapter, seconds, peak MiB above the start) of `spec.method`'s init from the first
+    `calibration_batches` batches training will see (a fresh stream with the same seed)."""
+    calibration = list(islice(_on(device, batch_stream(train, spec.batch_size, spec.seed)), spec.calibration_batches))
+    torch.manual_seed(spec.seed)
+    with peak_memory() as peak:
+        started = time.perf_counter()
+        lora = lora_kwargs(spec.rank, spec.alpha)
+        adapter = build_adapter(spec.method, model, calibration, lora=lora, fisher=spec.fisher)
+        seconds = time.perf_counter() - started
+    return adapter, seconds, peak()
 
 
 def lr_factor(steps: int, warmup: float) -> Callable[[int], float]:

@@ -69,8 +69,9 @@ def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_na
         return
     logger.warning(
         "fisher-lora: policy 'preserve' starts from nonzero B·A at LoRA-GA's scale: on the held-out protocol its "
-        "best learning rate was about half of default LoRA's, and twice LoRA's best lr collapsed one task "
-        "(BENCHMARKS.md). Lower an lr copied from a LoRA recipe, or use the default policy 'zero'"
+        "best learning rate ranged from 0.5× to 2× default LoRA's by task, and at LoRA's own lr it fell behind "
+        "LoRA's mean on most tasks (BENCHMARKS.md). Tune the learning rate rather than copying it from a LoRA "
+        "recipe, or use the default policy 'zero'"
     )
     uses = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
     for name, module in layers.items():

@@ -83,11 +83,11 @@ def test_a_second_adapter_does_not_move_the_active_one():
     assert all(d.policy == "zero" for d in report.directions.values())
 
 
-def test_preserve_says_once_that_it_wants_a_lower_learning_rate(caplog):
+def test_preserve_says_once_that_its_learning_rate_needs_tuning(caplog):
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     with caplog.at_level(logging.WARNING, logger="fisher_core"):
         initialize(peft_model, _batches(), config=_cfg(policy="preserve"))
-    assert sum("about half of default LoRA's" in r.message for r in caplog.records) == 1
+    assert sum("Tune the learning rate" in r.message for r in caplog.records) == 1
     caplog.clear()
     fresh = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     with caplog.at_level(logging.WARNING, logger="fisher_core"):

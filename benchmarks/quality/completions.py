@@ -1,0 +1,72 @@
+"""Completion metrics of the causal-LM tasks (`causal.py`): rows `{prompt, completion, rejected}` encoded with
+the loss on the completion only, completion cross-entropy per token and token accuracy (SFT), DPO loss
+against the adapter-disabled model and reward accuracy (DPO)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels): prompt + completion + EOS, the prompt's labels -100."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + c, [-100] * len(p) + c
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `labels` (padding labelled -100)."""
+    width = max(len(i) for i, _ in pairs)
+    ids = torch.full((len(pairs), width), pad)
+    labels = torch.full((len(pairs), width), -100)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for j, (i, lab) in enumerate(pairs):
+        ids[j, : len(i)], labels[j, : len(i)], mask[j, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def completion_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: summed completion log-prob, completion token count, correctly predicted tokens."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    correct = (logits.argmax(-1) == labels) & mask
+    return (logp * mask).sum(1), mask.sum(1), correct.sum(1)
+
+
+def evaluate_sft(model: nn.Module, tokenizer, test: list[dict]) -> dict[str, float]:
+    """Completion cross-entropy per token and token accuracy over `test`."""
+    was = model.training
+    model.eval()
+    nll = count = correct = 0.0
+    for start in range(0, len(test), 32):
+        rows = [encode(tokenizer, r["prompt"], r["completion"]) for r in test[start : start + 32]]
+        lp, n, c = completion_logps(model, collate(rows, tokenizer.pad_token_id))
+        nll, count, correct = nll - float(lp.sum()), count + float(n.sum()), correct + float(c.sum())
+    model.train(was)
+    return {"test_loss": nll / count, "token_accuracy": correct / count}
+
+
+def evaluate_dpo(model: nn.Module, tokenizer, test: list[dict], beta: float = 0.1) -> dict[str, float]:
+    """DPO loss (reference = the adapter-disabled model) and reward accuracy over `test`."""
+    was = model.training
+    model.eval()
+    losses, wins = [], []
+    for start in range(0, len(test), 32):
+        part = test[start : start + 32]
+        chosen = collate([encode(tokenizer, r["prompt"], r["completion"]) for r in part], tokenizer.pad_token_id)
+        rejected = collate([encode(tokenizer, r["prompt"], r["rejected"]) for r in part], tokenizer.pad_token_id)
+        pc, pr = completion_logps(model, chosen)[0], completion_logps(model, rejected)[0]
+        with model.disable_adapter():
+            rc, rr = completion_logps(model, chosen)[0], completion_logps(model, rejected)[0]
+        margin = beta * ((pc - rc) - (pr - rr))
+        losses.append(-F.logsigmoid(margin))
+        wins.append((margin > 0).float() + 0.5 * (margin == 0).float())  # a tie (e.g. at step 0) is a coin flip
+    model.train(was)
+    return {"test_loss": float(torch.cat(losses).mean()), "reward_accuracy": float(torch.cat(wins).mean())}
