@@ -84,6 +84,8 @@ def _settings(config: FisherConfig, data: str) -> dict[str, str]:
         "seed": str(config.seed),
         "memory_budget": str(config.memory_budget),
         "sketch_rank": str(config.sketch_rank),
+        "solver": config.solver,  # dense or sketched statistics
+        "exact_max_dim": str(config.exact_max_dim),
         "position_fraction": str(config.position_fraction),
         "stop_tol": str(config.stop_tol),
     }

@@ -1,7 +1,8 @@
 """`estimate`: stream calibration batches through the frozen model and return `FisherStats`.
 
 Per batch: one forward (inputs recorded by hooks), then one input-gradient backward of the summed
-loss (`empirical`) or `mc_samples` backwards of losses with labels sampled from the model (`true`).
+loss (`empirical`), or `mc_samples` backwards of losses with labels sampled from the model for `S_G` plus,
+when the selector reads `Ḡ`, one of the data's loss (`true`).
 The backward targets the input embeddings' output, so no parameter ever receives a `.grad`.
 """
 
@@ -20,7 +21,13 @@ from tqdm.auto import tqdm
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.convergence import ConvergenceMonitor
-from fisher_core.estimate.distributed import global_fingerprint, global_max, in_lockstep, is_main_process
+from fisher_core.estimate.distributed import (
+    global_fingerprint,
+    global_max,
+    global_min,
+    in_lockstep,
+    is_main_process,
+)
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator, shares_input
 from fisher_core.estimate.hooks import estimation_mode, input_embeddings, replayed_layers, rooted
 from fisher_core.estimate.objective import (
@@ -111,6 +118,8 @@ def _pass(
     shapes = {name: layer_kind(m).shape(base_layer(m)) for name, m in modules.items()}
     device = _device(model)
     budget = resolve_budget(config.memory_budget, device)
+    if config.memory_budget == "auto" and budget is not None:  # each process's free memory: plan for the least
+        budget = global_min(budget)
     plan = make_plan(shapes, config, budget, _lora_ranks(modules))
     acc = StatsAccumulator(shapes, config.needs_mean_grad, plan.sketched, plan.sketch_rank, config.seed, device)
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import statistics
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from fisher_core.estimate.distributed import world_size
+from fisher_core.estimate.distributed import global_max_float
 from fisher_core.estimate.factors import StatsAccumulator
 from fisher_core.estimate.sums import DenseSum, PsdSketch, random_matrix
 
@@ -54,10 +53,7 @@ class ConvergenceMonitor:
                     change = torch.linalg.norm(probe - self.previous[key]) / torch.linalg.norm(probe).clamp_min(1e-30)
                     changes.append(float(change))
                 self.previous[key] = probe
-        flag = torch.tensor([statistics.median(changes) if changes else float("inf")])
-        if world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.last_change = float(flag)
+        self.last_change = global_max_float(statistics.median(changes) if changes else float("inf"))
         return self.last_change < self.tol
 
     def _probe(self, s: object, key: str, tokens: int) -> Tensor | None:

@@ -67,11 +67,26 @@ def global_fingerprint(local: str) -> str:
 
 def global_max(local: int) -> int:
     """The largest of every process's `local` (a collective)."""
+    return int(_reduced(local, torch.int64, dist.ReduceOp.MAX))
+
+
+def global_min(local: int) -> int:
+    """The smallest of every process's `local` (a collective)."""
+    return int(_reduced(local, torch.int64, dist.ReduceOp.MIN))
+
+
+def global_max_float(local: float) -> float:
+    """The largest of every process's `local` (a collective)."""
+    return float(_reduced(local, torch.float64, dist.ReduceOp.MAX))
+
+
+def _reduced(local: float, dtype: torch.dtype, op: dist.ReduceOp) -> float:
+    """`op` over every process's `local`, on the device the process group's backend reduces on (NCCL: CUDA)."""
     if world_size() == 1:
         return local
-    value = torch.tensor([local], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value)
+    value = torch.tensor([local], dtype=dtype, device=_collective_device())
+    dist.all_reduce(value, op=op)
+    return value.item()
 
 
 def is_main_process() -> bool:

@@ -6,8 +6,8 @@ a sketched Ḡ shares the test matrices of the layer's sketched factors). When t
 `memory_budget`, the largest statistics are sketched first until the total fits; if even all
 sketches do not fit, the error names the budget and the need. The layer inputs the pass holds for Ḡ
 (until each layer's gradient arrives) count against the same budget: they are measured batch by batch,
-and when they leave too little room the plan is tightened mid-pass (`plan_for_held`: dense sums turn
-into sketches of what they hold, exactly).
+and when they leave too little room the plan is tightened mid-pass (`make_plan(held=…)`: dense sums
+turn into sketches of what they hold, exactly).
 """
 
 from __future__ import annotations

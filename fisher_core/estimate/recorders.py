@@ -87,7 +87,7 @@ class LayerRecorder:
     def __init__(self, name: str, acc: StatsAccumulator, recorders: Recorders, replayed: bool) -> None:
         self.name, self.acc, self.layer = name, acc, acc.layers[name]  # the layer's sums
         self.recorders, self.replayed = recorders, replayed  # replayed: inside a checkpointed block
-        self.input: Held | None = None  # x for Ḡ until g arrives (a block that is not checkpointed)
+        self.inputs: list[Held] = []  # x for Ḡ until its g arrives, one per call (a block not checkpointed)
         self.half: tuple[Tensor | None, Held | None] | None = None  # (x, g) of a replayed layer, the first to come
 
     def forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -109,12 +109,15 @@ class LayerRecorder:
         x_rows = rows.rows(x, self.name)  # masked once, for both uses below and the layers sharing x
         self.layer.tokens += x_rows.shape[0]
         projected = self.layer.input_sum.add_outer(x_rows) if self.layer.input_group == self.name else None
+        held = None
         if self.recorders.holds_inputs and not self.replayed:
-            self.input = (x_rows, projected)  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
+            held = (x_rows, projected)  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
+            self.inputs.append(held)
             self.recorders.note_held()
-        output.register_hook(self.backward)
+        # the hook carries this call's input: a layer called twice in one forward pairs each g with its own x
+        output.register_hook(lambda grad: self.backward(grad, held))
 
-    def backward(self, grad: Tensor) -> None:
+    def backward(self, grad: Tensor, held: Held | None = None) -> None:
         record = self.recorders.record
         if record is None:  # a backward the pass did not run records nothing
             return
@@ -125,7 +128,9 @@ class LayerRecorder:
         if self.replayed:
             self._meet(g=(g, projected))
             return
-        (x, x_projected), self.input = self.input, None
+        assert held is not None, "Ḡ needs the layer's input, which the forward did not hold"
+        self.inputs = [h for h in self.inputs if h is not held]
+        x, x_projected = held
         self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
 
     def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
@@ -140,8 +145,8 @@ class LayerRecorder:
 
     def held(self) -> Iterator[Tensor]:
         """The tensors this layer holds for Ḡ now."""
-        if self.input is not None:
-            yield from (t for t in self.input if t is not None)
+        for held in self.inputs:
+            yield from (t for t in held if t is not None)
         if self.half is not None:
             x, g = self.half
             yield from (t for t in (x, g[0] if g is not None else None) if t is not None)
@@ -173,15 +178,20 @@ class Recorders:
         finally:
             for h in handles:
                 h.remove()
-            for layer in self.layers.values():
-                layer.input = layer.half = None
+            self._release()
 
     def begin_batch(self, mask: Tensor | None, leaves: list[Tensor]) -> None:
         self.inputs.mask, self.leaves = mask, leaves
 
     def end_batch(self) -> None:
-        """Input groups are fixed after the first batch; what identified this batch's inputs is dropped."""
+        """Input groups are fixed after the first batch; what identified this batch's inputs is dropped, and
+        so is what a layer held for a gradient that never came (a loss that does not reach it)."""
         self.inputs.end_batch()
+        self._release()
+
+    def _release(self) -> None:
+        for layer in self.layers.values():
+            layer.inputs, layer.half = [], None
 
     def backward(self, loss: Tensor, record: Record, retain: bool) -> None:
         """One input-gradient backward of `loss` recording `record`: no parameter gets a `.grad`."""

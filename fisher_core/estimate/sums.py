@@ -4,7 +4,7 @@
 - `PsdSketch`: for `S = Σ_t x_t x_tᵀ` keeps `Y = S Ω` (d×k, Ω Gaussian) and `tr S`; at the end a
   Nyström approximation gives S's top-k eigenpairs (Tropp, Yurtsever, Udell & Cevher 2017,
   "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"), and the trace
-  gives one value for the rest of the spectrum. Memory d·k instead of d².
+  gives one value for the rest of the spectrum. Memory 2·d·k (Y and Ω) instead of d².
 - `CrossSketch`: for `Ḡ = Σ_t g_t x_tᵀ` keeps the range sketch `Y = Ḡ Ω` (m×k_y) and the co-range
   sketch `W = Ψ Ḡ` (l×n, l ≥ 2·k_y); at the end `Ḡ ≈ Q (ΨQ)⁺ W` with `Q = orth(Y)` (Tropp et al.
   2017, "Practical sketching algorithms for low-rank matrix approximation", Alg. 7). `Ω` is the first

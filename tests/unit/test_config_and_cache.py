@@ -69,6 +69,9 @@ def test_cache_from_other_weights_targets_or_settings_is_refused(tmp_path):
         estimate(tiny_llama(), _batches(), target_modules=["q_proj"], config=cfg)
     with pytest.raises(CacheMismatchError, match="fisher_type"):
         estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg.model_copy(update={"fisher_type": "true"}))
+    for setting in ({"solver": "lowrank"}, {"exact_max_dim": 8}):  # sketched statistics where dense ones were cached
+        with pytest.raises(CacheMismatchError, match=next(iter(setting))):
+            estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg.model_copy(update=setting))
 
 
 def test_truncated_cache_is_refused(tmp_path):

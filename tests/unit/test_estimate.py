@@ -302,3 +302,25 @@ def test_mean_gradient_equals_plain_autograd_weight_gradient(checkpointing):
         n = stats[name].num_tokens
         assert n == sum(int(b["attention_mask"].sum()) for b in batches)
         assert _rel(stats[name].mean_grad * n, modules[name].weight.grad) < 1e-5, name
+
+
+def test_a_loss_that_runs_the_model_twice_pairs_each_gradient_with_its_own_input():
+    """Every adapted layer is called twice per batch (a loss over two forwards): Ḡ·N must still be ∂L/∂W from
+    plain autograd — each output gradient meets the input of its own call, not the last call's."""
+    batches = _batches()
+
+    def twice(model: nn.Module, batch: dict) -> torch.Tensor:
+        flipped = {**batch, "input_ids": batch["input_ids"].flip(-1)}
+        return _summed_token_loss(model, batch) + 0.5 * _summed_token_loss(model, flipped)
+
+    stats = estimate(tiny_llama(layers=2), batches, target_modules=LAYERS, config=_cfg(batches), loss_fn=twice)
+    oracle = tiny_llama(layers=2)
+    modules = dict(oracle.named_modules())
+    for p in oracle.parameters():
+        p.requires_grad_(False)
+    for name in LAYERS:
+        modules[name].weight.requires_grad_(True)
+    for batch in batches:
+        twice(oracle, batch).backward()
+    for name in LAYERS:
+        assert _rel(stats[name].mean_grad * stats[name].num_tokens, modules[name].weight.grad) < 1e-5, name
