@@ -35,7 +35,9 @@ class CacheMismatchError(ValueError):
 
 
 def fingerprint(modules: Mapping[str, nn.Module], gathering: Gathering | None = None) -> str:
-    """sha256 over target names, shapes and a strided sample of each target's weight.
+    """sha256 over target names, shapes and a strided sample of each target's weight, and of its active LoRA
+    factors where its adapters are on (a trained adapter re-initialized with `force`: the statistics are of
+    the model with it; a disabled fresh adapter changes nothing).
 
     Reads whole weights (a collective on a sharded model: every process calls it; FSDP1 with the `Gathering`
     of a `whole_parameters` region).
@@ -44,11 +46,17 @@ def fingerprint(modules: Mapping[str, nn.Module], gathering: Gathering | None = 
     h = hashlib.sha256()
     for name, module in sorted(modules.items()):
         with gathering.layer(base_layer(module)):  # the sample is taken while the weight is whole: no full copy
-            w = whole(layer_kind(module).weight(base_layer(module)))
-            flat = w.reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).contiguous()
-            h.update(f"{name}:{tuple(w.shape)}".encode())
-            h.update(sample.numpy().tobytes())
+            weights = {name: whole(layer_kind(module).weight(base_layer(module)))}
+            if getattr(module, "disable_adapters", True) is False:
+                for adapter in getattr(module, "active_adapters", ()):
+                    for factor in ("lora_A", "lora_B"):
+                        if adapter in getattr(module, factor, {}):
+                            weights[f"{name}.{factor}.{adapter}"] = whole(getattr(module, factor)[adapter].weight)
+            for key, w in weights.items():
+                flat = w.reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 4096)][:4096].detach().to("cpu", torch.float32).contiguous()
+                h.update(f"{key}:{tuple(w.shape)}".encode())
+                h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
 

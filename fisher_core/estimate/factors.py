@@ -104,14 +104,13 @@ class StatsAccumulator:
         self,
         shapes: Mapping[str, tuple[int, int]],
         with_mean_grad: bool,
-        sketched: Mapping[str, set[str]] | None = None,
-        sketch_rank: int = 64,
+        sketched: Mapping[str, set[str]],
+        sketch_rank: int,
         seed: int = 0,
         device: torch.device | None = None,
     ) -> None:
         self.sketch_rank, self.seed = sketch_rank, seed
         self.device = device or torch.device("cpu")
-        sketched = sketched or {}
         self.layers = {}
         for name, (m, n) in shapes.items():
             layer = LayerAccumulator(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 
@@ -46,10 +46,11 @@ def estimation_mode(model: nn.Module, checkpoint_all: bool = False) -> Iterator[
     memory budget: the pass then holds one block's inputs for Ḡ at a time; no statistic changes).
 
     transformers' checkpointed layers (`GradientCheckpointingLayer` with checkpointing on) stay
-    checkpointed: they alone are put in training mode (their flag gates checkpointing; the modules
-    inside stay in eval), and run torch's non-reentrant checkpoint for the pass (a reentrant one does
-    not support the input-gradient `autograd.grad`), replaying the whole block (no early stop, so
-    every adapted layer's hook sees the replay). Under DeepSpeed ZeRO-3 the replay skips torch's
+    checkpointed: they alone are put in training mode (their flag gates checkpointing and drops the KV
+    cache), but their own forward, and its replay, run in eval mode (no functional dropout written in
+    the block, e.g. BART's `dropout(..., training=self.training)`), with torch's non-reentrant checkpoint
+    (a reentrant one does not support the input-gradient `autograd.grad`), replaying the whole block (no
+    early stop, so every adapted layer's hook sees the replay). Under DeepSpeed ZeRO-3 the replay skips torch's
     metadata check: ZeRO-3 releases the frozen weights the replay saved by reference (shape [0] at
     check time) and gathers them again before each module's backward, so the values used are whole
     (tested equal to the unpartitioned model). Other checkpointing flags (older transformers models
@@ -68,7 +69,9 @@ def estimation_mode(model: nn.Module, checkpoint_all: bool = False) -> Iterator[
             m.gradient_checkpointing = m in blocks
         for m in blocks:
             m.training = True
-            m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, determinism_check=check)
+            m._gradient_checkpointing_func = _checkpoint_in_eval(
+                m, functools.partial(checkpoint, use_reentrant=False, determinism_check=check)
+            )
         with set_checkpoint_early_stop(False):
             yield blocks
     finally:
@@ -81,6 +84,23 @@ def estimation_mode(model: nn.Module, checkpoint_all: bool = False) -> Iterator[
                 m.__dict__.pop("_gradient_checkpointing_func", None)
             else:
                 m._gradient_checkpointing_func = func
+
+
+def _checkpoint_in_eval(block: nn.Module, checkpoint: Callable) -> Callable:
+    """`checkpoint(fn, *args)` whose `fn` (the block's forward, and its replay in the backward) runs with the
+    block in eval mode; the training flag that routed the call here is back when it returns."""
+
+    def run(fn: Callable, *args: object) -> object:
+        def in_eval(*inner: object) -> object:
+            block.training = False
+            try:
+                return fn(*inner)
+            finally:
+                block.training = True
+
+        return checkpoint(in_eval, *args)
+
+    return run
 
 
 def replayed_layers(modules: Mapping[str, nn.Module], blocks: set[nn.Module]) -> frozenset[str]:

@@ -74,6 +74,27 @@ def test_cache_from_other_weights_targets_or_settings_is_refused(tmp_path):
             estimate(tiny_llama(), _batches(), target_modules=LAYERS, config=cfg.model_copy(update=setting))
 
 
+def test_cache_sees_an_active_adapters_weights_but_not_a_disabled_ones(tmp_path):
+    """Statistics of a model whose (trained) adapter is on depend on its factors; with the adapter disabled
+    (a fresh one, as `initialize` runs the pass) they do not, and a new random A must not miss the cache."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = FisherConfig(progress=False, num_batches=1, cache_path=tmp_path / "stats.safetensors")
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "up_proj", "down_proj"]))
+    layers = {name: m for name, m in model.named_modules() if name.endswith(tuple(LAYERS)) and hasattr(m, "lora_A")}
+    with model.disable_adapter():
+        estimate(model, _batches(), target_modules=layers, config=cfg)
+        with torch.no_grad():
+            for m in layers.values():
+                m.lora_A["default"].weight.normal_()
+        estimate(model, _batches(), target_modules=layers, config=cfg)  # reused: the adapter is off
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_B["default"].weight.normal_()  # "trained"
+    with pytest.raises(CacheMismatchError, match="other model weights"):
+        estimate(model, _batches(), target_modules=layers, config=cfg)
+
+
 def test_truncated_cache_is_refused(tmp_path):
     path = tmp_path / "stats.safetensors"
     cfg = FisherConfig(progress=False, num_batches=1, cache_path=path)

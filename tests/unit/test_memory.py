@@ -111,10 +111,10 @@ def test_a_budgeted_pass_checkpoints_and_hands_the_model_back_as_it_was():
     model = tiny_llama(layers=2)
     blocks = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
     seen: list[bool] = []
-    blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.gradient_checkpointing and m.training))
+    blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.gradient_checkpointing))
     config = FisherConfig(progress=False, num_batches=1, memory_budget=10**9)
     estimate(model, _batches(), target_modules=TARGETS, config=config)
-    assert seen and all(seen)  # checkpointed during the pass
+    assert seen == [True, True]  # checkpointed during the pass: the forward, then its replay in the backward
     assert not model.is_gradient_checkpointing and not any(b.gradient_checkpointing or b.training for b in blocks)
 
 
@@ -281,3 +281,35 @@ def test_a_budget_lowers_the_default_sketch_rank_until_it_fits_but_not_a_rank_th
 def _dense(m) -> torch.Tensor:
     """A `LowRank` matrix, formed."""
     return m.left @ m.right
+
+
+def test_blocks_the_pass_checkpoints_run_without_their_own_dropout():
+    """BART's layers apply dropout in their own forward (`training=self.training`); the pass turns such a
+    block's flag on only to route it through checkpointing, so forward and replay must still be eval: two
+    passes give the same loss and input gradient as the model in plain eval mode, with no checkpointing."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from fisher_core.estimate.hooks import estimation_mode
+
+    config = BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        dropout=0.5, activation_dropout=0.5, attention_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).eval().requires_grad_(False)
+    ids = torch.randint(4, 64, (2, 8))
+
+    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+            (grad,) = torch.autograd.grad(loss, embeds)
+        return loss.detach(), grad
+
+    plain = loss_and_grad()
+    with estimation_mode(model, checkpoint_all=True) as blocks:
+        assert blocks  # the layers are checkpointed for the pass
+        first, second = loss_and_grad(), loss_and_grad()
+    for got in (first, second):
+        torch.testing.assert_close(got, plain)
