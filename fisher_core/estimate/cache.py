@@ -36,8 +36,8 @@ class CacheMismatchError(ValueError):
 
 def fingerprint(modules: Mapping[str, nn.Module], gathering: Gathering | None = None) -> str:
     """sha256 over target names, shapes and a strided sample of each target's weight, and of its active LoRA
-    factors where its adapters are on (a trained adapter re-initialized with `force`: the statistics are of
-    the model with it; a disabled fresh adapter changes nothing).
+    factors where its adapters are on and B ≠ 0 (a trained adapter re-initialized with `force`: the statistics
+    are of the model with it; a fresh adapter, B = 0, changes nothing whatever its random A).
 
     Reads whole weights (a collective on a sharded model: every process calls it; FSDP1 with the `Gathering`
     of a `whole_parameters` region).
@@ -45,19 +45,28 @@ def fingerprint(modules: Mapping[str, nn.Module], gathering: Gathering | None = 
     gathering = gathering or Gathering()
     h = hashlib.sha256()
     for name, module in sorted(modules.items()):
-        with gathering.layer(base_layer(module)):  # the sample is taken while the weight is whole: no full copy
-            weights = {name: whole(layer_kind(module).weight(base_layer(module)))}
-            if getattr(module, "disable_adapters", True) is False:
-                for adapter in getattr(module, "active_adapters", ()):
-                    for factor in ("lora_A", "lora_B"):
-                        if adapter in getattr(module, factor, {}):
-                            weights[f"{name}.{factor}.{adapter}"] = whole(getattr(module, factor)[adapter].weight)
+        with gathering.layer(module):  # the sample is taken while the weights are whole: no full copy
+            weights = {name: whole(layer_kind(module).weight(base_layer(module))), **_active_factors(name, module)}
             for key, w in weights.items():
                 flat = w.reshape(-1)
                 sample = flat[:: max(1, flat.numel() // 4096)][:4096].detach().to("cpu", torch.float32).contiguous()
                 h.update(f"{key}:{tuple(w.shape)}".encode())
                 h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def _active_factors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA factors of `module`'s active adapters that change its output (adapters on, B ≠ 0), whole."""
+    if getattr(module, "disable_adapters", True) is not False:
+        return {}
+    factors = {}
+    for adapter in getattr(module, "active_adapters", ()):
+        if adapter not in getattr(module, "lora_B", {}):
+            continue
+        b, a = whole(module.lora_B[adapter].weight), whole(module.lora_A[adapter].weight)
+        if bool(b.detach().abs().max() > 0):
+            factors |= {f"{name}.lora_A.{adapter}": a, f"{name}.lora_B.{adapter}": b}
+    return factors
 
 
 def data_fingerprint(batches: Sequence[Mapping[str, object]], *objective: Callable | None) -> str:

@@ -109,15 +109,15 @@ class LayerRecorder:
         x_rows = rows.rows(x, self.name)  # masked once, for both uses below and the layers sharing x
         self.layer.tokens += x_rows.shape[0]
         projected = self.layer.input_sum.add_outer(x_rows) if self.layer.input_group == self.name else None
-        held = None
+        held: list[Held] = []  # this call's input, handed to its own gradient's hook (which empties it)
         if self.recorders.holds_inputs and not self.replayed:
-            held = (x_rows, projected)  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
-            self.inputs.append(held)
+            held.append((x_rows, projected))  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
+            self.inputs.append(held[0])
             self.recorders.note_held()
         # the hook carries this call's input: a layer called twice in one forward pairs each g with its own x
         output.register_hook(lambda grad: self.backward(grad, held))
 
-    def backward(self, grad: Tensor, held: Held | None = None) -> None:
+    def backward(self, grad: Tensor, held: list[Held]) -> None:
         record = self.recorders.record
         if record is None:  # a backward the pass did not run records nothing
             return
@@ -128,9 +128,8 @@ class LayerRecorder:
         if self.replayed:
             self._meet(g=(g, projected))
             return
-        assert held is not None, "Ḡ needs the layer's input, which the forward did not hold"
-        self.inputs = [h for h in self.inputs if h is not held]
-        x, x_projected = held
+        x, x_projected = own = held.pop()  # freed here, not when the graph goes
+        self.inputs = [h for h in self.inputs if h is not own]
         self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
 
     def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
