@@ -141,7 +141,7 @@ def _pass(
                 )
                 _check_replays(recorders)
                 if budget is not None:  # what the pass held for Ḡ counts against the budget too
-                    plan = _refit(acc, recorders.held_peak, shapes, config, budget, plan)
+                    plan = _tightened(acc, recorders.held_peak, shapes, config, budget, plan)
                 recorders.end_batch()
                 used += 1
                 progress.set_postfix(tokens=max(a.tokens for a in acc.layers.values()))
@@ -170,7 +170,7 @@ def _check_replays(recorders: Recorders) -> None:
         )
 
 
-def _refit(
+def _tightened(
     acc: StatsAccumulator, held_peak: int, shapes: Mapping[str, tuple[int, int]], config: FisherConfig,
     budget: int, plan: Plan,
 ) -> Plan:  # fmt: skip
