@@ -290,18 +290,11 @@ def test_mean_gradient_equals_plain_autograd_weight_gradient(checkpointing):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stats = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches))
-    oracle = tiny_llama(layers=2).train()
-    modules = dict(oracle.named_modules())
-    for p in oracle.parameters():
-        p.requires_grad_(False)
-    for name in LAYERS:
-        modules[name].weight.requires_grad_(True)
-    for batch in batches:
-        _summed_token_loss(oracle, batch).backward()
+    grads = _weight_gradients(_summed_token_loss, batches)
     for name in LAYERS:
         n = stats[name].num_tokens
         assert n == sum(int(b["attention_mask"].sum()) for b in batches)
-        assert _rel(stats[name].mean_grad * n, modules[name].weight.grad) < 1e-5, name
+        assert _rel(stats[name].mean_grad * n, grads[name]) < 1e-5, name
 
 
 def test_a_loss_that_runs_the_model_twice_pairs_each_gradient_with_its_own_input():
@@ -314,13 +307,20 @@ def test_a_loss_that_runs_the_model_twice_pairs_each_gradient_with_its_own_input
         return _summed_token_loss(model, batch) + 0.5 * _summed_token_loss(model, flipped)
 
     stats = estimate(tiny_llama(layers=2), batches, target_modules=LAYERS, config=_cfg(batches), loss_fn=twice)
-    oracle = tiny_llama(layers=2)
+    grads = _weight_gradients(twice, batches)
+    for name in LAYERS:
+        assert _rel(stats[name].mean_grad * stats[name].num_tokens, grads[name]) < 1e-5, name
+
+
+def _weight_gradients(loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """The oracle: ∂L/∂W of each of `LAYERS` by plain autograd, only those weights trainable, L summed over
+    `batches` (a fresh model with the same seed as the one estimated)."""
+    oracle = tiny_llama(layers=2).train()
     modules = dict(oracle.named_modules())
     for p in oracle.parameters():
         p.requires_grad_(False)
     for name in LAYERS:
         modules[name].weight.requires_grad_(True)
     for batch in batches:
-        twice(oracle, batch).backward()
-    for name in LAYERS:
-        assert _rel(stats[name].mean_grad * stats[name].num_tokens, modules[name].weight.grad) < 1e-5, name
+        loss_fn(oracle, batch).backward()
+    return {name: modules[name].weight.grad for name in LAYERS}
