@@ -21,7 +21,7 @@ import statistics
 import torch
 from torch import Tensor
 
-from fisher_core.estimate.distributed import global_max_float
+from fisher_core.estimate.distributed import global_max
 from fisher_core.estimate.factors import StatsAccumulator
 from fisher_core.estimate.sums import DenseSum, PsdSketch, random_matrix
 
@@ -53,7 +53,7 @@ class ConvergenceMonitor:
                     change = torch.linalg.norm(probe - self.previous[key]) / torch.linalg.norm(probe).clamp_min(1e-30)
                     changes.append(float(change))
                 self.previous[key] = probe
-        self.last_change = global_max_float(statistics.median(changes) if changes else float("inf"))
+        self.last_change = global_max(statistics.median(changes) if changes else float("inf"))
         return self.last_change < self.tol
 
     def _probe(self, s: object, key: str, tokens: int) -> Tensor | None:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 T = TypeVar("T")
+Number = TypeVar("Number", int, float)
 
 
 def world_size() -> int:
@@ -65,28 +66,24 @@ def global_fingerprint(local: str) -> str:
     return hashlib.sha256("".join(str(g) for g in gathered).encode()).hexdigest()
 
 
-def global_max(local: int) -> int:
-    """The largest of every process's `local` (a collective)."""
-    return int(_reduced(local, torch.int64, dist.ReduceOp.MAX))
+def global_max(local: Number) -> Number:
+    """The largest of every process's `local`, as its type (a collective)."""
+    return _reduced(local, dist.ReduceOp.MAX)
 
 
-def global_min(local: int) -> int:
-    """The smallest of every process's `local` (a collective)."""
-    return int(_reduced(local, torch.int64, dist.ReduceOp.MIN))
+def global_min(local: Number) -> Number:
+    """The smallest of every process's `local`, as its type (a collective)."""
+    return _reduced(local, dist.ReduceOp.MIN)
 
 
-def global_max_float(local: float) -> float:
-    """The largest of every process's `local` (a collective)."""
-    return float(_reduced(local, torch.float64, dist.ReduceOp.MAX))
-
-
-def _reduced(local: float, dtype: torch.dtype, op: dist.ReduceOp) -> float:
+def _reduced(local: Number, op: dist.ReduceOp) -> Number:
     """`op` over every process's `local`, on the device the process group's backend reduces on (NCCL: CUDA)."""
     if world_size() == 1:
         return local
+    dtype = torch.int64 if isinstance(local, int) else torch.float64
     value = torch.tensor([local], dtype=dtype, device=_collective_device())
     dist.all_reduce(value, op=op)
-    return value.item()
+    return type(local)(value.item())
 
 
 def is_main_process() -> bool:

@@ -87,7 +87,7 @@ class LayerRecorder:
     def __init__(self, name: str, acc: StatsAccumulator, recorders: Recorders, replayed: bool) -> None:
         self.name, self.acc, self.layer = name, acc, acc.layers[name]  # the layer's sums
         self.recorders, self.replayed = recorders, replayed  # replayed: inside a checkpointed block
-        self.inputs: list[Held] = []  # x for Ḡ until its g arrives, one per call (a block not checkpointed)
+        self.inputs: list[list[Held]] = []  # per call: x for Ḡ until its g arrives (a block not checkpointed)
         self.half: tuple[Tensor | None, Held | None] | None = None  # (x, g) of a replayed layer, the first to come
 
     def forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -112,7 +112,7 @@ class LayerRecorder:
         held: list[Held] = []  # this call's input, handed to its own gradient's hook (which empties it)
         if self.recorders.holds_inputs and not self.replayed:
             held.append((x_rows, projected))  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
-            self.inputs.append(held[0])
+            self.inputs.append(held)
             self.recorders.note_held()
         # the hook carries this call's input: a layer called twice in one forward pairs each g with its own x
         output.register_hook(lambda grad: self.backward(grad, held))
@@ -128,8 +128,8 @@ class LayerRecorder:
         if self.replayed:
             self._meet(g=(g, projected))
             return
-        x, x_projected = own = held.pop()  # freed here, not when the graph goes
-        self.inputs = [h for h in self.inputs if h is not own]
+        x, x_projected = held.pop()  # freed here, not when the graph goes
+        self.inputs = [box for box in self.inputs if box]
         self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
 
     def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
@@ -144,8 +144,8 @@ class LayerRecorder:
 
     def held(self) -> Iterator[Tensor]:
         """The tensors this layer holds for Ḡ now."""
-        for held in self.inputs:
-            yield from (t for t in held if t is not None)
+        for box in self.inputs:
+            yield from (t for held in box for t in held if t is not None)
         if self.half is not None:
             x, g = self.half
             yield from (t for t in (x, g[0] if g is not None else None) if t is not None)
@@ -190,6 +190,8 @@ class Recorders:
 
     def _release(self) -> None:
         for layer in self.layers.values():
+            for box in layer.inputs:
+                box.clear()  # the gradient hook holding it lives until the graph goes
             layer.inputs, layer.half = [], None
 
     def backward(self, loss: Tensor, record: Record, retain: bool) -> None:
