@@ -200,7 +200,8 @@ def unpack_stats(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Fish
 def _pack(obj: object, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, object]:
     """Store a statistic's tensors under `key`; return what `_unpack` needs to rebuild it."""
     if isinstance(obj, FactorSketch):
-        tensors[f"{key}.omega"], tensors[f"{key}.y"] = obj.omega.contiguous(), obj.y.contiguous()
+        # test matrices are shared by every sketch of one width: each stored as its own copy
+        tensors[f"{key}.omega"], tensors[f"{key}.y"] = obj.omega.clone(), obj.y.contiguous()
         return {"kind": "sketch", "trace": obj.trace}
     if isinstance(obj, LowRank):
         tensors[f"{key}.left"], tensors[f"{key}.right"] = obj.left.contiguous(), obj.right.contiguous()

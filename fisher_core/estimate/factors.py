@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fisher_core.estimate.sums import CrossSketch, DenseSum, FactorSketch, LowRank, PsdSketch
+from fisher_core.estimate.sums import CrossSketch, DenseSum, FactorSketch, LowRank, PsdSketch, SketchMatrices
 
 Factor = Tensor | FactorSketch
 Sum = DenseSum | PsdSketch | CrossSketch
@@ -109,34 +109,28 @@ class StatsAccumulator:
         seed: int = 0,
         device: torch.device | None = None,
     ) -> None:
-        self.sketch_rank, self.seed = sketch_rank, seed
-        self.device = device or torch.device("cpu")
+        self.sketch_rank = sketch_rank
+        self.matrices = SketchMatrices(seed, device or torch.device("cpu"))  # every sketch's test matrices
         self.layers = {}
         for name, (m, n) in shapes.items():
             layer = LayerAccumulator(
                 n,
                 m,
-                input_sum=self._new_sum(name, "input", m, n, "input" in sketched.get(name, ())),
-                grad_sum=self._new_sum(name, "grad", m, n, "grad" in sketched.get(name, ())),
+                input_sum=self._new_sum("input", m, n, "input" in sketched.get(name, ())),
+                grad_sum=self._new_sum("grad", m, n, "grad" in sketched.get(name, ())),
             )
             if with_mean_grad:
-                layer.mean_grad_sum = self._new_sum(
-                    name, "mean_grad", m, n, "mean_grad" in sketched.get(name, ()), layer
-                )
+                layer.mean_grad_sum = self._new_sum("mean_grad", m, n, "mean_grad" in sketched.get(name, ()))
             self.layers[name] = layer
 
-    def _new_sum(
-        self, name: str, what: str, m: int, n: int, sketch: bool, layer: LayerAccumulator | None = None
-    ) -> Sum:
-        """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch (a sketched Ḡ
-        shares the test matrices of `layer`'s sketched factors)."""
+    def _new_sum(self, what: str, m: int, n: int, sketch: bool) -> Sum:
+        """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch."""
         if not sketch:
             return DenseSum()
         if what == "mean_grad":
-            factors = (layer.input_sum, layer.grad_sum) if layer is not None else (None, None)
-            return CrossSketch(m, n, self.sketch_rank, name, self.seed, self.device, *factors)
+            return CrossSketch(m, n, self.sketch_rank, self.matrices)
         dim = n if what == "input" else m
-        return PsdSketch(dim, min(self.sketch_rank, dim), f"{name}/{what}", self.seed, self.device)
+        return PsdSketch(self.matrices(what, dim, min(self.sketch_rank, dim)))
 
     def sketch_more(self, sketched: Mapping[str, set[str]]) -> None:
         """Keep the statistics `sketched` names as sketches from now on, each starting from what its dense sum
@@ -149,19 +143,15 @@ class StatsAccumulator:
                 unread = what == "input" and shares_input(layer.input_group, name)  # another layer's sum is its
                 if not isinstance(dense, DenseSum) or unread:
                     continue
-                sketch = self._new_sum(name, what, layer.out_features, layer.in_features, True, layer)
+                sketch = self._new_sum(what, layer.out_features, layer.in_features, True)
                 if dense.total is not None:
                     sketch.absorb(dense.total)
                 setattr(layer, attr, sketch)
-            _share(layer)
 
     def drop_input(self, name: str) -> None:
         """Free the input sum of a layer that reads another layer's input (q/k/v, gate/up): that layer's sum is
         its. Called as soon as the first forward shows it, so the sum is never held beside the batch's pass."""
-        layer = self.layers[name]
-        layer.input_sum = DenseSum()
-        if isinstance(layer.mean_grad_sum, CrossSketch):  # its own Ω, no longer a view of the sketch's
-            layer.mean_grad_sum.omega = layer.mean_grad_sum.omega.clone()
+        self.layers[name].input_sum = DenseSum()
 
     def finalize(self, fisher_type: str, num_batches: int) -> FisherStats:
         """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov`."""
@@ -191,9 +181,3 @@ class StatsAccumulator:
                 input_group=group,
             )
         return FisherStats(out, fisher_type=fisher_type, num_batches=num_batches)
-
-
-def _share(layer: LayerAccumulator) -> None:
-    """A sketched Ḡ takes the test matrices of the layer's sketched factors (same values, one copy)."""
-    if isinstance(layer.mean_grad_sum, CrossSketch):
-        layer.mean_grad_sum.share_test_matrices(layer.input_sum, layer.grad_sum)

@@ -1,8 +1,8 @@
 """Memory plan: which statistics stay dense and which become fixed-size sketches.
 
 Dense fp32 factors cost `4·(n² + m²)` bytes per layer (`S_A` shared by layers that read the same
-input), plus `4·m·n` for the mean gradient; a sketch costs `8·d·k` (its sums and its test matrix;
-a sketched Ḡ shares the test matrices of the layer's sketched factors). When the dense total exceeds
+input), plus `4·m·n` for the mean gradient; a factor sketch costs `4·d·k` for its sums, plus the test
+matrices, `4·d·k` once per (input or gradient, width) (`sums.SketchMatrices`). When the dense total exceeds
 `memory_budget`, the largest statistics are sketched first until the total fits; if even all
 sketches do not fit, the error names the budget and the need. The layer inputs the pass holds for Ḡ
 (until each layer's gradient arrives) count against the same budget: they are measured batch by batch,
@@ -62,24 +62,7 @@ def plan_sketches(
                     sketched.setdefault(name, set()).add(what)
     if budget is None:
         return sketched
-    total = planned_bytes(shapes, with_mean_grad, sketched, sketch_rank, unread_inputs)
-    candidates = [(n * n, name, "input") for name, (m, n) in shapes.items()]
-    candidates += [(m * m, name, "grad") for name, (m, n) in shapes.items()]
-    candidates += [(m * n, name, "mean_grad") for name, (m, n) in shapes.items()] if with_mean_grad else []
-    for _, name, what in sorted(candidates, key=lambda i: (-i[0], i[1], i[2])):
-        if total <= budget:
-            break
-        current = sketched.get(name, set())
-        if what in current:
-            continue
-        m, n = shapes[name]
-        own = name not in unread_inputs
-        change = _layer_bytes(m, n, with_mean_grad, current | {what}, sketch_rank, own) - _layer_bytes(
-            m, n, with_mean_grad, current, sketch_rank, own
-        )
-        if change < 0:
-            sketched[name] = current | {what}
-            total += change
+    total = _sketch_largest_first(shapes, with_mean_grad, budget, sketch_rank, sketched, unread_inputs)
     if total > budget:
         raise MemoryError(
             f"memory_budget={budget} bytes cannot hold the statistics of {len(shapes)} layers: even with every "
@@ -97,6 +80,33 @@ def plan_sketches(
     return sketched
 
 
+def _sketch_largest_first(
+    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, budget: int, k: int, sketched: dict[str, set[str]],
+    unread_inputs: Collection[str],
+) -> int:  # fmt: skip
+    """Add statistics to `sketched` (in place), largest first, while the planned bytes exceed `budget`; return
+    the planned bytes. A sketch's change counts the test matrices it is the first to need."""
+    total = planned_bytes(shapes, with_mean_grad, sketched, k, unread_inputs)
+    drawn = _all_test_matrices(shapes, with_mean_grad, sketched, k)
+    candidates = [(n * n, name, "input") for name, (m, n) in shapes.items()]
+    candidates += [(m * m, name, "grad") for name, (m, n) in shapes.items()]
+    candidates += [(m * n, name, "mean_grad") for name, (m, n) in shapes.items()] if with_mean_grad else []
+    for _, name, what in sorted(candidates, key=lambda i: (-i[0], i[1], i[2])):
+        current = sketched.get(name, set())
+        if total <= budget:
+            break
+        if what in current:
+            continue
+        (m, n), own = shapes[name], name not in unread_inputs
+        new = _test_matrices(m, n, with_mean_grad, current | {what}, k) - drawn
+        change = FLOAT_BYTES * sum(d * cols for _, d, cols in new)
+        change += _layer_bytes(m, n, with_mean_grad, current | {what}, k, own)
+        change -= _layer_bytes(m, n, with_mean_grad, current, k, own)
+        if change < 0:
+            sketched[name], total, drawn = current | {what}, total + change, drawn | new
+    return total
+
+
 def planned_bytes(
     shapes: Mapping[str, tuple[int, int]],
     with_mean_grad: bool,
@@ -104,11 +114,13 @@ def planned_bytes(
     sketch_rank: int,
     unread_inputs: Collection[str] = (),
 ) -> int:
-    """Bytes of the statistics under a plan (`_layer_bytes` summed over the layers)."""
-    return sum(
+    """Bytes of the statistics under a plan: `_layer_bytes` summed over the layers, and the test matrices."""
+    sums = sum(
         _layer_bytes(m, n, with_mean_grad, sketched.get(name, set()), sketch_rank, name not in unread_inputs)
         for name, (m, n) in shapes.items()
     )
+    tests = _all_test_matrices(shapes, with_mean_grad, sketched, sketch_rank)
+    return sums + FLOAT_BYTES * sum(d * k for _, d, k in tests)
 
 
 @dataclass(frozen=True)
@@ -183,20 +195,30 @@ def _refit(
     return Plan(sketched, k)
 
 
+def _test_matrices(m: int, n: int, with_mean_grad: bool, sketched: set[str], k: int) -> set[tuple[str, int, int]]:
+    """The (role, d, k) test matrices one m×n layer's sketches use (as `StatsAccumulator` draws them: an input
+    sketch is drawn before the pass shows whether another layer's sum is the one kept)."""
+    both = with_mean_grad and "mean_grad" in sketched  # Ḡ's sketch reads both
+    tests = {("input", n, min(k, n))} if both or "input" in sketched else set()
+    return tests | ({("grad", m, min(k, m))} if both or "grad" in sketched else set())
+
+
+def _all_test_matrices(
+    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, sketched: Mapping[str, set[str]], k: int
+) -> set[tuple[str, int, int]]:
+    """Every distinct test matrix a plan's sketches use."""
+    tests = (_test_matrices(m, n, with_mean_grad, sketched.get(name, set()), k) for name, (m, n) in shapes.items())
+    return set().union(*tests)
+
+
 def _layer_bytes(m: int, n: int, with_mean_grad: bool, sketched: set[str], k: int, own_input: bool = True) -> int:
-    """fp32 bytes of one m×n layer's statistics: a dense factor `d²`, a factor sketch `2·d·k` (its sums
-    and its test matrix), a dense `Ḡ` `m·n`, a sketched one `m·k_y + l·n` plus the test matrices it
-    does not share with sketched factors (`n·k_y`, `m·l`; as in `sums.CrossSketch`). A layer that reads
-    another's input (`own_input=False`) keeps no input factor."""
+    """fp32 bytes of one m×n layer's sums (its test matrices are shared, `_test_matrices`): a dense factor `d²`,
+    a factor sketch `d·k`, a dense `Ḡ` `m·n`, a sketched one `m·k_y + l·n` (as in `sums.CrossSketch`). A layer
+    that reads another's input (`own_input=False`) keeps no input factor."""
     k_in, k_out = min(k, n), min(k, m)
-    numbers = 0 if not own_input else 2 * n * k_in if "input" in sketched else n * n
-    numbers += 2 * m * k_out if "grad" in sketched else m * m
+    numbers = 0 if not own_input else n * k_in if "input" in sketched else n * n
+    numbers += m * k_out if "grad" in sketched else m * m
     if with_mean_grad:
-        if "mean_grad" in sketched:
-            k_y = max(1, min(k, n, k_out) // 2)
-            numbers += m * k_y + k_out * n
-            numbers += 0 if "input" in sketched and own_input else n * k_y
-            numbers += 0 if "grad" in sketched else m * k_out
-        else:
-            numbers += m * n
+        k_y = max(1, min(k, n, k_out) // 2)
+        numbers += m * k_y + k_out * n if "mean_grad" in sketched else m * n
     return FLOAT_BYTES * numbers

@@ -33,7 +33,8 @@ class Record:
 
 class InputRows:
     """The batch's sample positions, and the layer inputs seen in its forward: each input tensor's rows
-    are masked once for every layer that reads it (q/k/v, gate/up), and its first reader names the group
+    are masked once for every layer that reads it (q/k/v, gate/up), and so is their projection `x·Ω` by the
+    input factors' test matrix (one per width, `sums.SketchMatrices`); its first reader names the group
     whose `S_A` those layers share (fixed after the first batch)."""
 
     def __init__(self) -> None:
@@ -41,6 +42,7 @@ class InputRows:
         self.grouped = False
         self.unmasked: set[str] = set()  # layers whose input shape did not match the mask
         self._last: tuple[weakref.ref, Tensor, str] | None = None
+        self._projected: tuple[Tensor, Tensor | None] | None = None  # the last rows and their x·Ω
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
 
     def rows(self, x: Tensor, name: str) -> Tensor:
@@ -53,6 +55,15 @@ class InputRows:
         rows = self.of(x.detach(), name)
         self._last = (weakref.ref(x), rows, name)
         return rows
+
+    def keep_projection(self, rows: Tensor, projected: Tensor | None) -> None:
+        """`rows·Ω` as the group's leader computed it (None: its input factor is dense)."""
+        self._projected = (rows, projected)
+
+    def projection(self, rows: Tensor) -> Tensor | None:
+        """The leader's `rows·Ω` for the same rows object, else None."""
+        kept = self._projected
+        return kept[1] if kept is not None and kept[0] is rows else None
 
     def of(self, t: Tensor, name: str) -> Tensor:
         """Flatten `[..., d]` to `[k, d]`, keeping only the masked positions when the shapes line up."""
@@ -75,7 +86,7 @@ class InputRows:
     def end_batch(self) -> None:
         self.grouped = True
         self._seen.clear()
-        self._last = None
+        self._last = self._projected = None
 
 
 Held = tuple[Tensor, Tensor | None]  # rows, and their projection by a sketched factor's test matrix (or None)
@@ -108,12 +119,16 @@ class LayerRecorder:
                 self.acc.drop_input(self.name)
         x_rows = rows.rows(x, self.name)  # masked once, for both uses below and the layers sharing x
         self.layer.tokens += x_rows.shape[0]
-        projected = self.layer.input_sum.add_outer(x_rows) if self.layer.input_group == self.name else None
+        if self.layer.input_group == self.name:
+            projected = self.layer.input_sum.add_outer(x_rows)
+            rows.keep_projection(x_rows, projected)
+        else:  # the group leader's x·Ω: the same test matrix as this layer's Ḡ sketch
+            projected = rows.projection(x_rows)
         held: list[Held] = []  # this call's input, handed to its own gradient's hook (which empties it)
         if self.recorders.holds_inputs and not self.replayed:
             held.append((x_rows, projected))  # projected: x·Ω of a sketched input factor, reused by Ḡ's sketch
             self.inputs.append(held)
-            self.recorders.note_held()
+            self.recorders.holding.add(self)
         # the hook carries this call's input: a layer called twice in one forward pairs each g with its own x
         output.register_hook(lambda grad: self.backward(grad, held))
 
@@ -130,15 +145,19 @@ class LayerRecorder:
             return
         x, x_projected = held.pop()  # freed here, not when the graph goes
         self.inputs = [box for box in self.inputs if box]
+        if not self.inputs:
+            self.recorders.holding.discard(self)
         self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
 
     def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
         """Ḡ += g xᵀ for a layer in a checkpointed block, once both halves arrived (in either order)."""
         if self.half is None:
             self.half = (x, g)
-            self.recorders.note_held()
+            self.recorders.holding.add(self)
+            self.recorders.note_held()  # a checkpointed block's peak comes during the backward, in its replay
             return
         (x_first, g_first), self.half = self.half, None
+        self.recorders.holding.discard(self)
         g_rows, g_projected = g if g is not None else g_first
         self.layer.mean_grad_sum.add_outer(g_rows, other=x if x is not None else x_first, rows_projected=g_projected)
 
@@ -164,6 +183,7 @@ class Recorders:
         self.record: Record | None = None
         self.leaves: list[Tensor] = []  # what the input-gradient backward targets
         self.held_peak = 0  # the most bytes held for Ḡ at once (this process, any batch)
+        self.holding: set[LayerRecorder] = set()  # the layers holding something for Ḡ now
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator[Recorders]:
@@ -185,6 +205,7 @@ class Recorders:
     def end_batch(self) -> None:
         """Input groups are fixed after the first batch; what identified this batch's inputs is dropped, and
         so is what a layer held for a gradient that never came (a loss that does not reach it)."""
+        self.note_held()
         self.inputs.end_batch()
         self._release()
 
@@ -193,10 +214,12 @@ class Recorders:
             for box in layer.inputs:
                 box.clear()  # the gradient hook holding it lives until the graph goes
             layer.inputs, layer.half = [], None
+        self.holding.clear()
 
     def backward(self, loss: Tensor, record: Record, retain: bool) -> None:
         """One input-gradient backward of `loss` recording `record`: no parameter gets a `.grad`."""
         self.record = record
+        self.note_held()  # after the forward, before any gradient: the peak of a pass that does not checkpoint
         try:
             torch.autograd.grad(loss, self.leaves, retain_graph=retain, allow_unused=True)
         finally:
@@ -207,11 +230,10 @@ class Recorders:
         return sorted(name for name, layer in self.layers.items() if layer.half is not None)
 
     def note_held(self) -> None:
-        """Update `held_peak` with the bytes now kept for Ḡ (a storage shared by layers counted once)."""
+        """Update `held_peak` with the bytes now kept for Ḡ (a storage shared by layers counted once); it reads
+        only the layers holding something, so calling it per replayed layer costs O(one block), not O(model)."""
         storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for layer in self.layers.values()
-            for t in layer.held()
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for layer in self.holding for t in layer.held()
         }
         self.held_peak = max(self.held_peak, sum(storages.values()))
 

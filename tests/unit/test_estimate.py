@@ -12,6 +12,7 @@ from tiny import tiny_llama
 from torch import nn
 
 from fisher_core import FisherConfig, estimate
+from fisher_core.estimate.sums import CrossSketch, SketchMatrices
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.mlp.up_proj"]
 
@@ -312,15 +313,36 @@ def test_a_loss_that_runs_the_model_twice_pairs_each_gradient_with_its_own_input
         assert _rel(stats[name].mean_grad * stats[name].num_tokens, grads[name]) < 1e-5, name
 
 
-def _weight_gradients(loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """The oracle: ∂L/∂W of each of `LAYERS` by plain autograd, only those weights trainable, L summed over
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_sketched_mean_gradient_is_the_sketch_of_plain_autograds_weight_gradient(checkpointing):
+    """Sketched Ḡ (`Y = ḠΩ`, `W = ΨḠ`, solver lowrank) equals the same sketch of ∂L/∂W from plain autograd —
+    also for k/v and up, which reuse the projection x·Ω of the layer whose input they read (q, gate)."""
+    batches, rank = _batches(), 8
+    siblings = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"] + ["model.layers.0.mlp.gate_proj"]
+    siblings += ["model.layers.0.mlp.up_proj"]
+    model = tiny_llama(layers=2).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = _cfg(batches, solver="lowrank", sketch_rank=rank)
+    stats = estimate(model, batches, target_modules=siblings, config=config)
+    grads = _weight_gradients(_summed_token_loss, batches, siblings)
+    matrices = SketchMatrices(config.seed, torch.device("cpu"))
+    for name in siblings:
+        oracle = CrossSketch(*grads[name].shape, rank, matrices)
+        oracle.absorb(grads[name])
+        want, got = oracle.mean(stats[name].num_tokens, grads[name].shape), stats[name].mean_grad
+        assert _rel(got.left @ got.right, want.left @ want.right) < 1e-4, name
+
+
+def _weight_gradients(loss_fn, batches: list[dict], layers: list[str] = LAYERS) -> dict[str, torch.Tensor]:
+    """The oracle: ∂L/∂W of each of `layers` by plain autograd, only those weights trainable, L summed over
     `batches` (a fresh model with the same seed as the one estimated)."""
     oracle = tiny_llama(layers=2).train()
     modules = dict(oracle.named_modules())
     for p in oracle.parameters():
         p.requires_grad_(False)
-    for name in LAYERS:
+    for name in layers:
         modules[name].weight.requires_grad_(True)
     for batch in batches:
         loss_fn(oracle, batch).backward()
-    return {name: modules[name].weight.grad for name in LAYERS}
+    return {name: modules[name].weight.grad for name in layers}

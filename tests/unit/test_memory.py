@@ -14,7 +14,7 @@ from fisher_core import FisherConfig, estimate, select
 from fisher_core.estimate.factors import StatsAccumulator
 from fisher_core.estimate.objective import supervised_logits
 from fisher_core.estimate.plan import make_plan, plan_sketches, planned_bytes
-from fisher_core.estimate.sums import CrossSketch, PsdSketch
+from fisher_core.estimate.sums import CrossSketch, PsdSketch, SketchMatrices
 from fisher_core.layers import base_layer, find_targets, layer_kind
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -31,35 +31,59 @@ def _batches() -> list[dict]:
 def test_nystrom_sketch_recovers_a_low_rank_factor_exactly():
     g = torch.Generator().manual_seed(1)  # every draw seeded: the same data whatever ran before
     x = torch.randn(50, 5, generator=g) @ torch.randn(5, 40, generator=g)
-    sketch = PsdSketch(40, 12, "layer", 0, torch.device("cpu"))
+    sketch = PsdSketch(SketchMatrices(0, torch.device("cpu"))("input", 40, 12))
     sketch.add_outer(x)
     vals, vecs = sketch.mean(50, (40, 40)).eigenpairs()
     exact = x.T @ x / 50  # entries of order 5: fp32 rounding of the sketch is ~1e-6 of that
     scale = float(exact.abs().max())
     torch.testing.assert_close((vecs[:, :5] * vals[:5]) @ vecs[:, :5].T, exact, rtol=1e-3, atol=1e-5 * scale)
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(12), rtol=0, atol=1e-5)  # all k, the 7 null ones too
 
 
 def test_cross_sketch_recovers_a_low_rank_mean_gradient_exactly():
     g = torch.Generator().manual_seed(2)
     grads, inputs = torch.randn(30, 3, generator=g) @ torch.randn(3, 20, generator=g), torch.randn(30, 16, generator=g)
-    sketch = CrossSketch(20, 16, 6, "layer", 0, torch.device("cpu"))
+    sketch = CrossSketch(20, 16, 6, SketchMatrices(0, torch.device("cpu")))
     sketch.add_outer(grads, other=inputs)
     torch.testing.assert_close(_dense(sketch.mean(30, (20, 16))), grads.T @ inputs / 30, rtol=1e-3, atol=1e-4)
 
 
 def test_cross_sketch_reuses_the_factor_sketches_projections():
-    """Ḡ's sketch shares its test matrices with the layer's factor sketches: fed their projections
-    x·Ω and g·Ω_G it holds exactly what it computes from x and g alone."""
+    """Ḡ's sketch shares its test matrices with the factor sketches: fed their projections x·Ω and g·Ω_G it
+    holds exactly what it computes from x and g alone (with matrices drawn again: the draws are seeded)."""
     g = torch.Generator().manual_seed(3)
     grads, inputs = torch.randn(30, 20, generator=g), torch.randn(30, 16, generator=g)
-    cpu = torch.device("cpu")
-    x_projected = PsdSketch(16, 8, "layer/input", 0, cpu).add_outer(inputs)
-    g_projected = PsdSketch(20, 8, "layer/grad", 0, cpu).add_outer(grads)
-    reused, alone = CrossSketch(20, 16, 8, "layer", 0, cpu), CrossSketch(20, 16, 8, "layer", 0, cpu)
+    matrices = SketchMatrices(0, torch.device("cpu"))
+    x_projected = PsdSketch(matrices("input", 16, 8)).add_outer(inputs)
+    g_projected = PsdSketch(matrices("grad", 20, 8)).add_outer(grads)
+    reused, alone = CrossSketch(20, 16, 8, matrices), CrossSketch(20, 16, 8, SketchMatrices(0, torch.device("cpu")))
     reused.add_outer(grads, other=inputs, rows_projected=g_projected, other_projected=x_projected)
     alone.add_outer(grads, other=inputs)
     torch.testing.assert_close(reused.y, alone.y)
     torch.testing.assert_close(reused.w, alone.w)
+
+
+def test_sketches_of_one_width_share_one_test_matrix_and_the_plan_counts_what_is_allocated():
+    """One test matrix per (input or gradient, width), not per layer: inputs and gradients of a square layer get
+    independent draws (Ḡ's two-sided sketch needs them independent), and `planned_bytes` is what the sketches
+    allocate (their sums, and each distinct test matrix once)."""
+    shapes = {"q": (16, 16), "o": (16, 16), "up": (32, 16)}  # (m, n)
+    sketched = {name: {"input", "grad", "mean_grad"} for name in shapes}
+    acc = StatsAccumulator(shapes, True, sketched, sketch_rank=4)
+    q, o, up = (acc.layers[name] for name in shapes)
+    assert q.input_sum.omega is o.input_sum.omega is up.input_sum.omega
+    assert q.grad_sum.omega is o.grad_sum.omega and up.grad_sum.omega.shape == (32, 4)
+    assert not torch.equal(q.input_sum.omega, q.grad_sum.omega)
+    assert up.mean_grad_sum.psi_t is up.grad_sum.omega
+    assert up.mean_grad_sum.omega.data_ptr() == up.input_sum.omega.data_ptr()
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for layer in acc.layers.values()
+        for s in (layer.input_sum, layer.grad_sum, layer.mean_grad_sum)
+        for t in vars(s).values()
+        if isinstance(t, torch.Tensor) and t.dim() == 2  # not the traces
+    }
+    assert sum(storages.values()) == planned_bytes(shapes, True, sketched, 4)
 
 
 def test_plan_sketches_the_largest_factors_until_the_budget_holds():
