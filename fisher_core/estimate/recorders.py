@@ -41,8 +41,7 @@ class InputRows:
         self.mask: Tensor | None = None  # [B, T] bool: positions that count as samples
         self.grouped = False
         self.unmasked: set[str] = set()  # layers whose input shape did not match the mask
-        self._last: tuple[weakref.ref, Tensor, str] | None = None
-        self._projected: tuple[Tensor, Tensor | None] | None = None  # the last rows and their x·Ω
+        self._last: tuple[weakref.ref, Tensor, str, Tensor | None] | None = None  # x, its rows, reader, rows·Ω
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
 
     def rows(self, x: Tensor, name: str) -> Tensor:
@@ -53,17 +52,18 @@ class InputRows:
                 self.unmasked.add(name)
             return last[1]
         rows = self.of(x.detach(), name)
-        self._last = (weakref.ref(x), rows, name)
+        self._last = (weakref.ref(x), rows, name, None)
         return rows
 
     def keep_projection(self, rows: Tensor, projected: Tensor | None) -> None:
-        """`rows·Ω` as the group's leader computed it (None: its input factor is dense)."""
-        self._projected = (rows, projected)
+        """`rows·Ω` as the group's leader computed it (None: its input factor is dense), kept with the rows."""
+        if self._last is not None and self._last[1] is rows:
+            self._last = (*self._last[:3], projected)
 
     def projection(self, rows: Tensor) -> Tensor | None:
         """The leader's `rows·Ω` for the same rows object, else None."""
-        kept = self._projected
-        return kept[1] if kept is not None and kept[0] is rows else None
+        last = self._last
+        return last[3] if last is not None and last[1] is rows else None
 
     def of(self, t: Tensor, name: str) -> Tensor:
         """Flatten `[..., d]` to `[k, d]`, keeping only the masked positions when the shapes line up."""
@@ -86,7 +86,7 @@ class InputRows:
     def end_batch(self) -> None:
         self.grouped = True
         self._seen.clear()
-        self._last = self._projected = None
+        self._last = None
 
 
 Held = tuple[Tensor, Tensor | None]  # rows, and their projection by a sketched factor's test matrix (or None)
