@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -121,16 +122,55 @@ def dialogue_splits(sizes: tuple[int, int, int], seed: int = 0) -> dict[str, lis
     return out
 
 
-def _evaluate(task: str, model, tokenizer, rows: list[dict]) -> tuple[float, float]:
-    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss and reward accuracy."""
+@dataclass(frozen=True)
+class LMData:
+    """One causal-LM task as a run reads it: `kind` "sft" or "dpo"; `base` the model directory; `train` TRL's
+    dataset rows; `calibration`, `val`, `test` rendered rows `{prompt, completion[, rejected]}` (the text the
+    model reads; `calibration` is what PEFT's data-driven inits read); `probes` the forgetting probes
+    (`smol.forgetting`), None when the task has none; `max_length` TRL's truncation."""
+
+    kind: str
+    base: Path
+    train: list[dict]
+    calibration: list[dict]
+    val: list[dict]
+    test: list[dict]
+    probes: dict | None = None
+    max_length: int = 96
+
+
+def tragedy_data(task: str, preset) -> LMData:
+    """`sft-tragedy` / `dpo-tragedy` on the pre-trained tiny Llama (plain text, no chat template)."""
+    rows = dialogue_splits(preset.sizes)
     if task == "sft-tragedy":
+        train = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows["train"]]
+    else:
+        train = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["rejected"]} for r in rows["train"]]
+    kind = "sft" if task == "sft-tragedy" else "dpo"
+    return LMData(kind, pretrained_lm(preset.pretrain_steps), train, rows["train"], rows["val"], rows["test"])
+
+
+def _evaluate(data: LMData, model, tokenizer, rows: list[dict]) -> tuple[float, float]:
+    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss and reward accuracy."""
+    if data.kind == "sft":
         m = evaluate_sft(model, tokenizer, rows)
         return m["test_loss"], m["token_accuracy"]
     m = evaluate_dpo(model, tokenizer, rows)
     return m["test_loss"], m["reward_accuracy"]
 
 
-def run_causal(task: str, method: str, fisher: dict | None, lr: float, seed: int, preset, data: dict) -> dict:
+def curve_point(data: LMData, model, tokenizer, step: int) -> dict:
+    """Validation and test quality at `step`, and the forgetting probes where the task has them."""
+    from benchmarks.quality.smol import forgetting
+
+    val, val_acc = _evaluate(data, model, tokenizer, data.val)
+    test, acc = _evaluate(data, model, tokenizer, data.test)
+    point = {"step": step, "test_loss": test, "accuracy": acc, "val_loss": val, "val_accuracy": val_acc,
+             "train_loss": None}  # fmt: skip
+    return {**point, **(forgetting(model, tokenizer, data.probes) if data.probes else {})}
+
+
+def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, data: LMData) -> dict:
     """One run; returns `{curve, init_seconds, init_batches}` in the protocol's record shape. `fisher`:
     `FisherConfig` fields of a Fisher variant (None: a PEFT init named `method`)."""
     from peft import LoraConfig
@@ -138,25 +178,24 @@ def run_causal(task: str, method: str, fisher: dict | None, lr: float, seed: int
 
     from benchmarks.quality.methods import build_adapter
 
-    if task == "dpo-tragedy" and (method in BASE_CHANGING or (fisher or {}).get("policy") == "preserve"):
+    if data.kind == "dpo" and (method in BASE_CHANGING or (fisher or {}).get("policy") == "preserve"):
         raise ValueError(f"{method} writes the base, which DPO's adapter-disabled reference reads")
-    base = pretrained_lm(steps=preset.pretrain_steps)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(data.base)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(data.base)
     lora = {"r": preset.rank, "lora_alpha": 2 * preset.rank, "lora_dropout": 0.0, "target_modules": TARGETS}
     started, peft_config = time.perf_counter(), None
     if fisher is not None:
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
     else:
-        rows = random.Random(seed).sample(data["train"], preset.calibration * preset.batch_size)
+        rows = random.Random(seed).sample(data.calibration, preset.calibration * preset.batch_size)
         encoded = [encode(tokenizer, r["prompt"], r["completion"]) for r in rows]
         batches = [
             collate(encoded[i : i + preset.batch_size], tokenizer.pad_token_id)
             for i in range(0, len(encoded), preset.batch_size)
         ]
         model = build_adapter(method, model, batches, lora={**lora, "task_type": "CAUSAL_LM"}).model
-    trainer = _trainer(task, model, tokenizer, peft_config, lr, seed, preset, data["train"])
+    trainer = _trainer(data, model, tokenizer, peft_config, lr, seed, preset)
     callback = None
     if fisher is not None:
         from fisher_trl import FisherInitCallback
@@ -173,10 +212,7 @@ def run_causal(task: str, method: str, fisher: dict | None, lr: float, seed: int
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in at:
-                val, val_acc = _evaluate(task, trainer.model, tokenizer, data["val"])
-                test, acc = _evaluate(task, trainer.model, tokenizer, data["test"])
-                curve.append({"step": state.global_step, "test_loss": test, "accuracy": acc, "val_loss": val,
-                              "val_accuracy": val_acc, "train_loss": None})  # fmt: skip
+                curve.append(curve_point(data, trainer.model, tokenizer, state.global_step))
 
     trainer.add_callback(Curve())
     trainer.remove_callback(PrinterCallback)  # one line per run comes from the protocol
@@ -188,7 +224,7 @@ def run_causal(task: str, method: str, fisher: dict | None, lr: float, seed: int
     }
 
 
-def _trainer(task: str, model, tokenizer, peft_config, lr: float, seed: int, preset, train: list[dict]):
+def _trainer(data: LMData, model, tokenizer, peft_config, lr: float, seed: int, preset):
     """TRL's SFTTrainer / DPOTrainer with the protocol's schedule (warm-up, linear decay, AdamW)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -196,14 +232,13 @@ def _trainer(task: str, model, tokenizer, peft_config, lr: float, seed: int, pre
     common = dict(
         output_dir=str(cache_dir() / "runs" / "causal"), max_steps=preset.steps,
         per_device_train_batch_size=preset.batch_size, learning_rate=lr, lr_scheduler_type="linear",
-        warmup_steps=round(preset.warmup * preset.steps), weight_decay=0.0, max_length=96, logging_steps=10**6,
-        save_strategy="no", report_to=[], use_cpu=preset.device == "cpu", disable_tqdm=True, seed=seed,
-        data_seed=seed,
+        warmup_steps=round(preset.warmup * preset.steps), weight_decay=0.0, max_length=data.max_length,
+        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=preset.device == "cpu", disable_tqdm=True,
+        seed=seed, data_seed=seed,
     )  # fmt: skip
-    if task == "sft-tragedy":
-        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in train]
-        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
-    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["rejected"]} for r in train]
-    return DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(rows),
-                      processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+    rows = Dataset.from_list(data.train)
+    if data.kind == "sft":
+        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
+                          peft_config=peft_config)  # fmt: skip
+    return DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=rows, processing_class=tokenizer,
+                      peft_config=peft_config)  # fmt: skip

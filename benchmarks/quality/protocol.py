@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-CAUSAL_TASKS = ("sft-tragedy", "dpo-tragedy")  # causal.py; the others are tasks.py's encoder tasks
+# causal.py's tiny-Llama tasks and smol.py's SmolLM2 chat tasks; the others are tasks.py's encoder tasks
+CAUSAL_TASKS = ("sft-tragedy", "dpo-tragedy", "smol-dialogue", "smol-docstring", "smol-docstring-dpo")
 # Fisher variants by method name: `FisherConfig` fields (and calibration batches). `fisher` is the natural
 # selector with policy `preserve` (the default until this protocol's robustness table chose `zero`);
 # `fisher-zero` (the library default) keeps its A directions at default LoRA's scale, B = 0: subspace
@@ -94,6 +95,9 @@ class Preset:
     ablations: tuple[str, ...] = (
         "fisher-random", "fisher-nowhiten", "fisher-c4", "fisher-all16", "fisher-select", "fisher-lowrank",
     )  # fmt: skip
+    # True: every seed runs at every lr of the grid and the lr is chosen on the mean over seeds (a seed-0 choice
+    # moved a result by 0.06 once); False: seed 0 chooses, the other seeds run at its choice
+    lr_on_mean: bool = False
 
 
 # causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits that
@@ -113,6 +117,24 @@ LM = Preset(
     ablations=(),
 )
 
+# SmolLM2-135M-Instruct through TRL on real chat tasks held out by source, with forgetting probes (smol.py).
+# Sized to a 2-core CPU: a step of 4 rows is ≈ 3 s; the grid brackets LoRA's best lr of a 40-step run.
+SMOL = Preset(
+    tasks=("smol-dialogue", "smol-docstring", "smol-docstring-dpo"),
+    methods=("lora", "fisher-zero", "fisher", "eva", "lora_ga", "pissa", "corda", "olora"),
+    lr_grid=(5e-4, 1e-3, 2e-3),
+    steps=40,
+    batch_size=4,
+    calibration=8,
+    head_warmup=0,
+    sizes=(400, 24, 32),
+    eval_at=(0.1, 0.25, 0.5, 1.0),
+    robust=("lora", "fisher-zero", "fisher"),
+    extend=2,
+    ablations=(),
+    lr_on_mean=True,
+)
+
 PRESETS = {
     "cpu": Preset(),
     "gpu": Preset(
@@ -128,6 +150,11 @@ PRESETS = {
     ),
     "lm": LM,
     "lm-long": replace(LM, tasks=("sft-tragedy",), lr_grid=(1e-3, 2e-3, 4e-3, 8e-3), steps=450),
+    "smol": SMOL,
+    "smol-tiny": replace(  # the smoke test of the smol tasks: seconds per run, not evidence
+        SMOL, tasks=("smol-docstring", "smol-docstring-dpo"), methods=("lora", "fisher-zero"), lr_grid=(1e-3,),
+        seeds=(0, 1), steps=2, batch_size=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0,
+    ),  # fmt: skip
     # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
     "tiny": Preset(
         tasks=("word-sentiment",),
@@ -190,34 +217,43 @@ def best_lr(records: list[dict], task: str, method: str) -> float | None:
     return min(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr])) if by_lr else None
 
 
+def chosen_lr(preset: Preset, records: list[dict], task: str, method: str) -> float | None:
+    """The lr a method is read at on `task`: the lowest validation loss at the stopping point, averaged over every
+    seed run at each lr (`lr_on_mean`) or over seed 0's run."""
+    pool = records if preset.lr_on_mean else [r for r in records if r["seed"] == preset.seeds[0]]
+    return best_lr(pool, task, method)
+
+
 def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """Seed-0 runs still missing from the grid, plus one lr beyond an edge where the best lr sits there."""
-    seed = preset.seeds[0]
+    """Grid runs still missing (seed 0's, or every seed's with `lr_on_mean`), plus one lr beyond an edge where the
+    chosen lr sits there; method by method, so a protocol cut short has whole methods."""
+    seeds = preset.seeds if preset.lr_on_mean else preset.seeds[:1]
+    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     todo = []
-    for task in preset.tasks:
-        for method in preset.methods:
-            ran = sorted({r["lr"] for r in records if (r["task"], r["method"], r["seed"]) == (task, method, seed)})
-            missing = [lr for lr in preset.lr_grid if lr not in ran]
-            if missing:
-                todo += [RunKey(task, method, lr, seed) for lr in missing]
+    for method in preset.methods:
+        for task in preset.tasks:
+            mine = [r for r in records if (r["task"], r["method"], r["seed"]) == (task, method, seeds[0])]
+            ran = sorted({r["lr"] for r in mine} | set(preset.lr_grid))
+            missing = [RunKey(task, method, lr, s) for lr in ran for s in seeds]
+            if missing := [key for key in missing if key not in done]:
+                todo += missing
                 continue
-            best = best_lr([r for r in records if r["seed"] == seed], task, method)
+            best = chosen_lr(preset, [r for r in records if r["seed"] in seeds and r["lr"] in ran], task, method)
             if best == ran[0] and best / 2 >= preset.lr_grid[0] / 2**preset.extend:
-                todo.append(RunKey(task, method, best / 2, seed))
+                todo += [RunKey(task, method, best / 2, s) for s in seeds]
             elif best == ran[-1] and best * 2 <= preset.lr_grid[-1] * 2**preset.extend:
-                todo.append(RunKey(task, method, best * 2, seed))
+                todo += [RunKey(task, method, best * 2, s) for s in seeds]
     return todo
 
 
 def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     """The other seeds at each method's own best lr (only seed 0's runs choose an lr)."""
-    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     own = [
         RunKey(task, method, best, s)
         for task in preset.tasks
         for method in preset.methods
-        if (best := best_lr(seed0, task, method))
+        if (best := chosen_lr(preset, records, task, method))
         for s in preset.seeds[1:]
     ]
     return [key for key in own if key not in done]
@@ -227,11 +263,10 @@ def robust_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     """The lr-robustness table: every seed at 0.5×/1×/2× default LoRA's best lr for the `robust` methods (seed 0
     usually ran them in the grid, but not an lr the grid added beyond its edge for LoRA alone). A `robust` method
     the preset does not run is skipped."""
-    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     todo = []
     for task in preset.tasks:
-        if lora := best_lr(seed0, task, "lora"):
+        if lora := chosen_lr(preset, records, task, "lora"):
             lrs = (lora / 2, lora, lora * 2)
             methods = [m for m in preset.robust if m in preset.methods]
             todo += [RunKey(task, m, lr, s) for m in methods for lr in lrs for s in preset.seeds]
@@ -240,9 +275,8 @@ def robust_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     """Every ablation variant on every seed at `fisher`'s (policy preserve) own best lr on each task."""
-    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
-    lrs = {task: best_lr(seed0, task, "fisher") for task in preset.tasks}
+    lrs = {task: chosen_lr(preset, records, task, "fisher") for task in preset.tasks}
     todo = [RunKey(task, v, lr, s) for v in preset.ablations for s in preset.seeds for task, lr in lrs.items() if lr]
     return [key for key in todo if key not in done]
 
@@ -317,11 +351,13 @@ class Data:
 
     def get(self, task: str, preset: Preset) -> tuple:
         if task not in self.splits and task in CAUSAL_TASKS:
-            from benchmarks.quality.causal import dialogue_splits
+            from benchmarks.quality.causal import tragedy_data
+            from benchmarks.quality.smol import smol_data
 
-            rows = dialogue_splits(preset.sizes)
+            lm = smol_data(task, preset) if task.startswith("smol-") else tragedy_data(task, preset)
+            rows = {"train": lm.train, "val": lm.val, "test": lm.test}
             digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
-            self.splits[task] = (rows, digest)
+            self.splits[task] = (lm, digest)
         if task not in self.splits:
             from benchmarks.quality.encoder import tokenize
             from benchmarks.quality.tasks import TASKS, fingerprint
@@ -391,9 +427,9 @@ def _causal_record(key: RunKey, preset: Preset, data: Data, method: str, fisher,
     return its record."""
     from benchmarks.quality.causal import run_causal
 
-    rows, data_hash = data.get(key.task, preset)
+    lm, data_hash = data.get(key.task, preset)
     started = time.perf_counter()
-    result = run_causal(key.task, method, fields, key.lr, key.seed, preset, rows)
+    result = run_causal(method, fields, key.lr, key.seed, preset, lm)
     return {
         **asdict(key),
         "data": data_hash,
@@ -432,6 +468,22 @@ def worker(preset_name: str, out: Path | None = None) -> None:
             )
 
 
+def prepare(preset: Preset, path: Path) -> None:
+    """Build what the workers share once, before they start: the pre-trained tiny Llama; SmolLM2's converted
+    directory, its own answers to the generic instructions and the untuned model's forgetting probes
+    (`untuned.json` beside the records `path`)."""
+    if {"sft-tragedy", "dpo-tragedy"} & set(preset.tasks):
+        from benchmarks.quality.causal import pretrained_lm
+
+        pretrained_lm(preset.pretrain_steps)
+    if any(t.startswith("smol-") for t in preset.tasks):
+        from benchmarks.quality.smol import untuned_probes
+
+        if not (path.parent / "untuned.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "untuned.json").write_text(json.dumps(untuned_probes(), indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -446,10 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(args.preset, args.out)
         return
     if not args.tables_only:
-        if set(PRESETS[args.preset].tasks) & set(CAUSAL_TASKS):  # pre-trained once, before the workers share it
-            from benchmarks.quality.causal import pretrained_lm
-
-            pretrained_lm(PRESETS[args.preset].pretrain_steps)
+        prepare(PRESETS[args.preset], results_path(args.preset, args.out))
         cmd = [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", args.preset, "--worker"]
         cmd += ["--out", str(args.out)] if args.out else []
         procs = [subprocess.Popen(cmd) for _ in range(args.workers)]

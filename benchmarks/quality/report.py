@@ -7,10 +7,11 @@ and `curves.png`.
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
-from benchmarks.quality.protocol import Preset, best_lr, load, stopped
+from benchmarks.quality.protocol import Preset, chosen_lr, load, stopped
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
@@ -54,8 +55,8 @@ def _reach(record: dict, target: float) -> int | None:
     return next((p["step"] for p in record["curve"] if p["test_loss"] <= target), None)
 
 
-def own_lr_table(records: list[dict], task: str, methods: tuple[str, ...], seed0: int) -> str:
-    """Every method at its own best lr (chosen on seed 0's validation loss)."""
+def own_lr_table(records: list[dict], task: str, preset: Preset) -> str:
+    """Every method at its own best lr (`protocol.chosen_lr`)."""
     head = [
         "method",
         "best lr",
@@ -69,12 +70,11 @@ def own_lr_table(records: list[dict], task: str, methods: tuple[str, ...], seed0
         "steps to LoRA's stopped loss",
         "init s",
     ]
-    seed_records = [r for r in records if r["seed"] == seed0]
-    lora = _runs(records, task, "lora", best_lr(seed_records, task, "lora"))
+    lora = _runs(records, task, "lora", chosen_lr(preset, records, task, "lora"))
     target = _mean([stopped(r)["test_loss"] for r in lora]) if lora else None
     rows = []
-    for method in methods:
-        lr = best_lr(seed_records, task, method)
+    for method in preset.methods:
+        lr = chosen_lr(preset, records, task, method)
         runs = _runs(records, task, method, lr)
         if not runs:
             continue
@@ -103,11 +103,10 @@ def own_lr_table(records: list[dict], task: str, methods: tuple[str, ...], seed0
 def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> str:
     """Methods × tasks: test loss at each method's own best lr, at the validation-chosen step (`stopped`) or
     at the last step (`final`); the best mean per task in bold."""
-    seed0 = [r for r in records if r["seed"] == preset.seeds[0]]
     cells: dict[tuple[str, str], list[float]] = {}
     for task in preset.tasks:
         for method in preset.methods:
-            runs = _runs(records, task, method, best_lr(seed0, task, method))
+            runs = _runs(records, task, method, chosen_lr(preset, records, task, method))
             if runs:
                 pick = stopped if key == "stopped" else (lambda r: r["curve"][-1])
                 cells[task, method] = [pick(r)["test_loss"] for r in runs]
@@ -123,16 +122,16 @@ def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> 
     return _markdown(["method", *preset.tasks], rows)
 
 
-def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], seed0: int) -> str:
+def robustness_table(records: list[dict], task: str, preset: Preset) -> str:
     """Every method at 0.5×, 1× and 2× default LoRA's best lr: stopped test loss, and whether it is worse
     than default LoRA at that lr by more than 2× the larger seed std."""
-    lora_lr = best_lr([r for r in records if r["seed"] == seed0], task, "lora")
+    lora_lr = chosen_lr(preset, records, task, "lora")
     if lora_lr is None:
         return ""
     lrs = (lora_lr / 2, lora_lr, lora_lr * 2)
     head = ["method", *(f"lr {lr:g} ({m}× LoRA's)" for lr, m in zip(lrs, ("0.5", "1", "2"), strict=True))]
     rows = []
-    for method in methods:
+    for method in preset.methods:
         cells = [label(method)]
         for lr in lrs:
             mine = [stopped(r)["test_loss"] for r in _runs(records, task, method, lr)]
@@ -148,7 +147,7 @@ def robustness_table(records: list[dict], task: str, methods: tuple[str, ...], s
 
 def ablation_table(records: list[dict], task: str, preset: Preset) -> str:
     """`fisher` (policy preserve), its variants, the default `fisher-zero` and LoRA, all at `fisher`'s lr."""
-    lr = best_lr([r for r in records if r["seed"] == preset.seeds[0]], task, "fisher")
+    lr = chosen_lr(preset, records, task, "fisher")
     head = ["variant", "seeds", "test loss (stopped)", "test loss (final)", "loss@25%", "accuracy (final)"]
     rows = []
     for method in ("fisher", "fisher-zero", *preset.ablations, "lora"):
@@ -162,12 +161,11 @@ def ablation_table(records: list[dict], task: str, preset: Preset) -> str:
     return _markdown(head, rows) if rows else ""
 
 
-def verdict(records: list[dict], task: str, methods: tuple[str, ...], seed0: int, ours: str = "fisher") -> str:
+def verdict(records: list[dict], task: str, preset: Preset, ours: str = "fisher") -> str:
     """One line: `ours` against the best other init, each at its own best lr (stopped test loss)."""
-    seed_records = [r for r in records if r["seed"] == seed0]
     scores = {}
-    for method in methods:
-        runs = _runs(records, task, method, best_lr(seed_records, task, method))
+    for method in preset.methods:
+        runs = _runs(records, task, method, chosen_lr(preset, records, task, method))
         if len(runs) > 1:
             scores[method] = [stopped(r)["test_loss"] for r in runs]
     if ours not in scores or len(scores) < 2:
@@ -184,6 +182,56 @@ def verdict(records: list[dict], task: str, methods: tuple[str, ...], seed0: int
     )
 
 
+PROBES = {"own_loss": "own answers", "general_loss": "general text"}
+
+
+def _forgetting_runs(records: list[dict], task: str, method: str, preset: Preset) -> list[dict]:
+    runs = _runs(records, task, method, chosen_lr(preset, records, task, method))
+    return [r for r in runs if "own_loss" in r["curve"][0]]
+
+
+def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: dict[str, float]) -> str:
+    """Each method at its own lr, at the validation-chosen step: test loss and forgetting — the increase over the
+    untuned model of the loss on its own greedy answers and on general text (mean ± std over seeds)."""
+    head = ["method", "lr", "seeds", "test loss (stopped)", *(f"{name} Δ (stopped)" for name in PROBES.values()),
+            *(f"{name} Δ (final)" for name in PROBES.values())]  # fmt: skip
+    rows = []
+    for method in preset.methods:
+        if runs := _forgetting_runs(records, task, method, preset):
+            rows.append([
+                label(method), f"{runs[0]['lr']:g}", str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
+                *(_cell([stopped(r)[k] - untuned[k] for r in runs]) for k in PROBES),
+                *(_cell([r["curve"][-1][k] - untuned[k] for r in runs]) for k in PROBES),
+            ])  # fmt: skip
+    return _markdown(head, rows) if rows else ""
+
+
+def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, float], out: Path) -> None:
+    """Task loss against forgetting at the validation-chosen step, each method at its own lr (mean ± std over
+    seeds): one row per task, one column per forgetting probe. Down and left is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(preset.tasks), len(PROBES), figsize=(9, 3.3 * len(preset.tasks)), squeeze=False)
+    for row, task in zip(axes, preset.tasks, strict=True):
+        for ax, (key, name) in zip(row, PROBES.items(), strict=True):
+            for method in preset.methods:
+                if runs := _forgetting_runs(records, task, method, preset):
+                    x = [stopped(r)[key] - untuned[key] for r in runs]
+                    y = [stopped(r)["test_loss"] for r in runs]
+                    ax.errorbar(_mean(x), _mean(y), xerr=_std(x) if len(x) > 1 else None,
+                                yerr=_std(y) if len(y) > 1 else None, fmt="o", ms=4, capsize=2, label=label(method))  # fmt: skip
+            ax.set_title(task, fontsize=9)
+            ax.set_xlabel(f"forgetting: loss increase on {name}")
+            ax.set_ylabel("test loss (stopped)")
+        row[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -197,10 +245,9 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(preset.tasks), figsize=(4.2 * len(preset.tasks), 3.4), squeeze=False)
-    seed_records = [r for r in records if r["seed"] == preset.seeds[0]]
     for ax, task in zip(axes[0], preset.tasks, strict=True):
         for method in preset.methods:
-            lr = best_lr(seed_records, task, method)
+            lr = chosen_lr(preset, records, task, method)
             runs = _runs(records, task, method, lr)
             if runs:
                 steps = [p["step"] for p in runs[0]["curve"]]
@@ -221,6 +268,8 @@ def write(path: Path, preset: Preset) -> None:
     seed0 = preset.seeds[0]
     ours = "fisher-zero" if "fisher-zero" in preset.methods else "fisher"  # the library default, where it ran
     failed = sorted({f"{r['task']}/{r['method']}: {r['failed']}" for r in records if "failed" in r})
+    untuned_path = path.parent / "untuned.json"
+    untuned = json.loads(untuned_path.read_text()) if untuned_path.is_file() else None
     parts = [f"# Quality protocol ({path.parent.name}): {sum('curve' in r for r in records)} runs", ""]
     parts += [
         "## Test loss at each method's own best lr (validation-chosen step; mean ± std over seeds)",
@@ -233,7 +282,7 @@ def write(path: Path, preset: Preset) -> None:
         "",
         "## Verdicts (each at its own best lr)",
         "",
-        *(f"- {verdict(records, t, preset.methods, seed0, ours)}" for t in preset.tasks),
+        *(f"- {verdict(records, t, preset, ours)}" for t in preset.tasks),
         "",
     ]
     for task in preset.tasks:
@@ -242,19 +291,23 @@ def write(path: Path, preset: Preset) -> None:
             "",
             "Each method at its own best lr:",
             "",
-            own_lr_table(records, task, preset.methods, seed0),
+            own_lr_table(records, task, preset),
             "",
             "At default LoRA's best lr and half and twice it (stopped test loss):",
             "",
-            robustness_table(records, task, preset.methods, seed0),
+            robustness_table(records, task, preset),
             "",
         ]
+        if untuned and (table := forgetting_table(records, task, preset, untuned)):
+            parts += ["Forgetting: increase over the untuned model, each method at its own lr:", "", table, ""]
         ablation = ablation_table(records, task, preset)
         if ablation:
-            lr = best_lr([r for r in records if r["seed"] == seed0], task, "fisher")
+            lr = chosen_lr(preset, records, task, "fisher")
             parts += [f"Ablation, every variant at fisher-preserve's own best lr ({lr:g}):", "", ablation, ""]
     if failed:
         parts += ["## Runs that failed", "", *(f"- {f}" for f in failed), ""]
     (path.parent / "tables.md").write_text("\n".join(parts))
     if records:
         plot(records, preset, path.parent / "curves.png")
+    if untuned and any("own_loss" in r["curve"][0] for r in records if "curve" in r):
+        forgetting_plot(records, preset, untuned, path.parent / "forgetting.png")

