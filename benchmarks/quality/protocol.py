@@ -98,6 +98,9 @@ class Preset:
     # True: every seed runs at every lr of the grid and the lr is chosen on the mean over seeds (a seed-0 choice
     # moved a result by 0.06 once); False: seed 0 chooses, the other seeds run at its choice
     lr_on_mean: bool = False
+    # methods whose grid runs come before every other method's (task by task, seed by seed): a protocol cut short
+    # has their whole comparison
+    first: tuple[str, ...] = ()
 
 
 # causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits that
@@ -133,6 +136,7 @@ SMOL = Preset(
     extend=2,
     ablations=(),
     lr_on_mean=True,
+    first=("lora", "fisher-zero"),
 )
 
 PRESETS = {
@@ -226,7 +230,7 @@ def chosen_lr(preset: Preset, records: list[dict], task: str, method: str) -> fl
 
 def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     """Grid runs still missing (seed 0's, or every seed's with `lr_on_mean`), plus one lr beyond an edge where the
-    chosen lr sits there; method by method, so a protocol cut short has whole methods."""
+    chosen lr sits there; the `first` methods first, then task by task, seed by seed."""
     seeds = preset.seeds if preset.lr_on_mean else preset.seeds[:1]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     todo = []
@@ -243,7 +247,9 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
                 todo += [RunKey(task, method, best / 2, s) for s in seeds]
             elif best == ran[-1] and best * 2 <= preset.lr_grid[-1] * 2**preset.extend:
                 todo += [RunKey(task, method, best * 2, s) for s in seeds]
-    return todo
+    order = {name: i for i, name in enumerate(preset.methods)}
+    tasks = {name: i for i, name in enumerate(preset.tasks)}
+    return sorted(todo, key=lambda k: (k.method not in preset.first, tasks[k.task], k.seed, k.lr, order[k.method]))
 
 
 def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
