@@ -47,8 +47,14 @@ def run_configs(args: argparse.Namespace, model_dir: Path) -> dict[str, Path]:
     configs = {}
     for name in RUNS:
         cfg = yaml.safe_load(RECIPE.read_text())
-        cfg.update(base_model=str(model_dir), output_dir=str(args.out / name), max_steps=args.steps,
-                   learning_rate=args.lr, seed=args.seed, dataset_prepared_path=str(args.out / f"prepared-{name}"))  # fmt: skip
+        cfg.update(
+            base_model=str(model_dir),
+            output_dir=str(args.out / name),
+            dataset_prepared_path=str(args.out / f"prepared-{name}"),
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            seed=args.seed,
+        )
         cfg["datasets"][0]["path"] = str(ROOT / cfg["datasets"][0]["path"])
         if name == "lora":
             for key in ("plugins", "lora_init", *(k for k in cfg if k.startswith("fisher_"))):
@@ -64,11 +70,11 @@ def train_both(configs: dict[str, Path], steps: int) -> dict[str, list[float]]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
     axolotl = str(Path(sys.executable).parent / "axolotl")
-    procs = {
-        name: subprocess.Popen([axolotl, "train", str(cfg), "--launcher", "python"], cwd=cfg.parent, env=env,
-                               stdout=open(cfg.with_suffix(".log"), "w"), stderr=subprocess.STDOUT)  # fmt: skip
-        for name, cfg in configs.items()
-    }
+    procs = {}
+    for name, cfg in configs.items():
+        with open(cfg.with_suffix(".log"), "w") as log:
+            cmd = [axolotl, "train", str(cfg), "--launcher", "python"]
+            procs[name] = subprocess.Popen(cmd, cwd=cfg.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     losses: dict[str, list[float]] = {name: [] for name in configs}
     while any(p.poll() is None for p in procs.values()):
         time.sleep(2)

@@ -158,7 +158,7 @@ PRESETS = {
     "smol-tiny": replace(  # the smoke test of the smol tasks: seconds per run, not evidence
         SMOL, tasks=("smol-docstring", "smol-docstring-dpo"), methods=("lora", "fisher-zero"), lr_grid=(1e-3,),
         seeds=(0, 1), steps=2, batch_size=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0,
-    ),  # fmt: skip
+    ),
     # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
     "tiny": Preset(
         tasks=("word-sentiment",),

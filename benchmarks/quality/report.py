@@ -221,8 +221,8 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
                 if runs := _forgetting_runs(records, task, method, preset):
                     x = [stopped(r)[key] - untuned[key] for r in runs]
                     y = [stopped(r)["test_loss"] for r in runs]
-                    ax.errorbar(_mean(x), _mean(y), xerr=_std(x) if len(x) > 1 else None,
-                                yerr=_std(y) if len(y) > 1 else None, fmt="o", ms=4, capsize=2, label=label(method))  # fmt: skip
+                    spread = {"xerr": _std(x), "yerr": _std(y)} if len(runs) > 1 else {}
+                    ax.errorbar(_mean(x), _mean(y), **spread, fmt="o", ms=4, capsize=2, label=label(method))
             ax.set_title(task, fontsize=9)
             ax.set_xlabel(f"forgetting: loss increase on {name}")
             ax.set_ylabel("test loss (stopped)")
@@ -265,7 +265,6 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
 def write(path: Path, preset: Preset) -> None:
     """`tables.md` and `curves.png` beside the records in `path`."""
     records = load(path)
-    seed0 = preset.seeds[0]
     ours = "fisher-zero" if "fisher-zero" in preset.methods else "fisher"  # the library default, where it ran
     failed = sorted({f"{r['task']}/{r['method']}: {r['failed']}" for r in records if "failed" in r})
     untuned_path = path.parent / "untuned.json"

