@@ -14,6 +14,8 @@ Where each step happens in Axolotl's flow:
 - when training ends (before Axolotl's final save): where the base was changed (policy `preserve`), the
   model becomes the original base plus an adapter for it, so `output_dir` gets an adapter that loads with
   plain PEFT on the original base (`fisher_trainer.OriginalBaseAtTrainEnd`).
+- `post_lora_merge` (Axolotl >= 0.21, after `axolotl merge-lora`): a merged adapter whose base fisher-lora
+  changed is not the trained model; the command is stopped with what to run instead.
 
 Every decision (which objectives allow policy `preserve`, opted into — not DPO/IPO without
 `rl_adapter_ref_model`, whose reference is the adapter-disabled model; KTO/ORPO/SimPO are refused —,
@@ -32,6 +34,7 @@ from transformers import set_seed
 
 from fisher_axolotl.args import fisher_config
 from fisher_axolotl.kernels import plain_lora_forward
+from fisher_core.write import load_record
 from fisher_trainer import (
     OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
@@ -105,3 +108,19 @@ class FisherLoRAPlugin(BasePlugin):
         if trainer.accelerator.is_main_process:
             path = report.save(Path(cfg.output_dir) / REPORT_FILE)
             LOG.info(f"fisher-lora: per-layer report written to {path}")
+
+    def post_lora_merge(self, cfg, adapter_path, output_path):
+        """Axolotl >= 0.21 calls this after `axolotl merge-lora` saved the merge. A raw adapter trained on a base
+        fisher-lora changed (a `checkpoint-N/` of a `preserve` run, or a sharded run's `output_dir`: its
+        `fisher_init.safetensors` records base offsets) merged onto the original base is NOT the trained model:
+        stop the command, saying so and what to run instead. Axolotl 0.19 has no such hook."""
+        if not enabled(cfg):
+            return
+        record = load_record(Path(adapter_path))
+        if record is not None and record.changes_base:
+            raise ValueError(
+                f"fisher-lora: {adapter_path} was trained on a changed base (its fisher_init.safetensors records "
+                f"base offsets), so the merge in {output_path} is not the trained model; delete it, run "
+                f"`fisher-lora export --model {cfg.get('base_model')} --adapter {adapter_path} --out DIR` and merge "
+                "DIR (an adapter for the original base) instead"
+            )
