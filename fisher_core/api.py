@@ -135,3 +135,30 @@ def initialize(
     )
     logger.info(report.summary())
     return report
+
+
+def initialize_lora_fisher_weights(
+    model: nn.Module,
+    dataloader: Iterable[Batch],
+    *,
+    fisher_config: FisherConfig | None = None,
+    adapter_name: str = "default",
+    forward_fn: LossFn | None = None,
+    logits_fn: LogitsFn | None = None,
+    show_progress_bar: bool | None = None,
+) -> InitReport:
+    """`initialize` in PEFT's calling convention (that of `peft.initialize_lora_eva_weights`): the PEFT model, a
+    dataloader of dicts, the config, the adapter's name and an optional forward function.
+
+    `forward_fn(model, batch) -> Tensor` returns the scalar SUM of the batch's supervised losses (where EVA's
+    returns the model's outputs: EVA reads activations only, the Fisher needs the objective's gradient); None
+    is the summed cross-entropy of the batch's `labels` (-100 ignored; shifted for causal LMs). It is
+    `initialize`'s `loss_fn`, and `logits_fn` is `initialize`'s. `show_progress_bar` overrides
+    `fisher_config.progress` when given. The adapter is written in place; the `InitReport` is returned.
+    """
+    config = fisher_config or FisherConfig()
+    if show_progress_bar is not None:
+        config = config.model_copy(update={"progress": show_progress_bar})
+    return initialize(
+        model, dataloader, loss_fn=forward_fn, logits_fn=logits_fn, config=config, adapter_name=adapter_name
+    )

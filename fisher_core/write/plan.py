@@ -5,10 +5,11 @@
   model as it sits (the trained adapter on), since that is where the new adapter starts.
 - `check_ranks`: a LoRA rank above `min(out, in)` of its layer cannot be filled, nor a `rank_budget` below
   one rank per layer.
-- `check_policy`: `preserve` writes `W − s·B·A` into the base weight, which is wrong wherever that
-  weight is read by something else: a weight tied to another module (`lm_head` ↔ `embed_tokens` in tied
-  Llama-3.2 / Qwen2.5 / Gemma) or a base shared by other adapters of the layer. `preserve` (opted into:
-  the default is `zero`) on such a layer is an error that says why.
+- `check_policy`: `preserve` writes `W − s·B·A` into the base weight, which cannot be done to a quantized
+  weight (bitsandbytes 4/8-bit, QLoRA) and is wrong wherever that weight is read by something else: a
+  weight tied to another module (`lm_head` ↔ `embed_tokens` in tied Llama-3.2 / Qwen2.5 / Gemma) or a base
+  shared by other adapters of the layer. `preserve` (opted into: the default is `zero`) on such a layer is an
+  error that says why, raised before the statistics pass (every integration goes through here).
 """
 
 from __future__ import annotations
@@ -63,22 +64,19 @@ def check_ranks(layers: dict[str, nn.Module], adapter_name: str, config: FisherC
 
 
 def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig) -> None:
-    """Refuse `preserve` where writing the base would change what another module or adapter computes
-    (module docstring); where it is allowed, say once what learning rate it wants."""
+    """Refuse `preserve` where the base cannot be written or writing it would change what another module or
+    adapter computes (module docstring); where it is allowed, say once what learning rate it wants."""
     if config.policy != "preserve":
         return
-    logger.warning(
-        "fisher-lora: policy 'preserve' starts from nonzero B·A at LoRA-GA's scale: on the held-out protocol its "
-        "best learning rate ranged from 0.5× to 2× default LoRA's by task, and at LoRA's own lr it fell behind "
-        "LoRA's mean on most tasks (BENCHMARKS.md). Tune the learning rate rather than copying it from a LoRA "
-        "recipe, or use the default policy 'zero'"
-    )
     uses = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
     for name, module in layers.items():
         weight = getattr(base_layer(module), "weight", None)
         others = sorted(a for a in getattr(module, "lora_A", {}) if a != adapter_name)
+        kind = layer_kind(module)
         why = (
-            "its weight is tied to another module (e.g. the input embedding)"
+            f"its weight is quantized ({kind.name}) and cannot be written"
+            if not kind.writable
+            else "its weight is tied to another module (e.g. the input embedding)"
             if weight is not None and uses[id(weight)] > 1
             else f"its base is shared with adapter(s) {', '.join(others)}"
             if others
@@ -89,3 +87,9 @@ def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_na
                 f"policy 'preserve' would change layer {name!r}'s base, and {why}; use policy='zero' (the default) "
                 "or leave that layer out of target_modules"
             )
+    logger.warning(
+        "fisher-lora: policy 'preserve' starts from nonzero B·A at LoRA-GA's scale: on the held-out protocol its "
+        "best learning rate ranged from 0.5× to 2× default LoRA's by task, and at LoRA's own lr it fell behind "
+        "LoRA's mean on most tasks (BENCHMARKS.md). Tune the learning rate rather than copying it from a LoRA "
+        "recipe, or use the default policy 'zero'"
+    )

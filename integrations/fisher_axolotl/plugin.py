@@ -6,13 +6,16 @@ Where each step happens in Axolotl's flow:
 - `get_lora_config_kwargs`: when resuming, the checkpoint's `rank_pattern` (a `fisher_rank_budget`
   run has per-layer ranks the YAML alone does not give).
 - `post_trainer_create`: the PeftModel, the trainer's train dataloader (its real collator) and its
-  own loss exist, the optimizer does not yet. Fresh run: `fisher_core.initialize` with Axolotl's
-  fused LoRA kernels routed around (see `kernels`), then the JSON report goes to `output_dir`.
-  Resumed run: no initialization; the base offsets recorded in the checkpoint are restored.
+  own loss exist, the optimizer does not yet. First the refusals that need no statistics
+  (`fisher_trainer.check_before_work`). Fresh run: `fisher_trainer.initialize_in_trainer` on the model's
+  active adapter, with Axolotl's fused LoRA kernels routed around (see `kernels`), then the JSON report
+  goes to `output_dir`. Resumed run: no initialization; the checkpoint's base offsets are restored.
 - checkpoints: each `checkpoint-N/` keeps the raw adapter and gets `fisher_init.safetensors`.
 - when training ends (before Axolotl's final save): where the base was changed (policy `preserve`), the
   model becomes the original base plus an adapter for it, so `output_dir` gets an adapter that loads with
   plain PEFT on the original base (`fisher_trainer.OriginalBaseAtTrainEnd`).
+- `post_lora_merge` (Axolotl >= 0.21, after `axolotl merge-lora`): a merged adapter whose base fisher-lora
+  changed is not the trained model; the command is stopped with what to run instead.
 
 Every decision (which objectives allow policy `preserve`, opted into — not DPO/IPO without
 `rl_adapter_ref_model`, whose reference is the adapter-disabled model; KTO/ORPO/SimPO are refused —,
@@ -25,25 +28,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 from transformers import set_seed
 
 from fisher_axolotl.args import fisher_config
 from fisher_axolotl.kernels import plain_lora_forward
-from fisher_core import initialize
-from fisher_core.layers import layer_kind
-from fisher_core.write.peft import lora_layers
+from fisher_core.write import load_record
 from fisher_trainer import (
     OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
-    check_objective,
-    check_step0_policy,
-    policy_logits,
+    check_before_work,
+    initialize_in_trainer,
     resume,
-    summed_loss_fn,
-    trainer_state_preserved,
+    trainer_adapter,
 )
 
 LOG = get_logger("axolotl.integrations.fisher_lora")
@@ -62,16 +60,6 @@ def resume_checkpoint(cfg: Any) -> Path | None:
         found = [p for p in Path(cfg["output_dir"]).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         if found:
             return max(found, key=lambda p: int(p.name.split("-")[-1]))
-    return None
-
-
-def unwritable_base(cfg: Any, model: torch.nn.Module) -> str | None:
-    """Why the base weights cannot be written (quantized layers, QLoRA), or None when they can."""
-    kinds = {layer_kind(m).name for m in lora_layers(model, "default").values() if not layer_kind(m).writable}
-    if kinds:
-        return f"{', '.join(sorted(kinds))} layers"
-    if cfg.get("adapter") == "qlora" or cfg.get("load_in_4bit") or cfg.get("load_in_8bit"):
-        return "a quantized base"
     return None
 
 
@@ -100,33 +88,39 @@ class FisherLoRAPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if not enabled(cfg):
             return
-        check_objective(trainer)
-        if (
-            trainer.train_dataset is not None
-            and hasattr(trainer.train_dataset, "__len__")
-            and not len(trainer.train_dataset)
-        ):
-            raise ValueError(
-                "fisher-lora: the training set is empty after Axolotl's preprocessing (rows longer than "
-                f"sequence_len={cfg.get('sequence_len')} are dropped, and so are rows without a trainable token); "
-                "raise sequence_len or check the dataset's fields"
-            )
+        config = fisher_config(cfg)
+        check_before_work(trainer, config)
         model = trainer.model
-        trainer.add_callback(RecordInCheckpoints(lambda: model))
-        trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: model))
+        adapter = trainer_adapter(model)
+        trainer.add_callback(RecordInCheckpoints(lambda: model, adapter))
+        trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: model, adapter))
         checkpoint = resume_checkpoint(cfg)
         if checkpoint is not None:
-            LOG.info(f"fisher-lora: {resume(model, checkpoint)}")
+            LOG.info(f"fisher-lora: {resume(model, checkpoint, adapter)}")
             return
-        config = fisher_config(cfg)
-        check_step0_policy(config, trainer, unwritable_base(cfg, model) if config.policy == "preserve" else None)
-        loss_fn = summed_loss_fn(trainer) if config.fisher_type == "empirical" else None
-        with plain_lora_forward(model) as undone, trainer_state_preserved(trainer):
+        with plain_lora_forward(model) as undone:
             if undone:
                 LOG.info(f"fisher-lora: {undone} fused LoRA kernels bypassed during the statistics pass")
-            batches = trainer.get_train_dataloader()
-            report = initialize(model, batches, loss_fn=loss_fn, logits_fn=policy_logits, config=config)
+            report = initialize_in_trainer(trainer, model, config, adapter)
+        if report is None:
+            return
         LOG.info(report.summary())
         if trainer.accelerator.is_main_process:
             path = report.save(Path(cfg.output_dir) / REPORT_FILE)
             LOG.info(f"fisher-lora: per-layer report written to {path}")
+
+    def post_lora_merge(self, cfg, adapter_path, output_path):
+        """Axolotl >= 0.21 calls this after `axolotl merge-lora` saved the merge. A raw adapter trained on a base
+        fisher-lora changed (a `checkpoint-N/` of a `preserve` run, or a sharded run's `output_dir`: its
+        `fisher_init.safetensors` records base offsets) merged onto the original base is NOT the trained model:
+        stop the command, saying so and what to run instead. Axolotl 0.19 has no such hook."""
+        if not enabled(cfg):
+            return
+        record = load_record(Path(adapter_path))
+        if record is not None and record.changes_base:
+            raise ValueError(
+                f"fisher-lora: {adapter_path} was trained on a changed base (its fisher_init.safetensors records "
+                f"base offsets), so the merge in {output_path} is not the trained model; delete it, run "
+                f"`fisher-lora export --model {cfg.get('base_model')} --adapter {adapter_path} --out DIR` and merge "
+                "DIR (an adapter for the original base) instead"
+            )

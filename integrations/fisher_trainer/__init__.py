@@ -18,15 +18,20 @@ from fisher_trainer.glue import (
     summed_loss_fn,
     trainer_state_preserved,
 )
+from fisher_trainer.run import check_before_work, check_train_set, initialize_in_trainer, trainer_adapter
 
 __all__ = [
     "OriginalBaseAtTrainEnd",
     "RecordInCheckpoints",
+    "check_before_work",
     "check_objective",
     "check_step0_policy",
+    "check_train_set",
+    "initialize_in_trainer",
     "policy_logits",
     "reference_is_adapter_disabled",
     "resume",
     "summed_loss_fn",
+    "trainer_adapter",
     "trainer_state_preserved",
 ]

@@ -1,10 +1,10 @@
 """The trainer glue (see the package docstring): policy, objective, state protection, checkpoints, export.
 
 - `check_step0_policy`: `preserve` (opted into; the default is `zero`) changes the base weights
-  (W ← W − s·B·A). That is refused, with what to change, where the base cannot be written (quantized
-  layers) and where the trainer's reference IS the base — a preference trainer whose reference model is
-  this model with its adapter disabled (DPO/IPO without a separate `ref_model` or precomputed reference
-  log-probs): there `preserve` would move the reference.
+  (W ← W − s·B·A). That is refused, with what to change, where the trainer's reference IS the base — a
+  preference trainer whose reference model is this model with its adapter disabled (DPO/IPO without a
+  separate `ref_model` or precomputed reference log-probs): there `preserve` would move the reference.
+  (A base that cannot be written, quantized layers, is `fisher_core.initialize`'s refusal, before its pass.)
 - `check_objective`: objectives fisher-lora cannot turn into a per-batch sum (KTO, ORPO, CPO/SimPO,
   GRPO, RLOO, reward models) are refused before any work, with what to change.
 - `summed_loss_fn`: the trainer's own `compute_loss`, made a SUM over the batch's units — token losses
@@ -87,27 +87,19 @@ def reference_is_adapter_disabled(trainer: Any) -> bool:
     return trainer.ref_model is None and not precomputed
 
 
-def check_step0_policy(config: FisherConfig, trainer: Any, unwritable: str | None = None) -> None:
-    """Refuse a `preserve` policy this trainer cannot hold (module docstring). `unwritable` says why the base
-    cannot be written (None: it can)."""
-    if config.policy != "preserve":
-        return
-    if unwritable is not None:
-        reason, fix = f"the base cannot be written ({unwritable})", "use policy 'zero'"
-    elif reference_is_adapter_disabled(trainer):
-        reason = (
-            f"{type(trainer).__name__} computes its reference with the adapter disabled, and policy 'preserve' would "
-            "change that reference"
+def check_step0_policy(config: FisherConfig, trainer: Any) -> None:
+    """Refuse a `preserve` policy whose base write would move this trainer's reference (module docstring)."""
+    if config.policy == "preserve" and reference_is_adapter_disabled(trainer):
+        raise ValueError(
+            f"fisher-lora: {type(trainer).__name__} computes its reference with the adapter disabled, and policy "
+            "'preserve' would change that reference; use policy 'zero', pass a separate reference model, or "
+            "precompute the reference log-probs"
         )
-        fix = "use policy 'zero', pass a separate reference model, or precompute the reference log-probs"
-    else:
-        return
-    raise ValueError(f"fisher-lora: {reason}; {fix}")
 
 
 def summed_loss_fn(trainer: Any) -> LossFn:
-    """`loss_fn(model, batch)`: the trainer's `compute_loss` made a sum over the batch (module docstring)."""
-    check_objective(trainer)
+    """`loss_fn(model, batch)`: the trainer's `compute_loss` made a sum over the batch (module docstring). The
+    objective is assumed supported (`check_objective`, which `run.check_before_work` calls once)."""
     if is_pair_trainer(trainer):
         return lambda model, batch: trainer.compute_loss(model, dict(batch)) * (batch["input_ids"].shape[0] // 2)
     if trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None:

@@ -35,17 +35,15 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from fisher_core import FisherConfig, InitReport, initialize
+from fisher_core import FisherConfig, InitReport
 from fisher_core.estimate.objective import LogitsFn, LossFn
 from fisher_trainer import (
     OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
-    check_objective,
-    check_step0_policy,
-    policy_logits,
+    check_before_work,
+    initialize_in_trainer,
     resume,
-    summed_loss_fn,
-    trainer_state_preserved,
+    trainer_adapter,
 )
 
 logger = logging.getLogger("fisher_trl")
@@ -56,13 +54,14 @@ class FisherInitCallback(TrainerCallback):
 
     Keywords: any `FisherConfig` field (`num_batches=32`, `selector='natural'`, `fisher_type='true'`, …),
     plus `loss_fn`/`logits_fn` to override the objective (contracts in `fisher_core.estimate.objective`)
-    and `report_path` to write the `InitReport` as JSON. Use `FisherInitCallback(...).attach(trainer)`.
+    and `report_path` to write the `InitReport` as JSON. `adapter_name` defaults to the PEFT model's active
+    adapter. Use `FisherInitCallback(...).attach(trainer)`.
     """
 
     def __init__(
         self,
         *,
-        adapter_name: str = "default",
+        adapter_name: str | None = None,
         loss_fn: LossFn | None = None,
         logits_fn: LogitsFn | None = None,
         report_path: str | Path | None = None,
@@ -84,10 +83,11 @@ class FisherInitCallback(TrainerCallback):
     def attach(self, trainer: Trainer) -> FisherInitCallback:
         """Give the callback its trainer and register it: checkpoints carry the base offsets, and where the init
         changed the base (`preserve`, `force`), the model is handed back on the original base when training
-        ends (`fisher_trainer.OriginalBaseAtTrainEnd`). Nothing of the trainer's is replaced."""
-        if self.loss_fn is None:
-            check_objective(trainer)
+        ends (`fisher_trainer.OriginalBaseAtTrainEnd`). Nothing of the trainer's is replaced. What can be refused
+        without statistics is refused here (`fisher_trainer.check_before_work`), before `train()`."""
+        check_before_work(trainer, self.config, objective_replaced=self.loss_fn is not None)
         self.trainer = trainer
+        self.adapter_name = self.adapter_name or trainer_adapter(self.model)
         trainer.add_callback(self)
         trainer.add_callback(RecordInCheckpoints(lambda: self.model, self.adapter_name))
         trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: self.model, self.adapter_name))
@@ -107,21 +107,13 @@ class FisherInitCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name))
             return
-        if self.report is not None:  # a second train() continues from the trained adapter
-            logger.info("fisher-lora: initialized when training first began; not re-initializing")
-            return
         trainer = self._trainer()
-        check_step0_policy(self.config, trainer)
-        loss_fn = self.loss_fn or (summed_loss_fn(trainer) if self.config.fisher_type == "empirical" else None)
-        with trainer_state_preserved(trainer), trainer.compute_loss_context_manager():
-            self.report = initialize(
-                self.model,
-                trainer.get_train_dataloader(),
-                loss_fn=loss_fn,
-                logits_fn=self.logits_fn or policy_logits,
-                config=self.config,
-                adapter_name=self.adapter_name,
-            )
+        report = initialize_in_trainer(
+            trainer, self.model, self.config, self.adapter_name, loss_fn=self.loss_fn, logits_fn=self.logits_fn
+        )
+        if report is None:  # a second train() continues from the trained adapter
+            return
+        self.report = report
         refresh_master_weights(trainer)
         if self.report_path is not None and state.is_world_process_zero:
             self.report.save(self.report_path)

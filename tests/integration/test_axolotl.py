@@ -209,7 +209,7 @@ def test_qlora_with_preserve_is_refused_before_the_pass(tiny_llama_dir, work):
     out = work / "qlora-preserve"
     config = axolotl_yaml("axolotl_qlora.yml", tiny_llama_dir, work, output_dir=str(out), fisher_policy="preserve")
     log = axolotl_train(config, ok=False)
-    assert "the base cannot be written (bnb-4bit layers); use policy 'zero'" in log
+    assert "its weight is quantized (bnb-4bit) and cannot be written; use policy='zero'" in log
     assert not any("directions from" in line for line in fisher_lines(log))
     assert not (out / "adapter_config.json").exists()
 

@@ -108,3 +108,46 @@ def test_metrics_appended_during_statistics_are_removed(tmp_path):
     assert set(trainer._stored_metrics["train"]) == {"kept"}
     assert trainer._stored_metrics["train"]["kept"]["values"] == [1.0]
     assert not hasattr(trainer.state, "tokens")
+
+
+# BasePlugin.post_lora_merge as read in Axolotl 0.21.0's axolotl/integrations/base.py (docs/axolotl.md); 0.19 lacks it
+POST_LORA_MERGE_0_21 = ["self", "cfg", "adapter_path", "output_path"]
+
+
+def test_the_plugin_defines_only_axolotl_hooks_with_their_parameters():
+    import inspect
+
+    from axolotl.integrations.base import BasePlugin
+
+    from fisher_axolotl import FisherLoRAPlugin
+
+    def parameters(fn) -> list[str]:
+        return list(inspect.signature(fn).parameters)
+
+    ours = {name for name, value in vars(FisherLoRAPlugin).items() if callable(value) and not name.startswith("_")}
+    for name in ours - {"post_lora_merge"}:
+        assert parameters(getattr(FisherLoRAPlugin, name)) == parameters(getattr(BasePlugin, name)), name
+    assert parameters(FisherLoRAPlugin.post_lora_merge) == POST_LORA_MERGE_0_21
+    if hasattr(BasePlugin, "post_lora_merge"):  # Axolotl >= 0.21
+        assert parameters(BasePlugin.post_lora_merge) == POST_LORA_MERGE_0_21
+
+
+def test_merging_an_adapter_trained_on_a_changed_base_is_stopped(tmp_path):
+    """`axolotl merge-lora` (>= 0.21 calls `post_lora_merge` after saving the merge) of a `preserve` checkpoint:
+    its raw adapter plus the original base is not the trained model, so the command stops, saying what to run."""
+    from axolotl.utils.dict import DictDefault
+
+    from fisher_axolotl import FisherLoRAPlugin
+    from fisher_core import initialize
+    from fisher_core.write import get_record, save_record
+
+    cfg = DictDefault({"lora_init": "fisher", "base_model": "/models/base"})
+    plugin = FisherLoRAPlugin()
+    for policy in ("zero", "preserve"):
+        model = lora_llama()
+        initialize(model, [token_batch()], config=FisherConfig(num_batches=1, progress=False, policy=policy))
+        save_record(get_record(model, "default"), tmp_path / policy)
+    plugin.post_lora_merge(cfg, str(tmp_path / "zero"), str(tmp_path / "merged"))  # base untouched: a plain merge
+    plugin.post_lora_merge(cfg, str(tmp_path / "no-record"), str(tmp_path / "merged"))
+    with pytest.raises(ValueError, match=r"not the trained model.*fisher-lora export --model /models/base"):
+        plugin.post_lora_merge(cfg, str(tmp_path / "preserve"), str(tmp_path / "merged"))

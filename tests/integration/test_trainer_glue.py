@@ -11,6 +11,7 @@ state exactly as they found it.
 from __future__ import annotations
 
 import ast
+import logging
 import math
 import random
 import re
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from test_axolotl import axolotl_train, axolotl_yaml, fisher_lines
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from fisher_core.write import get_record
 from fisher_trainer import check_objective
 
 pytestmark = pytest.mark.slow
@@ -103,15 +105,20 @@ def _state(trainer: Trainer) -> tuple:
     )
 
 
-def _sft_trainer(tiny_llama_dir, tmp_path) -> Trainer:
+def _sft_trainer(
+    tiny_llama_dir, tmp_path, *, adapter_name: str = "default", rows: int = 8, base=None, **training
+) -> Trainer:
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        base if base is not None else AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+        adapter_name=adapter_name,
     )
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(3, 300, (8, 12), generator=g)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[])
-    return Trainer(model=model, args=args, train_dataset=rows)
+    data = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(3, 300, (rows, 12), generator=g)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], use_cpu=True, **training
+    )
+    return Trainer(model=model, args=args, train_dataset=data)
 
 
 def _via_trl(trainer: Trainer, tmp_path) -> None:
@@ -122,6 +129,7 @@ def _via_trl(trainer: Trainer, tmp_path) -> None:
 
 
 def _via_axolotl(trainer: Trainer, tmp_path) -> None:
+    """What Axolotl calls once its trainer exists (`post_trainer_create`), with `lora_init: fisher`."""
     from axolotl.utils.dict import DictDefault
 
     from fisher_axolotl import FisherLoRAPlugin
@@ -129,6 +137,92 @@ def _via_axolotl(trainer: Trainer, tmp_path) -> None:
     cfg = {"lora_init": "fisher", "output_dir": str(tmp_path), "fisher_num_batches": 2, "fisher_progress": False}
     cfg["fisher_policy"] = "preserve"
     FisherLoRAPlugin().post_trainer_create(DictDefault(cfg), trainer)
+
+
+def _refusal(integrate, trainer: Trainer, tmp_path) -> str:
+    with pytest.raises(ValueError) as caught:
+        integrate(trainer, tmp_path)
+    return str(caught.value)
+
+
+def _lora(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("integrate", [_via_trl, _via_axolotl], ids=["trl", "axolotl"])
+def test_qlora_with_preserve_is_refused_before_any_forward(integrate, tiny_llama_dir, tmp_path):
+    """A 4-bit base cannot take W - s·B·A: both integrations refuse before the statistics pass reads a batch
+    (TRL used to run the whole pass first), with the adapter as it was."""
+    from transformers import BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
+    trainer = _sft_trainer(tiny_llama_dir, tmp_path, base=base)
+    forwards = []
+    trainer.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    before = _lora(trainer.model)
+    message = _refusal(integrate, trainer, tmp_path)
+    assert "its weight is quantized (bnb-4bit) and cannot be written; use policy='zero'" in message
+    assert not forwards
+    assert all(torch.equal(p, before[n]) for n, p in _lora(trainer.model).items())
+
+
+@pytest.mark.parametrize("integrate", [_via_trl, _via_axolotl], ids=["trl", "axolotl"])
+def test_the_active_adapter_is_initialized_whatever_its_name(integrate, tiny_llama_dir, tmp_path):
+    trainer = _sft_trainer(tiny_llama_dir, tmp_path, adapter_name="fisher")
+    integrate(trainer, tmp_path)
+    b = [p for n, p in trainer.model.named_parameters() if "lora_B.fisher" in n]
+    assert len(b) == 4 and all(p.abs().max() > 0 for p in b)  # preserve wrote B
+    assert get_record(trainer.model, "fisher").changes_base
+
+
+def test_both_integrations_refuse_an_empty_training_set_with_the_same_line(tiny_llama_dir, tmp_path):
+    trl = _refusal(_via_trl, _sft_trainer(tiny_llama_dir, tmp_path, rows=0), tmp_path)
+    axolotl = _refusal(_via_axolotl, _sft_trainer(tiny_llama_dir, tmp_path, rows=0), tmp_path)
+    assert trl == axolotl and "the training set is empty" in trl and "\n" not in trl
+
+
+@pytest.mark.parametrize("integrate", [_via_trl, _via_axolotl], ids=["trl", "axolotl"])
+def test_a_second_init_of_the_same_adapter_does_nothing(integrate, tiny_llama_dir, tmp_path, caplog):
+    trainer = _sft_trainer(tiny_llama_dir, tmp_path)
+    integrate(trainer, tmp_path)
+    first = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with caplog.at_level(logging.INFO, logger="fisher_trainer"):
+        integrate(trainer, tmp_path)
+    assert any("not re-initializing" in r.message for r in caplog.records)
+    assert all(torch.equal(p, first[n]) for n, p in trainer.model.named_parameters())
+
+
+def _train_via_trl(trainer: Trainer, tmp_path) -> None:
+    from fisher_trl import FisherInitCallback
+
+    FisherInitCallback(num_batches=2, progress=False).attach(trainer)
+    trainer.train()
+
+
+def _train_via_axolotl(trainer: Trainer, tmp_path) -> None:
+    from axolotl.utils.dict import DictDefault
+
+    from fisher_axolotl import FisherLoRAPlugin
+
+    cfg = {"lora_init": "fisher", "output_dir": str(tmp_path), "fisher_num_batches": 2, "fisher_progress": False}
+    FisherLoRAPlugin().post_trainer_create(DictDefault(cfg), trainer)  # before train(), as Axolotl calls it
+    trainer.train()
+
+
+@pytest.mark.parametrize("integrate", [_train_via_trl, _train_via_axolotl], ids=["trl", "axolotl"])
+def test_the_statistics_pass_runs_under_the_autocast_training_runs_under(integrate, tiny_llama_dir, tmp_path):
+    """bf16 mixed precision: the pass (the first forwards) and the training step see the same CPU autocast state;
+    Axolotl's pass, taken before `train()` prepares the model, used to run in fp32."""
+    trainer = _sft_trainer(tiny_llama_dir, tmp_path, bf16=True, max_steps=1)
+    seen = []
+    trainer.model.get_base_model().model.layers[0].register_forward_pre_hook(  # inside accelerate's forward wrapper
+        lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    )
+    integrate(trainer, tmp_path)
+    assert len(seen) == 3  # two statistics batches, one training step
+    assert set(seen) == {(True, torch.bfloat16)}, seen
 
 
 @pytest.mark.parametrize("integrate", [_via_trl, _via_axolotl], ids=["trl", "axolotl"])
@@ -159,7 +253,7 @@ def test_axolotl_training_set_emptied_by_its_filtering_is_named_in_one_line(tiny
     config = axolotl_yaml("axolotl_sft.yml", tiny_llama_dir, tmp_path, output_dir=str(out), sequence_len=4)
     log = axolotl_train(config, ok=False)
     assert "num_samples should be a positive integer" not in log
-    assert "the training set is empty after Axolotl's preprocessing" in log, log[-3000:]
+    assert "the training set is empty after preprocessing" in log, log[-3000:]
 
 
 def test_axolotl_qlora_at_lr0_keeps_b_zero_and_the_loss_of_a_run_without_the_plugin(tiny_llama_dir, tmp_path):

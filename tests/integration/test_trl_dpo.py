@@ -40,9 +40,9 @@ def test_dpo_defaults_to_zero_policy_and_keeps_the_reference(tiny_llama_dir, tmp
 
 
 def test_dpo_explicit_preserve_is_refused(tiny_llama_dir, tmp_path):
-    trainer, _ = trl_tiny.build("dpo", tiny_llama_dir, tmp_path, fisher={**FISHER, "policy": "preserve"}, **EXACT)
+    """Refused when the callback is attached, before `train()` (`fisher_trainer.check_before_work`)."""
     with pytest.raises(ValueError, match="reference with the adapter disabled"):
-        trainer.train()
+        trl_tiny.build("dpo", tiny_llama_dir, tmp_path, fisher={**FISHER, "policy": "preserve"}, **EXACT)
 
 
 def test_dpo_preserve_with_precomputed_reference_matches_plain_first_step(tiny_llama_dir, tmp_path):

@@ -163,7 +163,7 @@ def test_a_second_train_continues_the_handed_back_model_without_reinitializing(t
     trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, **EXACT)
     trainer.train()
     report, handed_back = callback.report, lora_state(trainer.model)
-    with caplog.at_level(logging.INFO, logger="fisher_trl"):
+    with caplog.at_level(logging.INFO, logger="fisher_trainer"):
         trainer.train()
     assert any("not re-initializing" in r.message for r in caplog.records) and callback.report is report
     after = lora_state(trainer.model)
