@@ -125,7 +125,10 @@ class FisherLoRAPlugin(BasePlugin):
             if undone:
                 LOG.info(f"fisher-lora: {undone} fused LoRA kernels bypassed during the statistics pass")
             batches = trainer.get_train_dataloader()
-            report = initialize(model, batches, loss_fn=loss_fn, logits_fn=policy_logits, config=config)
+            report = initialize(
+                model, batches, loss_fn=loss_fn, logits_fn=policy_logits, config=config,
+                tokenizer=trainer.processing_class,  # keep_knowledge: reads fisher_keep_data or generates keep data
+            )  # fmt: skip
         LOG.info(report.summary())
         if trainer.accelerator.is_main_process:
             path = report.save(Path(cfg.output_dir) / REPORT_FILE)

@@ -121,6 +121,7 @@ class FisherInitCallback(TrainerCallback):
                 logits_fn=self.logits_fn or policy_logits,
                 config=self.config,
                 adapter_name=self.adapter_name,
+                tokenizer=trainer.processing_class,  # keep_knowledge: reads keep_data or generates keep data
             )
         refresh_master_weights(trainer)
         if self.report_path is not None and state.is_world_process_zero:
