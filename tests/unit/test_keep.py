@@ -89,33 +89,34 @@ def test_keep_step_is_the_rank_r_optimum_of_the_ewc_objective():
     config = FisherConfig(progress=False, damping=DAMPING, policy="preserve", keep_knowledge=True)
     got = select_natural(torch.empty(m, n), keep_relative(task, keep)["w"], r, 1.0, config, Solver(sketch=None))
     gbar = task["w"].mean_grad.double()
-    s_a, s_g = (torch.from_numpy(_damped(keep["w"].input_cov)), torch.from_numpy(_damped(keep["w"].grad_cov)))
+    s_a, s_g = torch.from_numpy(_damped(keep["w"].input_cov)), torch.from_numpy(_damped(keep["w"].grad_cov))
 
     def objective(step: torch.Tensor) -> torch.Tensor:
         return (gbar * step).sum() + 0.5 * torch.trace(s_g @ step @ s_a @ step.T)
 
-    best = None
-    for seed in range(4):
-        g = torch.Generator().manual_seed(seed)
-        p = torch.randn(m, r, generator=g, dtype=torch.float64, requires_grad=True)
-        q = torch.randn(n, r, generator=g, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([p, q], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                line_search_fn="strong_wolfe")  # fmt: skip
-
-        def closure():
-            opt.zero_grad()
-            loss = objective(p @ q.T)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        step = (p @ q.T).detach()
-        if best is None or objective(step) < objective(best):
-            best = step
+    best = min((_minimize(objective, m, n, r, seed) for seed in range(4)), key=objective)
     assert float(objective(best)) == pytest.approx(-0.5 * float(got.scores[:r].sum()), rel=1e-6)
     u, _, vh = torch.linalg.svd(best)
     np.testing.assert_allclose(_inside(got.A[:r], vh[:r]), 1.0, atol=1e-5)
     np.testing.assert_allclose(_inside(got.B[:, :r].T, u[:, :r].T), 1.0, atol=1e-5)
+
+
+def _minimize(objective, m: int, n: int, r: int, seed: int) -> torch.Tensor:
+    """A local minimum of `objective(P Qᵀ)` over P (m×r), Q (n×r) by L-BFGS from a random start, float64."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(m, r, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(n, r, generator=g, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([p, q], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective(p @ q.T)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (p @ q.T).detach()
 
 
 def _inside(rows: torch.Tensor, basis: torch.Tensor) -> np.ndarray:
@@ -146,7 +147,7 @@ def _cfg(**kw) -> FisherConfig:
 @pytest.mark.parametrize("policy", ["zero", "preserve"])
 def test_keep_data_equal_to_the_task_data_gives_the_default_natural_init(policy):
     """Known case: keep = task data whitens Ḡ by its own factors, which is `natural` (§2)."""
-    default, tokenizer = _peft()
+    default, _ = _peft()
     initialize(default, _task_batches(), config=_cfg(policy=policy))
     keep, _ = _peft()
     initialize(keep, _task_batches(), config=_cfg(policy=policy, keep_knowledge=True, keep_data=_task_batches()))
@@ -223,7 +224,7 @@ def test_keep_statistics_are_computed_once_and_cached_beside_the_task_statistics
         torch.testing.assert_close(states[1][name], states[0][name], rtol=0, atol=0)
     other = [{**b, "input_ids": b["input_ids"].flip(1)} for b in _task_batches()]
     model, tokenizer = _peft()
-    with pytest.raises(CacheMismatchError, match="stats.keep.safetensors was computed with data="):
+    with pytest.raises(CacheMismatchError, match=r"stats\.keep\.safetensors was computed with data="):
         initialize(model, _task_batches(), config=_cfg(keep_knowledge=True, keep_data=other, cache_path=cache))
 
 
@@ -260,7 +261,7 @@ def test_bad_keep_settings_are_refused_naming_the_fix(kwargs, expected):
 def test_a_keep_data_file_needs_the_tokenizer_and_one_without_supervised_rows_is_refused(tmp_path):
     path = tmp_path / "keep.jsonl"
     path.write_text('{"text": "the quick brown fox"}\n')
-    with pytest.raises(ValueError, match="reads keep_data .*keep.jsonl, which needs the model's tokenizer"):
+    with pytest.raises(ValueError, match=r"reads keep_data .*keep\.jsonl, which needs the model's tokenizer"):
         keep_data(_cfg(keep_knowledge=True, keep_data=path), None)
     batches = keep_data(_cfg(keep_knowledge=True, keep_data=path), train_tokenizer()).make(None)
     assert (batches[0]["labels"] != -100).any()
