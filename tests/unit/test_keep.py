@@ -268,3 +268,40 @@ def test_a_keep_data_file_needs_the_tokenizer_and_one_without_supervised_rows_is
     path.write_text('{"messages": [{"role": "user", "content": "no answer to keep"}]}\n')
     with pytest.raises(ValueError, match="has no row with a supervised token"):
         keep_data(_cfg(keep_knowledge=True, keep_data=path), train_tokenizer())
+
+
+def test_cli_flags_pass_the_keep_keys_through(tmp_path):
+    from fisher_core.cli import build_parser, fisher_config
+
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"text": "kept"}\n')
+    args = build_parser().parse_args(
+        ["init", "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o"), "--keep-knowledge",
+         "--keep-data", str(keep)]
+    )  # fmt: skip
+    config = fisher_config(args)
+    assert config.keep_knowledge is True and config.keep_data == keep
+
+
+def test_cli_missing_keep_data_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
+    from fisher_core.cli import main
+
+    argv = ["init", "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path), "--keep-knowledge",
+            "--keep-data", "missing.jsonl"]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fisher-lora init: error: --keep-data: missing.jsonl: no such file")
+
+
+def test_trl_callback_and_axolotl_keys_pass_the_keep_keys_through(tmp_path):
+    from fisher_axolotl.args import FisherArgs, fisher_config
+    from fisher_trl import FisherInitCallback
+
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"text": "kept"}\n')
+    want = FisherConfig(keep_knowledge=True, keep_data=keep)
+    assert FisherInitCallback(keep_knowledge=True, keep_data=keep).config == want
+    yaml = {"lora_init": "fisher", "fisher_keep_knowledge": True, "fisher_keep_data": str(keep)}
+    assert fisher_config(FisherArgs(**yaml)) == want
+    with pytest.raises(ValidationError, match=r"fisher_keep_data: Value error, .*no such file"):
+        FisherArgs(**{**yaml, "fisher_keep_data": str(tmp_path / "missing.jsonl")})
