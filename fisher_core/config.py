@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Selector = Literal["select", "fwsvd", "natural", "subspace"]
 FisherType = Literal["empirical", "true"]
@@ -137,9 +137,22 @@ class FisherConfig(BaseModel):
     force: bool = Field(False, description="Re-initialize adapters that are no longer at their initial values.")
     progress: bool = Field(True, description="Show a progress bar while collecting statistics.")
 
+    @field_validator("keep_knowledge")
+    @classmethod
+    def _check_keep_knowledge(cls, value: bool, info: ValidationInfo) -> bool:
+        selector = info.data.get("selector", "natural")
+        if value and selector != "natural":
+            raise ValueError(
+                f"keep_knowledge whitens the task's mean gradient, which selector {selector!r} does not read; "
+                "use selector='natural' (the default) or keep_knowledge=False"
+            )
+        return value
+
     @field_validator("keep_data")
     @classmethod
-    def _check_keep_data(cls, value: Path | list | None) -> Path | list | None:
+    def _check_keep_data(cls, value: Path | list | None, info: ValidationInfo) -> Path | list | None:
+        if value is not None and info.data.get("keep_knowledge") is False:
+            raise ValueError("keep_data is only read with keep_knowledge=True; set it, or drop keep_data")
         if isinstance(value, Path) and not value.is_file():
             raise ValueError(f"{value}: no such file; pass a JSONL file of text, prompt/completion or chat rows")
         if isinstance(value, list) and not value:
@@ -152,13 +165,6 @@ class FisherConfig(BaseModel):
             raise ValueError(
                 "mc_samples > 1 only applies to fisher_type='true'; set fisher_type='true' or mc_samples=1"
             )
-        if self.keep_knowledge and self.selector != "natural":
-            raise ValueError(
-                f"keep_knowledge whitens the task's mean gradient, which selector {self.selector!r} does not read; "
-                "use selector='natural' (the default) or keep_knowledge=False"
-            )
-        if self.keep_data is not None and not self.keep_knowledge:
-            raise ValueError("keep_data is only read with keep_knowledge=True; set it, or drop keep_data")
         return self
 
     @property
