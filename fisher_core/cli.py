@@ -44,7 +44,11 @@ REPORT_FILE = "report.json"
 # FisherConfig fields without a flag: `progress` is `--quiet`; `force` never applies to a fresh adapter.
 NO_FLAG = {"progress", "force"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md", STATS_FILE, REPORT_FILE, "report.png")
+KEEP_STATS_FILE = "fisher_stats.keep.safetensors"  # `keep_knowledge`: fisher_core.keep.keep_cache_path(STATS_FILE)
+OUTPUTS = (
+    "adapter_config.json", "adapter_model.safetensors", "README.md", STATS_FILE, REPORT_FILE, "report.png",
+    KEEP_STATS_FILE,
+)  # fmt: skip
 
 
 class UsageError(Exception):
