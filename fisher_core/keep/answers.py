@@ -59,7 +59,9 @@ def own_answer_batches(model: nn.Module, tokenizer: Any, prompts: list[list[int]
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def _greedy(model: nn.Module, prompts: list[list[int]], pad: int, eos: int | None, device: torch.device) -> list:
+def _greedy(
+    model: nn.Module, prompts: list[list[int]], pad: int, eos: int | None, device: torch.device
+) -> list[list[int]]:
     """Greedy answers (token ids, cut after the first EOS) to left-padded prompts, the model in eval mode."""
     from transformers import GenerationConfig
 

@@ -50,6 +50,7 @@ def keep_data(config: FisherConfig, tokenizer: Any | None) -> KeepData:
         return KeepData(data_fingerprint(batches), lambda model: batches)
     read = instructions()[: BATCH_SIZE * config.num_batches]  # the pass reads at most num_batches batches
     prompts = [prompt_ids(tokenizer, instruction) for instruction in read]
-    h = hashlib.sha256(f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}".encode())
+    settings = f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}:{tokenizer.eos_token_id}"
+    h = hashlib.sha256(settings.encode())
     h.update(repr(prompts).encode())
     return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts))
