@@ -9,12 +9,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from fisher_core.config import FisherConfig
 from fisher_core.estimate import FisherStats, estimate
 from fisher_core.estimate.objective import Batch, LogitsFn, LossFn
+from fisher_core.keep import keep_data, keep_relative, keep_statistics
 from fisher_core.layers import supported
 from fisher_core.select import Directions, select
 from fisher_core.sharded import whole_parameters
@@ -44,6 +46,7 @@ class InitReport:
     layers: dict[str, LayerReport]
     seconds: dict[str, float]
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    keep_knowledge: bool = False
     stats: FisherStats | None = field(default=None, repr=False)
     directions: Directions | None = field(default=None, repr=False)
 
@@ -51,8 +54,9 @@ class InitReport:
         """The one log line of a run."""
         ranks = [layer.rank for layer in self.layers.values()]
         captured = sum(layer.captured for layer in self.layers.values()) / max(1, len(self.layers))
+        keep = ", relative to the keep data's Fisher" if self.keep_knowledge else ""
         return (
-            f"fisher-lora: {self.selector} directions from {self.fisher_type} Fisher ({self.policy}) on "
+            f"fisher-lora: {self.selector} directions from {self.fisher_type} Fisher{keep} ({self.policy}) on "
             f"{len(self.layers)} layers, rank {min(ranks)}-{max(ranks)}, {self.num_tokens} tokens in "
             f"{self.num_batches} batches, mean captured Fisher mass {captured:.1%}, "
             f"{sum(self.seconds.values()):.1f}s (estimate {self.seconds['estimate']:.1f}s, "
@@ -68,6 +72,7 @@ class InitReport:
             "num_tokens": self.num_tokens,
             "seconds": self.seconds,
             "rank_pattern": self.rank_pattern,
+            "keep_knowledge": self.keep_knowledge,
             "layers": {n: vars(layer) for n, layer in self.layers.items()},
         }
 
@@ -86,6 +91,7 @@ def initialize(
     logits_fn: LogitsFn | None = None,
     config: FisherConfig | None = None,
     adapter_name: str = "default",
+    tokenizer: Any | None = None,
 ) -> InitReport:
     """Initialize the LoRA adapter `adapter_name` of `peft_model` from Fisher statistics of `batches`.
 
@@ -93,6 +99,10 @@ def initialize(
     (a fresh adapter adds nothing), or, re-initializing a trained adapter with `force=True`, the model as it
     sits (trained adapter on, unmerged first). Directions are selected with each layer's own rank and scale
     and written in place. Refusals that need no statistics (`write.plan`) come before the pass.
+
+    With `keep_knowledge`, the keep data's factors are estimated in a second pass on the same model and the
+    task's `Ḡ` is whitened by them (docs/design.md §7); `tokenizer` is needed only to read a `keep_data` file
+    or to generate the model's own answers when there is none.
     """
     config = config or FisherConfig()
     layers = supported(lora_layers(peft_model, adapter_name))
@@ -102,6 +112,7 @@ def initialize(
             refuse_trained(trained, adapter_name)
         check_ranks(layers, adapter_name, config)
         check_policy(peft_model, layers, adapter_name, config)
+    keep = keep_data(config, tokenizer) if config.keep_knowledge else None
     if trained and any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold
     times: dict[str, float] = {}
@@ -110,10 +121,14 @@ def initialize(
         stats = estimate(
             peft_model, batches, target_modules=layers, loss_fn=loss_fn, logits_fn=logits_fn, config=config
         )
-    times["estimate"] = time.perf_counter() - t
+        times["estimate"], t = time.perf_counter() - t, time.perf_counter()
+        whitened = stats  # what `select` whitens: the task's own factors, or the keep data's (§7)
+        if keep is not None:
+            whitened = keep_relative(stats, keep_statistics(peft_model, layers, config, keep))
+            times["keep"] = time.perf_counter() - t
     with whole_parameters(peft_model) as gathering:  # FSDP1: one region for both (one unit whole at a time)
         t = time.perf_counter()
-        directions = select(stats, peft_model, config=config, adapter_name=adapter_name, gathering=gathering)
+        directions = select(whitened, peft_model, config=config, adapter_name=adapter_name, gathering=gathering)
         times["select"] = time.perf_counter() - t
         t = time.perf_counter()
         apply(peft_model, directions, adapter_name, force=config.force, gathering=gathering)
@@ -130,6 +145,7 @@ def initialize(
         },
         seconds=times,
         rank_pattern=dict(directions.rank_pattern),
+        keep_knowledge=config.keep_knowledge,
         stats=stats,
         directions=directions,
     )
@@ -146,6 +162,7 @@ def initialize_lora_fisher_weights(
     forward_fn: LossFn | None = None,
     logits_fn: LogitsFn | None = None,
     show_progress_bar: bool | None = None,
+    tokenizer=None,
 ) -> InitReport:
     """`initialize` in PEFT's calling convention (that of `peft.initialize_lora_eva_weights`): the PEFT model, a
     dataloader of dicts, the config, the adapter's name and an optional forward function.
@@ -154,11 +171,18 @@ def initialize_lora_fisher_weights(
     returns the model's outputs: EVA reads activations only, the Fisher needs the objective's gradient); None
     is the summed cross-entropy of the batch's `labels` (-100 ignored; shifted for causal LMs). It is
     `initialize`'s `loss_fn`, and `logits_fn` is `initialize`'s. `show_progress_bar` overrides
-    `fisher_config.progress` when given. The adapter is written in place; the `InitReport` is returned.
+    `fisher_config.progress` when given; `tokenizer` is `initialize`'s (`keep_knowledge` without batches of keep
+    data). The adapter is written in place; the `InitReport` is returned.
     """
     config = fisher_config or FisherConfig()
     if show_progress_bar is not None:
         config = config.model_copy(update={"progress": show_progress_bar})
     return initialize(
-        model, dataloader, loss_fn=forward_fn, logits_fn=logits_fn, config=config, adapter_name=adapter_name
+        model,
+        dataloader,
+        loss_fn=forward_fn,
+        logits_fn=logits_fn,
+        config=config,
+        adapter_name=adapter_name,
+        tokenizer=tokenizer,
     )

@@ -44,7 +44,11 @@ REPORT_FILE = "report.json"
 # FisherConfig fields without a flag: `progress` is `--quiet`; `force` never applies to a fresh adapter.
 NO_FLAG = {"progress", "force"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md", STATS_FILE, REPORT_FILE, "report.png")
+KEEP_STATS_FILE = "fisher_stats.keep.safetensors"  # `keep_knowledge`: fisher_core.keep.keep_cache_path(STATS_FILE)
+OUTPUTS = (
+    "adapter_config.json", "adapter_model.safetensors", "README.md", STATS_FILE, REPORT_FILE, "report.png",
+    KEEP_STATS_FILE,
+)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -105,12 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (default: the checkpoint's)")
     data.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     fisher = init.add_argument_group("Fisher (FisherConfig fields; see --config)")
-    for name, field in FisherConfig.model_fields.items():
-        if name not in NO_FLAG:
-            fisher.add_argument(
-                _flag(name), dest=f"cfg.{name}", metavar=_metavar(field.annotation), default=argparse.SUPPRESS,
-                help=_help(name, field.description, field.default),
-            )  # fmt: skip
+    _add_config_flags(fisher)
     report = sub.add_parser("report", help="plot statistics and chosen ranks: report.png + report.json")
     report.set_defaults(run=run_report)
     report.add_argument("source", type=Path, help="adapter dir written by init, or a fisher_stats.safetensors")
@@ -126,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the exported adapter")
     export.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     return parser
+
+
+def _add_config_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per FisherConfig field (`--num-batches N`); a bool field is a switch (`--keep-knowledge`)."""
+    for name, field in FisherConfig.model_fields.items():
+        if name in NO_FLAG:
+            continue
+        help_text = _help(name, field.description, field.default)
+        if field.annotation is bool:  # a switch: `--keep-knowledge`
+            group.add_argument(_flag(name), dest=f"cfg.{name}", action="store_true", default=argparse.SUPPRESS,
+                               help=help_text)  # fmt: skip
+        else:
+            group.add_argument(_flag(name), dest=f"cfg.{name}", metavar=_metavar(field.annotation),
+                               default=argparse.SUPPRESS, help=help_text)  # fmt: skip
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -188,7 +201,7 @@ def run_init(args: argparse.Namespace) -> int:
         if Path(config.cache_path).resolve() == (args.out / STATS_FILE).resolve():  # a fresh run's own statistics
             config = config.model_copy(update={"cache_path": staging / STATS_FILE})
         try:
-            report = initialize(peft_model, batches, config=config)
+            report = initialize(peft_model, batches, config=config, tokenizer=tokenizer)
         except (ValueError, KeyError) as e:  # a rank, budget or cache that does not fit this model
             raise UsageError(str(e)) from e
         base_dir = _train_on(args, peft_model)

@@ -7,9 +7,9 @@ arguments and the CLI flags, so a bad value fails in one place with a message th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Selector = Literal["select", "fwsvd", "natural", "subspace"]
 FisherType = Literal["empirical", "true"]
@@ -121,9 +121,43 @@ class FisherConfig(BaseModel):
     cache_path: Path | None = Field(
         None, description="safetensors file for the statistics: reused when it matches, written otherwise."
     )
+    keep_knowledge: bool = Field(
+        False,
+        description="Choose directions that learn the task at the least cost to what the model knew: the task's "
+        "mean gradient whitened by the K-FAC factors of `keep_data` instead of the task's (the EWC-optimal rank-r "
+        "step, docs/design.md §7). Needs selector `natural`.",
+    )
+    keep_data: Path | list[dict[str, Any]] | None = Field(
+        None,
+        description="What to keep with `keep_knowledge`: a JSONL file (text, prompt/completion or chat rows) or a "
+        "list of batches for model(**batch) with `labels`. None: the model's own greedy answers to the shipped "
+        "generic instructions (needs the tokenizer).",
+    )
     seed: int = Field(0, description="Seeds label sampling and every random choice.")
     force: bool = Field(False, description="Re-initialize adapters that are no longer at their initial values.")
     progress: bool = Field(True, description="Show a progress bar while collecting statistics.")
+
+    @field_validator("keep_knowledge")
+    @classmethod
+    def _check_keep_knowledge(cls, value: bool, info: ValidationInfo) -> bool:
+        selector = info.data.get("selector", "natural")
+        if value and selector != "natural":
+            raise ValueError(
+                f"keep_knowledge whitens the task's mean gradient, which selector {selector!r} does not read; "
+                "use selector='natural' (the default) or keep_knowledge=False"
+            )
+        return value
+
+    @field_validator("keep_data")
+    @classmethod
+    def _check_keep_data(cls, value: Path | list | None, info: ValidationInfo) -> Path | list | None:
+        if value is not None and info.data.get("keep_knowledge") is False:
+            raise ValueError("keep_data is only read with keep_knowledge=True; set it, or drop keep_data")
+        if isinstance(value, Path) and not value.is_file():
+            raise ValueError(f"{value}: no such file; pass a JSONL file of text, prompt/completion or chat rows")
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list of batches; pass batches, a JSONL file, or None (the model's own answers)")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> FisherConfig:

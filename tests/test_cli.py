@@ -332,3 +332,13 @@ def test_export_with_a_record_from_another_target_set_exits_2(preserve_dir, tiny
     (line,) = [x for x in done.stderr.strip().splitlines() if x.startswith("fisher-lora export: error")]
     assert "different runs (or target sets)" in line
     assert not (tmp_path / "shipped").exists()
+
+
+def test_keep_knowledge_generates_with_the_models_tokenizer_and_keeps_both_statistics(tiny_llama_dir, tmp_path):
+    out = tmp_path / "adapter"
+    args = ["--data", DATA / "sft.jsonl", "--out", out, "--keep-knowledge"]
+    done = fisher_lora("init", "--model", tiny_llama_dir, *args, *COMMON)
+    assert done.returncode == 0, done.stderr
+    assert "relative to the keep data's Fisher (zero)" in done.stderr
+    assert (out / "fisher_stats.safetensors").is_file() and (out / "fisher_stats.keep.safetensors").is_file()
+    assert json.loads((out / "report.json").read_text())["init"]["config"]["keep_knowledge"] is True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
@@ -51,8 +51,9 @@ class _LoraInitArgs(BaseModel):
 
 
 def _yaml_type(annotation: Any) -> Any:
-    """The field's type as a YAML key: optional, and paths as plain strings (Axolotl dumps its config as JSON)."""
-    return str | None if annotation == Path | None else annotation | None
+    """The field's type as a YAML key: optional, and paths as plain strings (Axolotl dumps its config as JSON);
+    `keep_data`'s batches cannot be written in YAML, its file can."""
+    return str | None if Path in get_args(annotation) else annotation | None
 
 
 FisherArgs = create_model(

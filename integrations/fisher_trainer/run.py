@@ -92,4 +92,5 @@ def initialize_in_trainer(
             logits_fn=logits_fn or policy_logits,
             config=config,
             adapter_name=adapter_name,
+            tokenizer=trainer.processing_class,  # keep_knowledge: reads keep_data or generates keep data
         )

@@ -232,3 +232,13 @@ def test_dpo_initializes_from_dpo_loss_with_the_base_untouched(dpo, tiny_llama_d
     trained = load_file(out / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # it trained from B = 0
     PeftModel.from_pretrained(base, out)  # loads on the original base
+
+
+def test_dpo_with_fisher_keep_knowledge_generates_keep_data_with_axolotls_tokenizer(tiny_llama_dir, work):
+    """`fisher_keep_knowledge: true` on DPO: the plugin hands the trainer's tokenizer through; the keep data are the
+    model's own answers (scored by cross-entropy, not the DPO loss) and the policy stays `zero`."""
+    out = work / "dpo-keep"
+    config = axolotl_yaml("axolotl_dpo.yml", tiny_llama_dir, work, output_dir=str(out), fisher_keep_knowledge=True)
+    lines = fisher_lines(axolotl_train(config))
+    assert any("relative to the keep data's Fisher (zero) on 14 layers" in line for line in lines), lines
+    assert json.loads((out / "fisher_init_report.json").read_text())["keep_knowledge"] is True

@@ -194,3 +194,14 @@ def test_plain_trainer_with_peft_model(tiny_llama_dir, tmp_path):
     trainer.train()
     assert callback.report.num_batches == 2 and len(callback.report.layers) == 4
     assert trainer.state.global_step == 1
+
+
+def test_keep_knowledge_generates_its_keep_data_with_the_trainers_tokenizer(tiny_llama_dir, tmp_path, caplog):
+    """The callback hands `trainer.processing_class` through: the own-answer keep data needs nothing else."""
+    fisher = {"num_batches": 2, "progress": False, "keep_knowledge": True}
+    trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=fisher, **EXACT)
+    with caplog.at_level(logging.INFO, logger="fisher_core"):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the model's own greedy answers to 16 instructions" in m for m in messages)
+    assert callback.report.keep_knowledge and "relative to the keep data's Fisher (zero)" in callback.report.summary()

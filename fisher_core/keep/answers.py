@@ -1,0 +1,97 @@
+"""Keep data made from the model itself: its own greedy answers to the shipped generic instructions.
+
+`fisher_core/resources/keep_instructions.jsonl` holds 32 hand-written instructions (facts, advice,
+explanation, code, arithmetic, writing). Each is rendered with the tokenizer's chat template and a
+generation prompt when it has one (else `instruction + "\\n"`), the model answers greedily with at most
+`MAX_NEW_TOKENS` new tokens, and the batch supervises exactly the answer's tokens (up to and including its
+first EOS): the statistics are those of what the model does now, on requests like a user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisher_core.data import IGNORE_INDEX, collate
+from fisher_core.estimate.objective import Batch
+
+logger = logging.getLogger("fisher_core")
+MAX_NEW_TOKENS = 48
+BATCH_SIZE = 8
+
+
+def instructions() -> list[str]:
+    """The shipped generic instructions, in file order."""
+    text = (resources.files("fisher_core") / "resources" / "keep_instructions.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line)["instruction"] for line in text.splitlines() if line.strip()]
+
+
+def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
+    """The tokens the model answers after: the chat template's user turn plus generation prompt, or the
+    instruction and a newline (with the tokenizer's special tokens) when there is no template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": instruction}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(instruction + "\n")["input_ids"])
+
+
+def own_answer_batches(model: nn.Module, tokenizer: Any, prompts: list[list[int]]) -> list[Batch]:
+    """Batches of (prompt, the model's greedy answer), labels on the answer only; deterministic."""
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
+    device = model.get_input_embeddings().weight.device
+    examples = []
+    for start in range(0, len(prompts), BATCH_SIZE):
+        chunk = prompts[start : start + BATCH_SIZE]
+        for prompt, answer in zip(chunk, _greedy(model, chunk, pad, eos, device), strict=True):
+            examples.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+    batches = [collate(examples[i : i + BATCH_SIZE], pad) for i in range(0, len(examples), BATCH_SIZE)]
+    tokens = sum(len(e["input_ids"]) - e["labels"].count(IGNORE_INDEX) for e in examples)
+    logger.info("fisher-lora: keep data: the model's own greedy answers to %d instructions (%d answer tokens)",
+                len(examples), tokens)  # fmt: skip
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def _greedy(
+    model: nn.Module, prompts: list[list[int]], pad: int, eos: int | None, device: torch.device
+) -> list[list[int]]:
+    """Greedy answers (token ids, cut after the first EOS) to left-padded prompts, the model in eval mode."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    settings = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    with _eval_mode(model), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
+        answers.append(row[:cut])
+    return answers
+
+
+def pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token, or pass keep_data")
+    return pad
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (no dropout) while generating; each module's own mode back afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

@@ -1,0 +1,56 @@
+"""What the keep statistics are taken on (docs/design.md §7), resolved before any slow work.
+
+`keep_data` is the user's batches (used as given), a JSONL file (read as the CLI reads `--data`:
+text, prompt/completion or chat rows) or None: the model's own greedy answers to the shipped
+instructions (`fisher_core.keep.answers`). A file and the own answers need the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from fisher_core.config import FisherConfig
+from fisher_core.data import load_batches
+from fisher_core.estimate.cache import data_fingerprint
+from fisher_core.estimate.objective import Batch
+from fisher_core.keep.answers import BATCH_SIZE, MAX_NEW_TOKENS, instructions, own_answer_batches, pad_id, prompt_ids
+
+MAX_LENGTH = 512  # tokens per row of a keep_data file, as the CLI's default --max-length
+
+
+@dataclass(frozen=True)
+class KeepData:
+    """The keep batches, or how to make them from the model. `key` names them without making them, so a cached
+    keep pass needs no generation: the batches' fingerprint, or for own answers the prompts' tokens and the
+    generation settings (the model's weights are fingerprinted by the cache itself)."""
+
+    key: str
+    make: Callable[[nn.Module], list[Batch]]
+
+
+def keep_data(config: FisherConfig, tokenizer: Any | None) -> KeepData:
+    """Resolve `config.keep_data`; a missing tokenizer or an unusable file fails here, in one line."""
+    source = config.keep_data
+    if isinstance(source, list):
+        return KeepData(data_fingerprint(source), lambda model: source)
+    if tokenizer is None:
+        made = f"reads keep_data {source}" if source is not None else "answers the shipped instructions itself"
+        raise ValueError(
+            f"keep_knowledge {made}, which needs the model's tokenizer: pass tokenizer=... to initialize, "
+            "or keep_data=[batches]"
+        )
+    if source is not None:
+        batches = load_batches(source, tokenizer, batch_size=BATCH_SIZE, num_batches=config.num_batches,
+                               max_length=MAX_LENGTH)  # fmt: skip
+        return KeepData(data_fingerprint(batches), lambda model: batches)
+    read = instructions()[: BATCH_SIZE * config.num_batches]  # the pass reads at most num_batches batches
+    prompts = [prompt_ids(tokenizer, instruction) for instruction in read]
+    settings = f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}:{tokenizer.eos_token_id}"
+    h = hashlib.sha256(settings.encode())
+    h.update(repr(prompts).encode())
+    return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts))
