@@ -22,7 +22,7 @@ from fisher_trl import FisherInitCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
 import trl_tiny
 
-pytestmark = pytest.mark.slow  # the real TRL trainers, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.trl]  # the real TRL trainers, end to end
 
 # `preserve` (opted into): the path with base offsets — B written before step 0, checkpoint records, export
 FISHER = {"num_batches": 2, "progress": False, "policy": "preserve"}
