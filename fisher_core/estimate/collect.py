@@ -166,7 +166,8 @@ def _check_replays(recorders: Recorders) -> None:
     if unpaired := recorders.unpaired():
         raise RuntimeError(
             f"gradient checkpointing: layers {unpaired[:3]} were not replayed with their "
-            "gradients; turn checkpointing off for the statistics (model.gradient_checkpointing_disable())"
+            "gradients; turn checkpointing off for the statistics (model.activation_checkpointing_disable(), "
+            "gradient_checkpointing_disable() on an older transformers)"
         )
 
 

@@ -8,9 +8,10 @@ import weakref
 
 import pytest
 import torch
-from tiny import tiny_llama
+from tiny import checkpointing_on, tiny_llama
 
 from fisher_core import FisherConfig, estimate, select
+from fisher_core.estimate import hooks
 from fisher_core.estimate.factors import StatsAccumulator
 from fisher_core.estimate.objective import supervised_logits
 from fisher_core.estimate.plan import make_plan, plan_sketches, planned_bytes
@@ -105,7 +106,7 @@ def test_the_inputs_held_for_the_mean_gradient_count_against_the_budget():
     def run(checkpointing: bool, budget: int | None = None):
         model = tiny_llama(layers=4)
         if checkpointing:
-            model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing_on(model.train())
         config = FisherConfig(progress=False, num_batches=2, memory_budget=budget, sketch_rank=8)
         return estimate(model, _batches(), target_modules=TARGETS, config=config)
 
@@ -134,12 +135,42 @@ def test_the_inputs_held_for_the_mean_gradient_count_against_the_budget():
 def test_a_budgeted_pass_checkpoints_and_hands_the_model_back_as_it_was():
     model = tiny_llama(layers=2)
     blocks = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
-    seen: list[bool] = []
-    blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.gradient_checkpointing))
+    seen: list[bool] = []  # inside the block's forward (newer transformers run a block's own hooks once)
+    blocks[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(blocks[0].gradient_checkpointing))
     config = FisherConfig(progress=False, num_batches=1, memory_budget=10**9)
     estimate(model, _batches(), target_modules=TARGETS, config=config)
     assert seen == [True, True]  # checkpointed during the pass: the forward, then its replay in the backward
     assert not model.is_gradient_checkpointing and not any(b.gradient_checkpointing or b.training for b in blocks)
+
+
+def test_block_checkpointing_is_routed_on_this_transformers():
+    """The one private route (`hooks._PRIVATE_FUNC`) is what this transformers' blocks call: the probe finds it on
+    the pinned set and the latest (scripts/test --latest); the budgeted pass above shows it in use."""
+    assert hooks.block_checkpointing_routed()
+
+
+def test_without_the_private_route_a_budgeted_pass_does_not_checkpoint_and_says_so(monkeypatch, caplog):
+    """A transformers that no longer calls its blocks through the private route: one warning, no block
+    checkpointed (the user's flags off for the pass, back after it), the statistics those of a plain pass."""
+    config = FisherConfig(progress=False, num_batches=2)
+    plain = estimate(tiny_llama(layers=2), _batches(), target_modules=TARGETS, config=config)
+    monkeypatch.setattr(hooks, "block_checkpointing_routed", lambda: False)
+    model = checkpointing_on(tiny_llama(layers=2).train())
+    block = model.model.layers[0]
+    seen: list[bool] = []
+    block.self_attn.register_forward_pre_hook(lambda m, args: seen.append(block.gradient_checkpointing))
+    config = FisherConfig(progress=False, num_batches=2, memory_budget=10**9)
+    with caplog.at_level("WARNING", logger="fisher_core"):
+        budgeted = estimate(model, _batches(), target_modules=TARGETS, config=config)
+    assert [r.message for r in caplog.records if "checkpoint" in r.message] == [
+        "fisher-lora: this transformers does not checkpoint its blocks through `_gradient_checkpointing_func`: the "
+        "statistics pass runs without checkpointing (it holds every adapted layer's input for Ḡ until its gradient "
+        "arrives)"
+    ]
+    assert seen == [False] * len(_batches())  # one forward per batch, no replay
+    assert model.training and block.gradient_checkpointing
+    for name, s in plain.items():
+        torch.testing.assert_close(budgeted[name].mean_grad, s.mean_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_statistics_sketched_mid_pass_equal_sketches_streamed_from_the_start():
