@@ -46,3 +46,14 @@ def save_tiny_llama(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def checkpointing_on(model: torch.nn.Module, use_reentrant: bool = False) -> torch.nn.Module:
+    """Turn transformers' checkpointing on, through whichever public name this transformers has
+    (`activation_checkpointing_enable`, which deprecated `gradient_checkpointing_enable`)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    return model

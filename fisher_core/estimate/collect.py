@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from itertools import islice
 
 import torch
@@ -40,7 +40,7 @@ from fisher_core.estimate.objective import (
     summed_cross_entropy,
     supervised_logits,
 )
-from fisher_core.estimate.plan import Plan, make_plan, resolve_budget
+from fisher_core.estimate.plan import Plan, initial_plan, planned_bytes, refit, requested_sketch_rank, resolve_budget
 from fisher_core.estimate.recorders import Record, Recorders
 from fisher_core.estimate.sums import is_finite, is_zero
 from fisher_core.layers import base_layer, find_targets, layer_kind
@@ -120,14 +120,17 @@ def _pass(
     budget = resolve_budget(config.memory_budget, device)
     if config.memory_budget == "auto" and budget is not None:  # each process's free memory: plan for the least
         budget = global_min(budget)
-    plan = make_plan(shapes, config, budget, _lora_ranks(modules))
+    ranks = _lora_ranks(modules)
+    plan = initial_plan(shapes, config, budget, ranks)
+    _log_plan(plan, shapes, config, budget)
+    if plan.sketch_rank < requested_sketch_rank(config, ranks):
+        logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, plan.sketch_rank)
     acc = StatsAccumulator(shapes, config.needs_mean_grad, plan.sketched, plan.sketch_rank, config.seed, device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
     used, supervised, stopped_early = 0, 0, False
-    checkpoint_all = budget is not None and config.needs_mean_grad  # held inputs for Ḡ: one block's at a time
-    with estimation_mode(model, checkpoint_all) as blocks:
-        if checkpoint_all and blocks:
+    with estimation_mode(model, plan.checkpoint_blocks) as blocks:
+        if plan.checkpoint_blocks and blocks:
             logger.info("fisher-lora: memory_budget: the pass checkpoints %d blocks (holds one's inputs)", len(blocks))
         recorders = Recorders(acc, modules, replayed_layers(modules, blocks), config.needs_mean_grad)
         progress = tqdm(
@@ -166,7 +169,8 @@ def _check_replays(recorders: Recorders) -> None:
     if unpaired := recorders.unpaired():
         raise RuntimeError(
             f"gradient checkpointing: layers {unpaired[:3]} were not replayed with their "
-            "gradients; turn checkpointing off for the statistics (model.gradient_checkpointing_disable())"
+            "gradients; turn checkpointing off for the statistics (model.activation_checkpointing_disable(), "
+            "gradient_checkpointing_disable() on an older transformers)"
         )
 
 
@@ -174,13 +178,30 @@ def _tightened(
     acc: StatsAccumulator, held_peak: int, shapes: Mapping[str, tuple[int, int]], config: FisherConfig,
     budget: int, plan: Plan,
 ) -> Plan:  # fmt: skip
-    """The memory plan re-made (`make_plan`) with the bytes the pass held for Ḡ (`held_peak`, the most over
-    processes); the accumulator sketches what the tighter plan sketches."""
+    """The memory plan refit (`refit`) to the bytes the pass held for Ḡ (`held_peak`, the most over processes);
+    the accumulator sketches what the tighter plan sketches."""
     unread = [n for n, layer in acc.layers.items() if shares_input(layer.input_group, n)]
-    tighter = make_plan(shapes, config, budget, (), held=global_max(held_peak), current=plan, unread_inputs=unread)
+    held = global_max(held_peak)
+    tighter = refit(plan, shapes, config, budget, held, unread)
     if tighter is not plan:
+        logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
+        _log_plan(tighter, shapes, config, budget, unread)
         acc.sketch_more(tighter.sketched)
     return tighter
+
+
+def _log_plan(
+    plan: Plan, shapes: Mapping[str, tuple[int, int]], config: FisherConfig, budget: int | None,
+    unread: Collection[str] = (),
+) -> None:  # fmt: skip
+    """One line for a budgeted plan that sketches: how many statistics, at which rank, in how many bytes."""
+    if budget is None or not plan.sketched:
+        return
+    logger.info(
+        "fisher-lora: memory_budget=%d bytes: %d statistics sketched at rank %d, %d bytes planned",
+        budget, sum(len(v) for v in plan.sketched.values()), plan.sketch_rank,
+        planned_bytes(shapes, config.needs_mean_grad, plan.sketched, plan.sketch_rank, unread),
+    )  # fmt: skip
 
 
 def _check_result(stats: FisherStats, unmasked: set[str], used: int, supervised: int) -> None:

@@ -7,17 +7,11 @@ tensor at the end of the pass. Each process must call this the same number of ti
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-
-from fisher_core.estimate.factors import shares_input
-
-if TYPE_CHECKING:
-    from fisher_core.estimate.factors import LayerAccumulator
-
 
 T = TypeVar("T")
 Number = TypeVar("Number", int, float)
@@ -27,26 +21,25 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_sums(layers: Mapping[str, LayerAccumulator]) -> None:
-    """Sum every layer's running sums and token counts over all processes, in place."""
+def global_sums(local: list[int]) -> list[int]:
+    """Each of `local`'s counts summed over all processes (one all-reduce)."""
+    if world_size() == 1:
+        return list(local)
+    counts = torch.tensor([float(c) for c in local], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(counts)
+    return [round(c) for c in counts.tolist()]
+
+
+def all_reduce_in_place(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over all processes, in place, on the device the backend reduces on (every process must
+    pass the same tensors in the same order)."""
     if world_size() == 1:
         return
     device = _collective_device()
-    counts = torch.tensor([float(acc.tokens) for acc in layers.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    for (name, acc), count in zip(layers.items(), counts.tolist(), strict=True):
-        acc.tokens = round(count)
-        for s, shape in (
-            (None if shares_input(acc.input_group, name) else acc.input_sum, (acc.in_features, acc.in_features)),
-            (acc.grad_sum, (acc.out_features, acc.out_features)),
-            (acc.mean_grad_sum, (acc.out_features, acc.in_features)),
-        ):
-            if s is None:
-                continue
-            for t in s.tensors(shape, torch.device("cpu")):
-                reduced = t.to(device)
-                dist.all_reduce(reduced)
-                t.copy_(reduced)
+    for t in tensors:
+        reduced = t.to(device)
+        dist.all_reduce(reduced)
+        t.copy_(reduced)
 
 
 def _collective_device() -> torch.device:

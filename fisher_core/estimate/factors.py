@@ -18,10 +18,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fisher_core.estimate.sums import CrossSketch, DenseSum, FactorSketch, LowRank, PsdSketch, SketchMatrices
+from fisher_core.estimate.distributed import all_reduce_in_place, global_sums
+from fisher_core.estimate.sums import (
+    CrossSketch,
+    DenseSum,
+    FactorSketch,
+    LowRank,
+    PsdSketch,
+    RunningSum,
+    SketchMatrices,
+)
 
 Factor = Tensor | FactorSketch
-Sum = DenseSum | PsdSketch | CrossSketch
 
 
 def group_of(input_group: str, name: str) -> str:
@@ -86,9 +94,9 @@ class LayerAccumulator:
 
     in_features: int
     out_features: int
-    input_sum: Sum
-    grad_sum: Sum
-    mean_grad_sum: Sum | None = None
+    input_sum: RunningSum
+    grad_sum: RunningSum
+    mean_grad_sum: RunningSum | None = None
     input_group: str = ""
     tokens: int = 0
 
@@ -123,10 +131,10 @@ class StatsAccumulator:
                 layer.mean_grad_sum = self._new_sum("mean_grad", m, n, "mean_grad" in sketched.get(name, ()))
             self.layers[name] = layer
 
-    def _new_sum(self, what: str, m: int, n: int, sketch: bool) -> Sum:
+    def _new_sum(self, what: str, m: int, n: int, sketch: bool) -> RunningSum:
         """An empty sum for statistic `what` of an m×n layer: dense, or a rank-`sketch_rank` sketch."""
         if not sketch:
-            return DenseSum()
+            return DenseSum({"input": (n, n), "grad": (m, m), "mean_grad": (m, n)}[what])
         if what == "mean_grad":
             return CrossSketch(m, n, self.sketch_rank, self.matrices)
         dim = n if what == "input" else m
@@ -151,13 +159,12 @@ class StatsAccumulator:
     def drop_input(self, name: str) -> None:
         """Free the input sum of a layer that reads another layer's input (q/k/v, gate/up): that layer's sum is
         its. Called as soon as the first forward shows it, so the sum is never held beside the batch's pass."""
-        self.layers[name].input_sum = DenseSum()
+        layer = self.layers[name]
+        layer.input_sum = DenseSum((layer.in_features, layer.in_features))
 
     def finalize(self, fisher_type: str, num_batches: int) -> FisherStats:
         """Average the sums: S = Σ/N. Layers sharing an input share one `input_cov`."""
-        from fisher_core.estimate.distributed import all_reduce_sums
-
-        all_reduce_sums(self.layers)
+        self._all_reduce()
         shared: dict[str, Factor] = {}
         out: dict[str, LayerStats] = {}
         for name, acc in self.layers.items():
@@ -169,15 +176,25 @@ class StatsAccumulator:
             group = group_of(acc.input_group, name)
             if group not in shared:
                 leader = self.layers[group]
-                shared[group] = leader.input_sum.mean(leader.tokens, (leader.in_features, leader.in_features))
+                shared[group] = leader.input_sum.mean(leader.tokens)
             mean_grad = None
             if acc.mean_grad_sum is not None:
-                mean_grad = acc.mean_grad_sum.mean(acc.tokens, (acc.out_features, acc.in_features))
+                mean_grad = acc.mean_grad_sum.mean(acc.tokens)
             out[name] = LayerStats(
                 input_cov=shared[group],
-                grad_cov=acc.grad_sum.mean(acc.tokens, (acc.out_features, acc.out_features)),
+                grad_cov=acc.grad_sum.mean(acc.tokens),
                 num_tokens=acc.tokens,
                 mean_grad=mean_grad,
                 input_group=group,
             )
         return FisherStats(out, fisher_type=fisher_type, num_batches=num_batches)
+
+    def _all_reduce(self) -> None:
+        """Every process's token counts and sums added (in place); a shared input sum is another layer's."""
+        counts = global_sums([acc.tokens for acc in self.layers.values()])
+        sums: list[RunningSum] = []
+        for (name, acc), count in zip(self.layers.items(), counts, strict=True):
+            acc.tokens = count
+            own_input = [] if shares_input(acc.input_group, name) else [acc.input_sum]
+            sums += [*own_input, acc.grad_sum, *([acc.mean_grad_sum] if acc.mean_grad_sum is not None else [])]
+        all_reduce_in_place(t for s in sums for t in s.tensors())

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from fisher_core.sharded import sharding
+
+logger = logging.getLogger("fisher_core")
 
 
 def rooted(t: Tensor, leaves: list[Tensor]) -> Tensor:
@@ -54,36 +58,86 @@ def estimation_mode(model: nn.Module, checkpoint_all: bool = False) -> Iterator[
     metadata check: ZeRO-3 releases the frozen weights the replay saved by reference (shape [0] at
     check time) and gathers them again before each module's backward, so the values used are whole
     (tested equal to the unpartitioned model). Other checkpointing flags (older transformers models
-    that checkpoint from the model's own loop) are turned off for the pass.
+    that checkpoint from the model's own loop), and every flag when this transformers no longer routes its
+    blocks' checkpointing as `_block_checkpointing` expects, are turned off for the pass.
     """
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     modes = {m: m.training for m in model.modules()}
     flags = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
+    inherited = {m for m in flags if "gradient_checkpointing" not in vars(m)}
+    wanted = {m for m, on in flags.items() if (on or checkpoint_all) and _is_checkpointing_layer(m)}
+    blocks = wanted if not wanted or block_checkpointing_routed() else set()
+    if wanted and not blocks:
+        logger.warning(
+            "fisher-lora: this transformers does not checkpoint its blocks through `%s`: the statistics pass runs "
+            "without checkpointing (it holds every adapted layer's input for Ḡ until its gradient arrives)",
+            _PRIVATE_FUNC,
+        )
     check = "none" if sharding(model) == "ZeRO-3" else "default"  # see the docstring
-    blocks = {m for m, on in flags.items() if (on or checkpoint_all) and _is_checkpointing_layer(m)}
-    funcs = {m: m.__dict__.get("_gradient_checkpointing_func") for m in blocks}
+    func = functools.partial(checkpoint, use_reentrant=False, determinism_check=check)
     try:
         model.eval()
         for m in flags:
             m.gradient_checkpointing = m in blocks
         for m in blocks:
             m.training = True
-            m._gradient_checkpointing_func = _checkpoint_in_eval(
-                m, functools.partial(checkpoint, use_reentrant=False, determinism_check=check)
-            )
-        with set_checkpoint_early_stop(False):
+        with _block_checkpointing(blocks, func), set_checkpoint_early_stop(False):
             yield blocks
     finally:
         for m, mode in modes.items():
             m.training = mode
         for m, flag in flags.items():
-            m.gradient_checkpointing = flag
-        for m, func in funcs.items():
-            if func is None:
-                m.__dict__.pop("_gradient_checkpointing_func", None)
+            if m in inherited:  # the class's default: no instance attribute left behind
+                delattr(m, "gradient_checkpointing")
             else:
-                m._gradient_checkpointing_func = func
+                m.gradient_checkpointing = flag
+
+
+# transformers' checkpointed block calls `self._gradient_checkpointing_func(forward, *args)`; it has no public way
+# to set that function for a while and put the user's back (its `activation_checkpointing_enable`, formerly
+# `gradient_checkpointing_enable`, replaces it for good and changes the input embeddings' hooks), so this name
+# is read and written in `_block_checkpointing` only, after `block_checkpointing_routed` checked it is still used.
+_PRIVATE_FUNC = "_gradient_checkpointing_func"
+
+
+@functools.cache
+def block_checkpointing_routed() -> bool:
+    """Whether transformers' `GradientCheckpointingLayer`, checkpointing in training mode, calls its block through
+    `_PRIVATE_FUNC` (run once on a one-line layer, not read from transformers' source)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+
+    class Probe(GradientCheckpointingLayer):
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    calls: list[bool] = []
+    probe = Probe()
+    probe.gradient_checkpointing = True
+    setattr(probe, _PRIVATE_FUNC, lambda fn, *args: calls.append(True) or fn(*args))
+    with torch.enable_grad():
+        probe(torch.zeros(1, requires_grad=True))
+    return bool(calls)
+
+
+@contextlib.contextmanager
+def _block_checkpointing(blocks: set[nn.Module], checkpoint: Callable) -> Iterator[None]:
+    """Each block's `_PRIVATE_FUNC` is `checkpoint` run in eval mode (`_checkpoint_in_eval`) for the duration;
+    the block's own function (or none) is back on exit."""
+    saved = {m: m.__dict__.get(_PRIVATE_FUNC) for m in blocks}
+    try:
+        for m in blocks:
+            setattr(m, _PRIVATE_FUNC, _checkpoint_in_eval(m, checkpoint))
+        yield
+    finally:
+        for m, func in saved.items():
+            if func is None:
+                m.__dict__.pop(_PRIVATE_FUNC, None)
+            else:
+                setattr(m, _PRIVATE_FUNC, func)
 
 
 def _checkpoint_in_eval(block: nn.Module, checkpoint: Callable) -> Callable:

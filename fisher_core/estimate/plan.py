@@ -6,8 +6,8 @@ matrices, `4·d·k` once per (input or gradient, width) (`sums.SketchMatrices`).
 `memory_budget`, the largest statistics are sketched first until the total fits; if even all
 sketches do not fit, the error names the budget and the need. The layer inputs the pass holds for Ḡ
 (until each layer's gradient arrives) count against the same budget: they are measured batch by batch,
-and when they leave too little room the plan is tightened mid-pass (`make_plan(held=…)`: dense sums
-turn into sketches of what they hold, exactly).
+and when they leave too little room the plan is tightened mid-pass (`refit`: dense sums turn into sketches
+of what they hold, exactly). `initial_plan` and `refit` are pure: the pass logs what they decided.
 """
 
 from __future__ import annotations
@@ -69,14 +69,6 @@ def plan_sketches(
             f"factor sketched at rank {sketch_rank} they need {total} bytes; raise memory_budget, lower "
             "sketch_rank, or adapt fewer layers"
         )
-    if sketched:
-        logger.info(
-            "fisher-lora: memory_budget=%d bytes: %d statistics sketched at rank %d, %d bytes planned",
-            budget,
-            sum(len(v) for v in sketched.values()),
-            sketch_rank,
-            total,
-        )
     return sketched
 
 
@@ -125,35 +117,30 @@ def planned_bytes(
 
 @dataclass(frozen=True)
 class Plan:
-    """Which statistics of each layer are sketches ("input", "grad", "mean_grad"), and their rank k."""
+    """Which statistics of each layer are sketches ("input", "grad", "mean_grad"), their rank k, and whether the
+    pass checkpoints every transformers block (`checkpoint_blocks`: a budget and a Ḡ to hold layer inputs for,
+    so the pass holds one block's inputs at a time; no statistic changes)."""
 
     sketched: dict[str, set[str]]
     sketch_rank: int
+    checkpoint_blocks: bool = False
 
 
-def make_plan(
-    shapes: Mapping[str, tuple[int, int]],
-    config: FisherConfig,
-    budget: int | None,
-    lora_ranks: Collection[int],
-    *,
-    held: int = 0,
-    current: Plan | None = None,
-    unread_inputs: Collection[str] = (),
+def requested_sketch_rank(config: FisherConfig, lora_ranks: Collection[int]) -> int:
+    """k as set, or the default for the largest LoRA rank (`default_sketch_rank`): where `initial_plan` starts."""
+    return config.sketch_rank or default_sketch_rank(max(lora_ranks, default=0))
+
+
+def initial_plan(
+    shapes: Mapping[str, tuple[int, int]], config: FisherConfig, budget: int | None, lora_ranks: Collection[int]
 ) -> Plan:
-    """The memory plan, the one place it is decided. Before the pass (`current` None): statistics above
-    `exact_max_dim` (solver auto; all for lowrank, none for exact) are sketches, the rest sketched
-    largest-first while the budget needs it, at `sketch_rank` as set or else the default
-    (`default_sketch_rank`) halved while the budget cannot hold even sketches, down to the least the selector
-    can use (a sketched Ḡ holds k/2 directions: 2·r, or 2·ρ·r under `rank_budget`). During the pass, with
-    what it measured (`held`: the bytes of layer inputs held for Ḡ at once, the most over processes;
-    `unread_inputs`: layers known to read another's input): `current` if it still fits, else a tighter plan
-    at the same rank (dense sums become sketches of what they hold); MemoryError, saying what to change,
-    when nothing fits."""
-    if current is not None:
-        return _refit(shapes, config.needs_mean_grad, budget, current, held, unread_inputs)
+    """The memory plan before the pass: statistics above `exact_max_dim` (solver auto; all for lowrank, none for
+    exact) are sketches, the rest sketched largest-first while the budget needs it, at `sketch_rank` as set or
+    else the default (`default_sketch_rank`) halved while the budget cannot hold even sketches, down to the least
+    the selector can use (a sketched Ḡ holds k/2 directions: 2·r, or 2·ρ·r under `rank_budget`). MemoryError,
+    saying what to change, when nothing fits."""
     sketch_above = {"auto": config.exact_max_dim, "exact": None, "lowrank": 0}[config.solver]
-    first = k = config.sketch_rank or default_sketch_rank(max(lora_ranks, default=0))
+    k = requested_sketch_rank(config, lora_ranks)
     least = (
         2 * max(lora_ranks) * (math.ceil(config.rank_cap) if config.rank_budget is not None else 1) if lora_ranks else k
     )
@@ -165,24 +152,24 @@ def make_plan(
                 raise
             k //= 2
             continue
-        if k < first:
-            logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, k)
-        return Plan(sketched, k)
+        return Plan(sketched, k, checkpoint_blocks=budget is not None and config.needs_mean_grad)
 
 
-def _refit(
-    shapes: Mapping[str, tuple[int, int]], with_mean_grad: bool, budget: int | None, current: Plan, held: int,
-    unread_inputs: Collection[str],
+def refit(
+    plan: Plan, shapes: Mapping[str, tuple[int, int]], config: FisherConfig, budget: int | None, held: int,
+    unread_inputs: Collection[str] = (),
 ) -> Plan:  # fmt: skip
-    """`current`, or a tighter plan when its statistics plus the `held` bytes exceed the budget. What is held
-    grows with the tokens of a batch and is bounded by checkpointing (one block's inputs; a budgeted pass
-    checkpoints transformers blocks itself), not by sketching."""
-    k = current.sketch_rank
-    if budget is None or planned_bytes(shapes, with_mean_grad, current.sketched, k, unread_inputs) + held <= budget:
-        return current
+    """The plan during the pass, given what it measured (`held`: the bytes of layer inputs held for Ḡ at once, the
+    most over processes; `unread_inputs`: layers known to read another's input): `plan` itself if its statistics
+    plus `held` fit the budget, else a tighter plan at the same rank (dense sums become sketches of what they
+    hold). What is held grows with the tokens of a batch and is bounded by checkpointing (one block's inputs),
+    not by sketching; MemoryError, saying what to change, when nothing fits."""
+    k, with_mean_grad = plan.sketch_rank, config.needs_mean_grad
+    if budget is None or planned_bytes(shapes, with_mean_grad, plan.sketched, k, unread_inputs) + held <= budget:
+        return plan
     try:
         sketched = plan_sketches(
-            shapes, with_mean_grad, budget - held, k, sketched=current.sketched, unread_inputs=unread_inputs
+            shapes, with_mean_grad, budget - held, k, sketched=plan.sketched, unread_inputs=unread_inputs
         )
     except MemoryError:
         raise MemoryError(
@@ -191,8 +178,7 @@ def _refit(
             "position_fraction < 1, or raise memory_budget (a model of transformers blocks is checkpointed for the "
             "pass, so this is one block's inputs; another model must checkpoint its own blocks)"
         ) from None
-    logger.info("fisher-lora: the pass holds %d bytes for Ḡ; statistics sketched to fit", held)
-    return Plan(sketched, k)
+    return Plan(sketched, k, plan.checkpoint_blocks)
 
 
 def _test_matrices(m: int, n: int, with_mean_grad: bool, sketched: set[str], k: int) -> set[tuple[str, int, int]]:

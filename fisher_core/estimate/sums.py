@@ -12,7 +12,8 @@
   factors are sketched too, their projections `x·Ω`, `g·Ω_G` are reused and `Ḡ` costs `k_y·m + l·n` per
   token. Memory (m·k_y + l·n) instead of m·n.
 
-Every sum is linear in the data, so shards add: `tensors()` lists what an all-reduce must sum.
+Each is a `RunningSum` (one protocol): linear in the data, so shards add; `tensors()` lists what an
+all-reduce must sum.
 Test matrices come from `SketchMatrices`: one per (input or gradient, width), identical on every process.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -66,34 +68,65 @@ class SketchMatrices:
         return self._drawn[key]
 
 
-class DenseSum:
-    """`Σ weight · rowsᵀ other` in fp32."""
+class RunningSum(Protocol):
+    """What every running sum of the pass is (`DenseSum`, `PsdSketch`, `CrossSketch`): `Σ weight · rowsᵀ other` of
+    a fixed shape, streamed, linear in the data (so shards and earlier sums add), averaged once at the end."""
 
-    def __init__(self) -> None:
+    def add_outer(
+        self,
+        rows: Tensor,
+        other: Tensor | None = None,
+        *,
+        weight: float = 1.0,
+        rows_projected: Tensor | None = None,
+        other_projected: Tensor | None = None,
+    ) -> Tensor | None:
+        """Add `weight · rowsᵀ other` (`other` = `rows` when None). `rows_projected`, `other_projected`: the rows
+        already multiplied by the pass's test matrix of their role and width (`SketchMatrices`), when another sum
+        computed it. Returns the rows' projection by this sum's test matrix (a sketch's), else None."""
+
+    def absorb(self, total: Tensor) -> None:
+        """Add a dense `Σ rowsᵀ other` collected so far: what streaming its rows would have added."""
+
+    def tensors(self) -> list[Tensor]:
+        """What an all-reduce sums (in place)."""
+
+    def mean(self, tokens: int) -> Tensor | FactorSketch | LowRank:
+        """Σ/N, divided in place (the sum is not kept twice)."""
+
+
+class DenseSum:
+    """`Σ weight · rowsᵀ other` in fp32, a `shape` matrix (allocated by the first rows, on their device)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
         self.total: Tensor | None = None
 
     def add_outer(
         self,
         rows: Tensor,
-        weight: float = 1.0,
         other: Tensor | None = None,
+        *,
+        weight: float = 1.0,
         rows_projected: Tensor | None = None,
         other_projected: Tensor | None = None,
     ) -> None:
-        """Add `weight · rowsᵀ other` (`other` = `rows` if None); a dense sum needs no projections."""
+        """`RunningSum.add_outer`; a dense sum needs no projections and computes none."""
         other = rows if other is None else other
         if self.total is None:
-            self.total = torch.zeros(rows.shape[1], other.shape[1], device=rows.device)
+            self.total = torch.zeros(self.shape, device=rows.device)
         _add_outer(self.total, rows, other, weight)
 
-    def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
+    def absorb(self, total: Tensor) -> None:
+        self.total = total.clone() if self.total is None else self.total.add_(total)
+
+    def tensors(self) -> list[Tensor]:
         if self.total is None:
-            self.total = torch.zeros(shape, device=device)
+            self.total = torch.zeros(self.shape)
         return [self.total]
 
-    def mean(self, tokens: int, shape: tuple[int, int]) -> Tensor:
-        """Σ/N, divided in place (the sum is not kept twice)."""
-        return self.total.div_(tokens) if self.total is not None else torch.zeros(shape)
+    def mean(self, tokens: int) -> Tensor:
+        return self.total.div_(tokens) if self.total is not None else torch.zeros(self.shape)
 
 
 @dataclass
@@ -137,25 +170,35 @@ class PsdSketch:
         self.y = torch.zeros_like(omega)
         self.trace = torch.zeros((), device=omega.device)
 
-    def add_outer(self, rows: Tensor, weight: float = 1.0, other: Tensor | None = None) -> Tensor:
-        """Add the rows' outer products; return their projection `rows·Ω` (a cross sketch reuses it)."""
+    def add_outer(
+        self,
+        rows: Tensor,
+        other: Tensor | None = None,
+        *,
+        weight: float = 1.0,
+        rows_projected: Tensor | None = None,
+        other_projected: Tensor | None = None,
+    ) -> Tensor:
+        """`RunningSum.add_outer` of the rows' own outer products (`other` must be None or `rows`); returns
+        `rows·Ω` (the cross sketch of the same layer reuses it)."""
+        if other is not None and other is not rows:
+            raise ValueError("a PSD sketch sums the rows' own outer products: pass other=None")
         rows = rows.float()
-        projected = _project(rows, self.omega)
+        projected = _project(rows, self.omega) if rows_projected is None else rows_projected
         _add_outer(self.y, rows, projected, weight)
         flat = rows.reshape(-1)
         self.trace.add_(flat.dot(flat), alpha=weight)  # Σ‖x_t‖², without a squared copy
         return projected
 
     def absorb(self, total: Tensor) -> None:
-        """Add a dense sum `Σ x xᵀ` collected so far: `Y += total·Ω` (what streaming its rows would have added)."""
+        """`Y += total·Ω`, `tr S += tr total`."""
         self.y.add_(total @ self.omega)
         self.trace.add_(total.diagonal().sum())
 
-    def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         return [self.y, self.trace]
 
-    def mean(self, tokens: int, shape: tuple[int, int]) -> FactorSketch:
-        """Σ/N, divided in place (the sketch is not kept twice)."""
+    def mean(self, tokens: int) -> FactorSketch:
         return FactorSketch(self.omega.cpu(), self.y.div_(tokens).cpu(), float(self.trace) / tokens)
 
 
@@ -200,28 +243,32 @@ class CrossSketch:
     def add_outer(
         self,
         rows: Tensor,
-        weight: float = 1.0,
         other: Tensor | None = None,
+        *,
+        weight: float = 1.0,
         rows_projected: Tensor | None = None,
         other_projected: Tensor | None = None,
-    ) -> None:
-        """Add `Σ g xᵀ` for `rows` = g, `other` = x; `rows_projected` = g·Ψᵀ and `other_projected` = x·Ω
-        (at least k_y columns) when the factor sketches already computed them."""
+    ) -> Tensor:
+        """`RunningSum.add_outer` of `Σ g xᵀ` for `rows` = g, `other` = x; `rows_projected` = g·Ψᵀ and
+        `other_projected` = x·Ω (at least k_y columns) when the factor sketches already computed them. Returns g·Ψᵀ."""
+        if other is None:
+            raise ValueError("a cross sketch sums g xᵀ: pass the layer inputs as other")
         g, x = rows.float(), other.float()
         xp = other_projected[:, : self.k_y] if other_projected is not None else _project(x, self.omega)
         gp = rows_projected[:, : self.co_rank] if rows_projected is not None else _project(g, self.psi_t)
         _add_outer(self.y, g, xp, weight)
         _add_outer(self.w, gp, x, weight)
+        return gp
 
     def absorb(self, total: Tensor) -> None:
-        """Add a dense sum `Σ g xᵀ` collected so far: `Y += total·Ω`, `W += Ψ·total`."""
+        """`Y += total·Ω`, `W += Ψ·total`."""
         self.y.add_(total @ self.omega)
         self.w.add_(self.psi_t.T @ total)
 
-    def tensors(self, shape: tuple[int, int], device: torch.device) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         return [self.y, self.w]
 
-    def mean(self, tokens: int, shape: tuple[int, int]) -> LowRank:
+    def mean(self, tokens: int) -> LowRank:
         q = torch.linalg.qr(self.y.double())[0]
         x = torch.linalg.lstsq(self.psi_t.double().T @ q, self.w.double()).solution
         return LowRank(q.float().cpu(), (x / tokens).float().cpu())

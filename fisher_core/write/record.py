@@ -9,6 +9,7 @@ an offset with the opposite sign). `export_adapter` turns these into extra LoRA 
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,19 +56,21 @@ class InitRecord:
         return any(self.offsets.values())
 
 
-_ATTR = "_fisher_lora_records"
+# Each model's records, beside the model rather than on it (no attribute written on the user's module): weak keys,
+# so a record goes when its model does.
+_RECORDS: weakref.WeakKeyDictionary[nn.Module, dict[str, InitRecord]] = weakref.WeakKeyDictionary()
 
 
 def get_record(model: nn.Module, adapter_name: str) -> InitRecord | None:
-    return getattr(model, _ATTR, {}).get(adapter_name)
+    """The record `set_record` kept for `model` (or for the model it wraps: a trainer's DDP or FSDP wrapper)."""
+    for module in model.modules():
+        if module in _RECORDS:
+            return _RECORDS[module].get(adapter_name)
+    return None
 
 
 def set_record(model: nn.Module, adapter_name: str, record: InitRecord) -> None:
-    records = getattr(model, _ATTR, None)
-    if records is None:
-        records = {}
-        object.__setattr__(model, _ATTR, records)
-    records[adapter_name] = record
+    _RECORDS.setdefault(model, {})[adapter_name] = record
 
 
 def save_record(record: InitRecord, directory: str | Path) -> Path:

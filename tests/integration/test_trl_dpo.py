@@ -15,7 +15,7 @@ from fisher_trainer import summed_loss_fn as trainer_loss_fn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
 import trl_tiny
 
-pytestmark = pytest.mark.slow  # the real TRL trainers, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.trl]  # the real TRL trainers, end to end
 
 FISHER = {"num_batches": 2, "progress": False}
 EXACT = {"bf16": False}

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from fisher_core.write import load_record
 
-pytestmark = pytest.mark.slow  # the real TRL trainers, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.trl]  # the real TRL trainers, end to end
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 sys.path[:0] = [str(RECIPES / "tiny"), str(RECIPES / "trl")]

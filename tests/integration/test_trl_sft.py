@@ -22,7 +22,7 @@ from fisher_trl import FisherInitCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "tiny"))
 import trl_tiny
 
-pytestmark = pytest.mark.slow  # the real TRL trainers, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.trl]  # the real TRL trainers, end to end
 
 # `preserve` (opted into): the path with base offsets — B written before step 0, checkpoint records, export
 FISHER = {"num_batches": 2, "progress": False, "policy": "preserve"}
@@ -100,15 +100,17 @@ def _stats(tiny_llama_dir, tmp_path, **training):
 def test_statistics_do_not_depend_on_checkpointing_or_autocast(tiny_llama_dir, tmp_path, variant):
     reference = _stats(tiny_llama_dir, tmp_path / "a", bf16=False, gradient_checkpointing=False)
     other = _stats(tiny_llama_dir, tmp_path / "b", **{"bf16": False, "gradient_checkpointing": False, **variant})
-    tol = {"rtol": 5e-2, "atol": 5e-3} if variant.get("bf16") else {"rtol": 1e-4, "atol": 1e-6}
     assert set(reference) == set(other)
     for name, s in reference.items():
         assert other[name].num_tokens == s.num_tokens
         for what in ("input_cov", "grad_cov", "mean_grad"):
             a, b = getattr(s, what), getattr(other[name], what)
             assert a.dtype == b.dtype == torch.float32
-            scale = a.abs().max()
-            torch.testing.assert_close(b / scale, a / scale, **tol, msg=f"{what} of {name}")
+            if variant.get("bf16"):  # bf16 rounds every activation (2⁻⁹ per op): 0.4–0.9 % normwise, both sets
+                assert torch.linalg.norm(b - a) <= 2e-2 * torch.linalg.norm(a), f"{what} of {name}"
+            else:
+                scale = a.abs().max()
+                torch.testing.assert_close(b / scale, a / scale, rtol=1e-4, atol=1e-6, msg=f"{what} of {name}")
 
 
 def test_preserve_first_step_matches_run_without_callback(tiny_llama_dir, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracles import brute_force_factors
-from tiny import tiny_llama
+from tiny import checkpointing_on, tiny_llama
 from torch import nn
 
 from fisher_core import FisherConfig, estimate
@@ -176,8 +176,7 @@ def test_layers_reading_the_same_input_share_one_input_cov():
 
 
 def test_estimate_leaves_the_model_as_it_was():
-    model = tiny_llama().train()
-    model.gradient_checkpointing_enable()
+    model = checkpointing_on(tiny_llama().train())
     model.model.layers[1].requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     hooks = {n: list(m._forward_hooks) for n, m in model.named_modules()}
@@ -201,7 +200,7 @@ def test_gradient_checkpointing_stays_on_gives_the_same_statistics_and_holds_one
     config = _cfg(_batches(), fisher_type=fisher_type, mc_samples=2 if fisher_type == "true" else 1)
     plain = estimate(tiny_llama(layers=4), _batches(), target_modules=targets, config=config)
     model = tiny_llama(layers=4).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointing_on(model, use_reentrant=reentrant)
     func = model.model.layers[0]._gradient_checkpointing_func
     checkpointed = estimate(model, _batches(), target_modules=targets, config=config)
     assert model.training and model.model.layers[0]._gradient_checkpointing_func is func
@@ -289,7 +288,7 @@ def test_mean_gradient_equals_plain_autograd_weight_gradient(checkpointing):
     batches = _batches()
     model = tiny_llama(layers=2).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(model)
     stats = estimate(model, batches, target_modules=LAYERS, config=_cfg(batches))
     grads = _weight_gradients(_summed_token_loss, batches)
     for name in LAYERS:
@@ -322,7 +321,7 @@ def test_a_sketched_mean_gradient_is_the_sketch_of_plain_autograds_weight_gradie
     siblings += ["model.layers.0.mlp.up_proj"]
     model = tiny_llama(layers=2).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(model)
     config = _cfg(batches, solver="lowrank", sketch_rank=rank)
     stats = estimate(model, batches, target_modules=siblings, config=config)
     grads = _weight_gradients(_summed_token_loss, batches, siblings)
@@ -330,7 +329,7 @@ def test_a_sketched_mean_gradient_is_the_sketch_of_plain_autograds_weight_gradie
     for name in siblings:
         oracle = CrossSketch(*grads[name].shape, rank, matrices)
         oracle.absorb(grads[name])
-        want, got = oracle.mean(stats[name].num_tokens, grads[name].shape), stats[name].mean_grad
+        want, got = oracle.mean(stats[name].num_tokens), stats[name].mean_grad
         assert _rel(got.left @ got.right, want.left @ want.right) < 1e-4, name
 
 

@@ -64,6 +64,19 @@ def test_preserve_keeps_logits(selector):
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.any()
 
 
+def test_initialize_and_export_add_no_attribute_to_any_module_of_the_users_model(tmp_path):
+    """The record of what `preserve` took out of the base lives beside the model, not in its modules' `__dict__`;
+    `export_adapter` still finds it (through a wrapper too: a trainer may hand back its DDP/FSDP wrapper)."""
+    model = _peft()
+    names = {n: set(vars(m)) for n, m in model.named_modules()}
+    initialize(model, _batches(), config=_cfg(policy="preserve"))
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == names
+    wrapper = torch.nn.Sequential(model)
+    assert get_record(wrapper, "default") is get_record(model, "default") is not None
+    export_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("policy", ["preserve", "zero"])
 def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(policy, tmp_path):
     batches = _batches()
