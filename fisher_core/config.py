@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 Selector = Literal["select", "fwsvd", "natural", "subspace"]
 FisherType = Literal["empirical", "true"]
 Policy = Literal["preserve", "zero"]
+ZeroScale = Literal["row", "activation"]
 Positions = Literal["attention", "supervised"]
 
 
@@ -47,6 +48,13 @@ class FisherConfig(BaseModel):
         "within seed noise of default LoRA at 0.5×–2× its best lr on four held-out tasks). `preserve`: B and A "
         "both nonzero and W_base ← W − s·B·A so outputs are unchanged; its best lr ranged from 0.5× to 2× LoRA's "
         "by task (tune it), and it needs an export.",
+    )
+    zero_scale: ZeroScale = Field(
+        "row",
+        description="Under policy `zero`, the scale of A's Fisher directions. `row`: every row at PEFT's default "
+        "row norm 1/√3. `activation`: A's rows scaled together so that E‖A x‖² over the calibration inputs equals "
+        "its expectation under PEFT's default (Kaiming-uniform) A, r·tr(S_A)/(3n): the same output scale a LoRA "
+        "learning rate was tuned for.",
     )
     num_batches: int = Field(
         32,

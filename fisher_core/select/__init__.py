@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from fisher_core.config import FisherConfig, default_sketch_rank
-from fisher_core.estimate.factors import FisherStats, group_of
+from fisher_core.estimate.factors import FisherStats, LayerStats, group_of
 from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.select.base import Candidates, Selector, Solver
 from fisher_core.select.fwsvd import select_fwsvd
-from fisher_core.select.linalg import DEFAULT_ROW_NORM, fix_signs, with_norm
+from fisher_core.select.linalg import DEFAULT_ROW_NORM, activation_matched, fix_signs, with_norm
 from fisher_core.select.natural import select_natural
 from fisher_core.select.parallel import solve_cost, solve_spread
 from fisher_core.select.ranks import allocate_ranks
@@ -130,7 +130,7 @@ def select(
             cands = solve_spread(list(plans), groups, costs, solve)
         if config.rank_budget is not None:
             ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
-        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config.policy) for name in plans}
+        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config, stats[name]) for name in plans}
         directions = Directions(layers, selector=config.selector, policy=config.policy)
         if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
             for name, (_, _, scaling, rslora) in plans.items():
@@ -178,12 +178,15 @@ def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solv
     )
 
 
-def _finish(c: Candidates, r: int, scaling: float, policy: str) -> LayerDirections:
+def _finish(c: Candidates, r: int, scaling: float, config: FisherConfig, stats: LayerStats) -> LayerDirections:
+    """The first `r` candidates under the step-0 policy: `zero` sets B = 0 and A's scale (`config.zero_scale`)."""
     b, a = fix_signs(c.B[:, :r].contiguous(), c.A[:r].contiguous())
-    if policy == "zero":
+    if config.policy == "zero":
         _, a = with_norm(b, a, DEFAULT_ROW_NORM)
+        if config.zero_scale == "activation":
+            a = activation_matched(a, stats.input_cov)
         b = torch.zeros_like(b)
-    return LayerDirections(B=b, A=a, scaling=scaling, scores=c.scores, total=c.total, policy=policy)
+    return LayerDirections(B=b, A=a, scaling=scaling, scores=c.scores, total=c.total, policy=config.policy)
 
 
 def _lora_settings(

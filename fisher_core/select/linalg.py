@@ -7,9 +7,24 @@ import math
 import torch
 from torch import Tensor
 
+from fisher_core.estimate.sums import FactorSketch
+
 # PEFT's default `lora_A` (kaiming-uniform, a=√5) has rows of expected norm 1/√3; data-independent
 # factors under the `zero` policy get the same norm so training dynamics match default LoRA's.
 DEFAULT_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+def activation_matched(a: Tensor, input_cov: Tensor | FactorSketch) -> Tensor:
+    """`a` times the one scalar `c` with `tr(c·A S_A c·Aᵀ) = r·tr(S_A)/(3n)`: E‖A x‖² of PEFT's Kaiming-uniform A
+    (entries of variance 1/(3n)) on inputs of second moment `S_A` (n×n, dense or a sketch: then `S_A ≈ U Λ Uᵀ`)."""
+    r, n = a.shape
+    if isinstance(input_cov, FactorSketch):
+        values, vectors = input_cov.eigenpairs()
+        energy, trace = float((values * (a @ vectors).pow(2)).sum()), input_cov.trace
+    else:
+        energy, trace = float(((a @ input_cov) * a).sum()), float(input_cov.diagonal().sum())
+    target = r * trace / (3.0 * n)
+    return a if energy <= 0.0 or target <= 0.0 else a * math.sqrt(target / energy)
 
 
 def fix_signs(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
