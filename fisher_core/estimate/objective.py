@@ -75,20 +75,22 @@ def sample_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
 def position_mask(model: nn.Module, batch: Batch, positions: str) -> Tensor | None:
     """[B, T] bool mask of the positions that count as samples, or None (count every row).
 
-    `attention`: every non-padding position (`attention_mask == 1`). `supervised`: positions whose
-    output carries a label (for causal LMs, position t predicts label t+1).
+    A position is supervised when its output carries a label (for causal LMs, position t predicts label
+    t+1). `attention`: every non-padding position (`attention_mask == 1`) and every supervised one — with left
+    padding the last pad predicts the first real token, a term of the loss, so N·Ḡ stays ∂L/∂W on either side.
+    `supervised`: the supervised positions only.
     """
     mask = batch.get("attention_mask")
     mask = mask.bool() if mask is not None else None
-    if positions == "attention":
-        return mask
     labels = batch.get("labels")
-    if labels is None or labels.dim() != 2:
+    if labels is None or labels.dim() != 2 or (mask is not None and mask.shape != labels.shape):
         return mask
     supervised = labels != IGNORE_INDEX
     if is_causal_lm(model):
         supervised = torch.cat([supervised[:, 1:], torch.zeros_like(supervised[:, :1])], dim=1)
-    return supervised if mask is None else supervised & mask
+    if positions == "attention":
+        return None if mask is None else mask | supervised
+    return supervised
 
 
 def subsample(mask: Tensor | None, batch: Batch, fraction: float, generator: torch.Generator) -> Tensor:
