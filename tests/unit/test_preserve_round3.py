@@ -32,7 +32,7 @@ def test_preserve_with_lora_dropout_is_refused_before_the_pass():
     one line before any batch is read, the model untouched."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="lora_dropout=0.1.*set lora_dropout=0 or use policy='zero'"):
+    with pytest.raises(ValueError, match=r"lora_dropout=0\.1.*set lora_dropout=0 or use policy='zero'"):
         initialize(model, _never_read(), config=_cfg(policy="preserve"))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -74,3 +74,32 @@ def test_preserve_under_bf16_autocast_keeps_the_loss_to_bf16_precision_only():
     moved = (preserved.logits.float() - original.logits.float()).abs().max()
     assert 0 < moved <= 4 * own_error
     assert abs(float(preserved.loss) - float(original.loss)) < 2**-8 * float(original.loss)
+
+
+def _half_ulp_bf16(t: torch.Tensor) -> torch.Tensor:
+    """Half the bf16 spacing at each element of `t` (8 significand bits): the most round-to-nearest can move it."""
+    _, exponent = torch.frexp(t.float())
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float32), exponent - 9)
+
+
+def test_bf16_preserve_writes_the_rounded_residual_of_the_stored_factors():
+    """bf16 with `preserve`, where `W − s·B·A` is really written (under `zero` the base is untouched): each
+    base element is `W − s·B·A` (B, A as stored in bf16, product in fp32) rounded once to bf16 — off by at
+    most half a bf16 step — and the model's outputs stay to bf16 precision."""
+    reference = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    originals = {n: m.base_layer.weight.detach().float().clone() for n, m in model.named_modules() if n.endswith("proj")
+                 and hasattr(m, "base_layer")}  # fmt: skip
+    batch = _batch()
+    initialize(model, [batch], config=_cfg(policy="preserve"))
+    modules = dict(model.named_modules())
+    for name, w in originals.items():
+        module = modules[name]
+        b, a = module.lora_B["default"].weight.float(), module.lora_A["default"].weight.float()
+        assert b.abs().max() > 0, name  # the adapter starts nonzero: the base was written
+        written = module.base_layer.weight.detach()
+        residual = w - module.scaling["default"] * (b @ a)
+        assert ((written.float() - residual).abs() <= _half_ulp_bf16(written) * (1 + 1e-3) + 1e-30).all(), name
+    with torch.no_grad():
+        diff = (model(input_ids=batch["input_ids"]).logits - reference(input_ids=batch["input_ids"]).logits).abs()
+    assert diff.max() < 0.05
