@@ -3,10 +3,20 @@ encoder–decoder models, `inputs_embeds` batches — each against plain autogra
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tiny import tiny_llama
 from torch import nn
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from fisher_core import FisherConfig, estimate
 
@@ -30,9 +40,8 @@ def _weight_gradients(model: nn.Module, batch: dict, layers: list[str]) -> dict[
     for name in layers:
         modules[name].weight.requires_grad_(True)
     out = model(**batch)
-    labels = batch["labels"]
-    count = labels[:, 1:] if "decoder_input_ids" not in batch and not model.config.is_encoder_decoder else labels
-    (out.loss * int((count != -100).sum())).backward()
+    labels = batch["labels"] if model.config.is_encoder_decoder else batch["labels"][:, 1:]  # causal: shifted
+    (out.loss * int((labels != -100).sum())).backward()
     return {name: modules[name].weight.grad for name in layers}
 
 
@@ -58,4 +67,99 @@ def test_mean_gradient_is_the_trained_losss_gradient_whichever_side_the_padding_
     stats = estimate(tiny_llama(layers=2), [batch], target_modules=LLAMA_LAYERS, config=_cfg())
     grads = _weight_gradients(tiny_llama(layers=2).train(), batch, LLAMA_LAYERS)
     for name in LLAMA_LAYERS:
+        assert _rel(stats[name].mean_grad * stats[name].num_tokens, grads[name]) < 1e-5, name
+
+
+def test_inputs_embeds_batches_give_the_trained_losss_gradient():
+    """A batch of `inputs_embeds` (no input ids: the embedding module never runs) is rooted at its float input:
+    N·Ḡ equals plain autograd's ∂L/∂W (was: "the model has no get_input_embeddings()", false for it)."""
+    batch = _padded("right")
+    with torch.no_grad():
+        embeds = tiny_llama(layers=2).get_input_embeddings()(batch.pop("input_ids"))
+    batch["inputs_embeds"] = embeds
+    stats = estimate(tiny_llama(layers=2), [batch], target_modules=LLAMA_LAYERS, config=_cfg())
+    grads = _weight_gradients(tiny_llama(layers=2).train(), batch, LLAMA_LAYERS)
+    for name in LLAMA_LAYERS:
+        assert _rel(stats[name].mean_grad * stats[name].num_tokens, grads[name]) < 1e-5, name
+
+
+def _vit() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=5,
+    )  # fmt: skip
+    return ViTForImageClassification(config).eval()
+
+
+def test_position_fraction_subsamples_pixel_positions_without_a_mask_warning():
+    """A ViT batch (`pixel_values`, no attention mask): `position_fraction=0.25` keeps about a quarter of the
+    6·65 patch positions, the same ones for every layer, with no warning about a mask the batch does not have
+    (was: 390 of 390 kept, and that warning); the classifier's one row per image is kept whole."""
+    batch = {"pixel_values": torch.randn(6, 3, 32, 32), "labels": torch.randint(0, 5, (6,))}
+    layers = ["vit.layers.0.attention.q_proj", "vit.layers.1.mlp.fc2", "classifier"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = estimate(_vit(), [batch], target_modules=layers, config=_cfg(position_fraction=0.25))
+    kept = {stats[name].num_tokens for name in layers[:2]}
+    assert len(kept) == 1 and 60 < kept.pop() < 140  # Binomial(390, 0.25): mean 97.5, sd 8.6
+    assert stats["classifier"].num_tokens == 6
+
+
+def _t5() -> T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def _bart() -> BartForConditionalGeneration:
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config).eval()
+
+
+SEQ2SEQ = {
+    "t5": (_t5, {
+        "encoder.block.0.layer.0.SelfAttention.q": "encoder",
+        "decoder.block.0.layer.0.SelfAttention.q": "decoder",
+        "decoder.block.1.layer.1.EncDecAttention.q": "decoder",
+        "decoder.block.1.layer.1.EncDecAttention.k": "encoder",
+        "decoder.block.0.layer.2.DenseReluDense.wo": "decoder",
+    }),
+    "bart": (_bart, {
+        "model.encoder.layers.0.fc1": "encoder",
+        "model.decoder.layers.0.self_attn.v_proj": "decoder",
+        "model.decoder.layers.0.encoder_attn.q_proj": "decoder",
+        "model.decoder.layers.0.encoder_attn.v_proj": "encoder",
+        "model.decoder.layers.0.fc2": "decoder",
+    }),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(SEQ2SEQ))
+@pytest.mark.parametrize("decoder_length", [5, 7])
+def test_encoder_decoder_statistics_are_of_the_seq2seq_loss(arch, decoder_length):
+    """T5 and BART with labels (the model shifts them into its decoder inputs, as in training): N·Ḡ equals plain
+    autograd's ∂L/∂W of the model's own loss for encoder, decoder and cross-attention layers, and each layer
+    counts its own sequence's positions — encoder ones (cross-attention keys/values too) by the encoder mask,
+    decoder ones up to the row's last label. Decoder length 7 equals the encoder's: the decoder must still not
+    be masked with the encoder mask (was: a crash, labels stripped; then that silent mix-up)."""
+    build, layers = SEQ2SEQ[arch]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 64, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = mask[2, 2:] = 0  # encoder padding where the decoder has labels
+    labels = torch.randint(3, 64, (3, decoder_length), generator=g)
+    labels[0, 3:] = -100  # decoder padding
+    batch = {"input_ids": ids.masked_fill(mask == 0, 1), "attention_mask": mask, "labels": labels}
+    stats = estimate(build(), [batch], target_modules=list(layers), config=_cfg())
+    grads = _weight_gradients(build(), batch, list(layers))
+    counts = {"encoder": int(mask.sum()), "decoder": int((labels != -100).sum())}
+    for name, sequence in layers.items():
+        assert stats[name].num_tokens == counts[sequence], name
         assert _rel(stats[name].mean_grad * stats[name].num_tokens, grads[name]) < 1e-5, name
