@@ -136,7 +136,7 @@ def _pass(
             islice(in_lockstep(batches), config.num_batches),  # every process reads the same count
             total=config.num_batches, desc="fisher-lora statistics", unit="batch", disable=not config.progress,
         )  # fmt: skip
-        with recorders.attached(model):
+        with recorders.attached(model, blocks):
             for batch in progress:
                 supervised += _accumulate_batch(
                     model, _to_device(batch, device), recorders, config, loss_fn, logits_fn, generator

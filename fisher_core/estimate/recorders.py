@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +126,7 @@ class LayerRecorder:
         self.inputs: list[list[Held]] = []  # per call: x for Ḡ until its g arrives (a block not checkpointed)
         self.half: tuple[Tensor | None, Held | None] | None = None  # (x, g) of a replayed layer, the first to come
         self.sequence: str | None = None  # whose positions its rows are (objective.INPUT or DECODER), on first call
+        self.entry = -1  # the checkpointed block's forward it was last called in (Recorders.entries)
 
     def forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
@@ -141,6 +142,8 @@ class LayerRecorder:
             return
         if self.sequence is None:
             self.sequence = self.recorders.sequence_of(self.name, x)
+        if self.replayed:
+            self._check_once_per_block()
         if not rows.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
             self.layer.input_group = rows.first_reader(x, self.name)
             if self.layer.input_group != self.name:
@@ -176,6 +179,17 @@ class LayerRecorder:
         if not self.inputs:
             self.recorders.holding.discard(self)
         self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
+
+    def _check_once_per_block(self) -> None:
+        """The replay gives a block's inputs in call order, its gradients come in reverse: one (x, g) slot pairs
+        them only for a layer called once per block forward."""
+        if self.entry == self.recorders.entries:
+            raise RuntimeError(
+                f"layer {self.name!r} is called twice inside one checkpointed block, whose replay cannot pair its "
+                "inputs with their gradients; turn gradient checkpointing off for the statistics "
+                "(model.gradient_checkpointing_disable()) and leave memory_budget unset"
+            )
+        self.entry = self.recorders.entries
 
     def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
         """Ḡ += g xᵀ for a layer in a checkpointed block, once both halves arrived (in either order)."""
@@ -215,11 +229,14 @@ class Recorders:
         self.leaves: list[Tensor] = []  # what the input-gradient backward targets
         self.held_peak = 0  # the most bytes held for Ḡ at once (this process, any batch)
         self.holding: set[LayerRecorder] = set()  # the layers holding something for Ḡ now
+        self.entries = 0  # checkpointed block forwards so far (not their replays)
 
     @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator[Recorders]:
-        """The layers' forward hooks (and the embeddings' root hooks) for the duration; always removed."""
+    def attached(self, model: nn.Module, blocks: Iterable[nn.Module] = ()) -> Iterator[Recorders]:
+        """The layers' forward hooks (and the embeddings' root hooks, the checkpointed `blocks`' entry count) for
+        the duration; always removed."""
         handles = [m.register_forward_hook(self.layers[name].forward) for name, m in self.modules.items()]
+        handles += [block.register_forward_pre_hook(self._entered) for block in blocks]
         stacks = [model]
         if is_encoder_decoder(model):  # each stack may embed with its own module (tied weights, not one module)
             encoder, decoder = model.get_encoder(), model.get_decoder()
@@ -247,6 +264,10 @@ class Recorders:
         positions. Decided by the module and the tensor, not by a shape two sequences may share."""
         encoded = self._encoder_output() if self._encoder_output is not None else None
         return DECODER if name in self.decoder and x is not encoded else INPUT
+
+    def _entered(self, module: nn.Module, args: tuple) -> None:
+        if self.record is None:  # a block's forward, not its replay inside a backward
+            self.entries += 1
 
     def _encoded(self, module: nn.Module, args: tuple, output: object) -> None:
         hidden = output if isinstance(output, Tensor) else output[0]

@@ -17,6 +17,7 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fisher_core import FisherConfig, estimate
 
@@ -163,3 +164,50 @@ def test_encoder_decoder_statistics_are_of_the_seq2seq_loss(arch, decoder_length
     for name, sequence in layers.items():
         assert stats[name].num_tokens == counts[sequence], name
         assert _rel(stats[name].mean_grad * stats[name].num_tokens, grads[name]) < 1e-5, name
+
+
+class _TwiceBlock(GradientCheckpointingLayer):
+    """A block that calls its one linear layer twice (weight sharing inside a block)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shared = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.shared(torch.tanh(self.shared(h))))
+
+
+class _TwiceNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.block, self.head = nn.Embedding(11, 8), _TwiceBlock(8), nn.Linear(8, 11)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(input_ids)))
+
+
+def _summed_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(batch["input_ids"])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+
+
+def test_a_layer_called_twice_inside_one_checkpointed_block_is_refused_in_one_line():
+    """A checkpointed block's replay hands the layer's inputs back in call order while their gradients come in
+    reverse: one (x, g) slot cannot pair them (was: a TypeError mid-backward). Refused with what to change,
+    the model's checkpointing as it was; without checkpointing N·Ḡ is plain autograd's ∂L/∂W."""
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.roll(1, dims=1)}
+    model = _TwiceNet()
+    model.block.gradient_checkpointing = True
+    with pytest.raises(RuntimeError, match=r"'block\.shared' is called twice inside one checkpointed block.*off"):
+        estimate(model, [batch], target_modules=["block.shared"], loss_fn=_summed_loss, config=_cfg())
+    assert model.block.gradient_checkpointing and model.training  # as it was
+    model.block.gradient_checkpointing = False
+    stats = estimate(model, [batch], target_modules=["block.shared"], loss_fn=_summed_loss, config=_cfg())
+    weight = model.block.shared.weight
+    (want,) = torch.autograd.grad(_summed_loss(model, batch), weight)
+    assert _rel(stats["block.shared"].mean_grad * stats["block.shared"].num_tokens, want) < 1e-5
