@@ -21,7 +21,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fisher_core import FisherConfig, estimate
 
-LLAMA_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+LLAMA_LAYERS = [
+    "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj",
+    "model.layers.0.mlp.up_proj",
+]  # fmt: skip
 EOS = 2  # pads are the eos token, as many tokenizers without a pad token do (its embedding is not zero)
 
 
