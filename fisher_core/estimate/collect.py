@@ -189,7 +189,7 @@ def _check_result(stats: FisherStats, unmasked: set[str], used: int, supervised:
     """Refuse non-finite statistics or no supervised tokens; warn on unmasked layers."""
     if unmasked:
         warnings.warn(
-            f"layer inputs did not match the attention mask's shape, every position counted: {sorted(unmasked)[:3]}",
+            f"layer inputs did not match the attention mask's shape, their padding was counted: {sorted(unmasked)[:3]}",
             stacklevel=3,
         )
     _check_finite(stats)
