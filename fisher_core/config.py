@@ -73,8 +73,8 @@ class FisherConfig(BaseModel):
     )
     positions: Positions = Field(
         "attention",
-        description="Which positions count as samples: every non-padding position "
-        "(`attention`) or only those that carry a label (`supervised`).",
+        description="Which positions count as samples: every non-padding position and any whose output carries a "
+        "label, e.g. the last left pad (`attention`), or only those that carry a label (`supervised`).",
     )
     position_fraction: float = Field(
         1.0,

@@ -3,7 +3,8 @@
 Per batch: one forward (inputs recorded by hooks), then one input-gradient backward of the summed
 loss (`empirical`), or `mc_samples` backwards of losses with labels sampled from the model for `S_G` plus,
 when the selector reads `Ḡ`, one of the data's loss (`true`).
-The backward targets the input embeddings' output, so no parameter ever receives a `.grad`.
+The backward targets the input embeddings' output and the batch's float inputs, so no parameter ever receives
+a `.grad`.
 """
 
 from __future__ import annotations
@@ -29,19 +30,19 @@ from fisher_core.estimate.distributed import (
     is_main_process,
 )
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator, shares_input
-from fisher_core.estimate.hooks import estimation_mode, input_embeddings, replayed_layers, rooted
+from fisher_core.estimate.hooks import estimation_mode, replayed_layers, rooted
 from fisher_core.estimate.objective import (
     Batch,
     LogitsFn,
     LossFn,
-    position_mask,
+    model_inputs,
+    position_masks,
     sample_labels,
-    subsample,
     summed_cross_entropy,
     supervised_logits,
 )
 from fisher_core.estimate.plan import Plan, initial_plan, planned_bytes, refit, requested_sketch_rank, resolve_budget
-from fisher_core.estimate.recorders import Record, Recorders
+from fisher_core.estimate.recorders import InputRows, Record, Recorders
 from fisher_core.estimate.sums import is_finite, is_zero
 from fisher_core.layers import base_layer, find_targets, layer_kind
 from fisher_core.sharded import whole_parameters
@@ -132,12 +133,13 @@ def _pass(
     with estimation_mode(model, plan.checkpoint_blocks) as blocks:
         if plan.checkpoint_blocks and blocks:
             logger.info("fisher-lora: memory_budget: the pass checkpoints %d blocks (holds one's inputs)", len(blocks))
-        recorders = Recorders(acc, modules, replayed_layers(modules, blocks), config.needs_mean_grad)
+        inputs = InputRows(config.position_fraction, generator)
+        recorders = Recorders(acc, modules, replayed_layers(modules, blocks), config.needs_mean_grad, inputs)
         progress = tqdm(
             islice(in_lockstep(batches), config.num_batches),  # every process reads the same count
             total=config.num_batches, desc="fisher-lora statistics", unit="batch", disable=not config.progress,
         )  # fmt: skip
-        with recorders.attached(model):
+        with recorders.attached(model, blocks):
             for batch in progress:
                 supervised += _accumulate_batch(
                     model, _to_device(batch, device), recorders, config, loss_fn, logits_fn, generator
@@ -208,7 +210,7 @@ def _check_result(stats: FisherStats, unmasked: set[str], used: int, supervised:
     """Refuse non-finite statistics or no supervised tokens; warn on unmasked layers."""
     if unmasked:
         warnings.warn(
-            f"layer inputs did not match the attention mask's shape, every position counted: {sorted(unmasked)[:3]}",
+            f"layer inputs did not match the attention mask's shape, their padding was counted: {sorted(unmasked)[:3]}",
             stacklevel=3,
         )
     _check_finite(stats)
@@ -234,11 +236,8 @@ def _accumulate_batch(
 ) -> int:
     """One forward and the backwards of the objective (curvlinops' split: one branch per Fisher type, each
     backward told what it records). Returns the supervised units (tokens or sequences) the batch held."""
-    mask = position_mask(model, batch, config.positions)
-    if config.position_fraction < 1.0:
-        mask = subsample(mask, batch, config.position_fraction, generator)
-    batch, leaves = _float_inputs_require_grad(model, batch)
-    recorders.begin_batch(None if mask is not None and bool(mask.all()) else mask, leaves)  # all: no indexing
+    batch, leaves = _float_inputs_require_grad(batch)
+    recorders.begin_batch(position_masks(model, batch, config.positions), leaves)
     backward = functools.partial(_backward, recorders, model=model, batch=batch)
     with torch.enable_grad():
         if config.fisher_type == "empirical":
@@ -294,7 +293,7 @@ def first_nonfinite_layer(model: nn.Module, batch: Batch) -> str | None:
     handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(**{k: v for k, v in batch.items() if k != "labels"})
+            model(**model_inputs(model, batch))
     finally:
         for h in handles:
             h.remove()
@@ -311,13 +310,12 @@ def _check_materialized(modules: Mapping[str, nn.Module]) -> None:
             )
 
 
-def _float_inputs_require_grad(model: nn.Module, batch: Batch) -> tuple[Batch, list[Tensor]]:
-    """Models without input embeddings: let float inputs carry the graph instead."""
-    if input_embeddings(model) is not None:
-        return batch, []
+def _float_inputs_require_grad(batch: Batch) -> tuple[Batch, list[Tensor]]:
+    """The batch's float inputs (`pixel_values`, `inputs_embeds`, …; not labels) as roots of the backward too:
+    a model reading them instead of, or beside, its input embeddings then has every layer on a path to a root."""
     out, leaves = dict(batch), []
     for k, v in batch.items():
-        if isinstance(v, Tensor) and v.is_floating_point():
+        if k != "labels" and isinstance(v, Tensor) and v.is_floating_point():
             out[k] = rooted(v, leaves)
     return out, leaves
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fisher_core.estimate.factors import StatsAccumulator
 from fisher_core.estimate.hooks import input_embeddings, rooted
+from fisher_core.estimate.objective import DECODER, INPUT, is_encoder_decoder, subsample
 
 
 @dataclass(frozen=True)
@@ -35,23 +36,34 @@ class InputRows:
     """The batch's sample positions, and the layer inputs seen in its forward: each input tensor's rows
     are masked once for every layer that reads it (q/k/v, gate/up), and so is their projection `x·Ω` by the
     input factors' test matrix (one per width, `sums.SketchMatrices`); its first reader names the group
-    whose `S_A` those layers share (fixed after the first batch)."""
+    whose `S_A` those layers share (fixed after the first batch).
 
-    def __init__(self) -> None:
-        self.mask: Tensor | None = None  # [B, T] bool: positions that count as samples
+    Positions are counted per sequence (`objective.INPUT`, and an encoder–decoder model's `DECODER`): a
+    tensor `[..., T, d]` whose leading shape is its sequence's mask takes that mask. `position_fraction < 1`
+    keeps each position with that probability, one draw per (sequence, leading shape) and batch, shared by
+    `x` and `g` — also where the batch has no mask (pixel inputs: the patch positions)."""
+
+    def __init__(self, fraction: float = 1.0, generator: torch.Generator | None = None) -> None:
+        self.fraction, self.generator = fraction, generator
+        self.counted: Mapping[str, Tensor | None] = {}  # per sequence, [B, T] bool: the positions that count
         self.grouped = False
-        self.unmasked: set[str] = set()  # layers whose input shape did not match the mask
+        self.unmasked: set[str] = set()  # layers whose input shape did not match their sequence's mask
+        self._drawn: dict[tuple[str, torch.Size], Tensor | None] = {}  # this batch's masks, as drawn
         self._last: tuple[weakref.ref, Tensor, str, Tensor | None] | None = None  # x, its rows, reader, rows·Ω
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
 
-    def rows(self, x: Tensor, name: str) -> Tensor:
+    def begin(self, counted: Mapping[str, Tensor | None]) -> None:
+        """This batch's counted positions per sequence (None: every position)."""
+        self.counted, self._drawn = counted, {}
+
+    def rows(self, x: Tensor, name: str, sequence: str = INPUT) -> Tensor:
         """`x` as `[k, d]` rows at the kept positions, computed once for consecutive readers of `x`."""
         last = self._last
         if last is not None and last[0]() is x:
             if last[2] in self.unmasked:
                 self.unmasked.add(name)
             return last[1]
-        rows = self.of(x.detach(), name)
+        rows = self.of(x.detach(), name, sequence)
         self._last = (weakref.ref(x), rows, name, None)
         return rows
 
@@ -65,14 +77,27 @@ class InputRows:
         last = self._last
         return last[3] if last is not None and last[1] is rows else None
 
-    def of(self, t: Tensor, name: str) -> Tensor:
-        """Flatten `[..., d]` to `[k, d]`, keeping only the masked positions when the shapes line up."""
-        mask = self.mask
-        if mask is not None and t.dim() >= 2 and t.shape[:-1] == mask.shape:
-            return t[mask]
-        if mask is not None and t.dim() > 2:  # a [B, d] input (e.g. a pooler) has one row per sequence: no mask
+    def of(self, t: Tensor, name: str, sequence: str = INPUT) -> Tensor:
+        """Flatten `[..., d]` to `[k, d]`, keeping only the sampled positions (a `[B, d]` input, e.g. a pooler's,
+        has one row per sequence: all kept)."""
+        if t.dim() <= 2:
+            return t.reshape(-1, t.shape[-1])
+        counted = self.counted.get(sequence)
+        if counted is not None and t.shape[:-1] != counted.shape:
             self.unmasked.add(name)
-        return t.reshape(-1, t.shape[-1])
+        mask = self._mask(sequence, t.shape[:-1])
+        return t.reshape(-1, t.shape[-1]) if mask is None else t[mask]
+
+    def _mask(self, sequence: str, shape: torch.Size) -> Tensor | None:
+        """The batch's mask of `sequence` for inputs of leading `shape`, subsampled once (None: every row)."""
+        key = (sequence, shape)
+        if key not in self._drawn:
+            counted = self.counted.get(sequence)
+            mask = counted if counted is not None and counted.shape == shape else None
+            if self.fraction < 1.0:
+                mask = subsample(mask, shape, self.fraction, self.generator)
+            self._drawn[key] = None if mask is None or bool(mask.all()) else mask  # all: no indexing
+        return self._drawn[key]
 
     def first_reader(self, x: Tensor, name: str) -> str:
         """The first layer that read the tensor `x` in this forward (`name` if none did). Held by weak
@@ -86,7 +111,7 @@ class InputRows:
     def end_batch(self) -> None:
         self.grouped = True
         self._seen.clear()
-        self._last = None
+        self._last, self._drawn = None, {}
 
 
 Held = tuple[Tensor, Tensor | None]  # rows, and their projection by a sketched factor's test matrix (or None)
@@ -100,6 +125,8 @@ class LayerRecorder:
         self.recorders, self.replayed = recorders, replayed  # replayed: inside a checkpointed block
         self.inputs: list[list[Held]] = []  # per call: x for Ḡ until its g arrives (a block not checkpointed)
         self.half: tuple[Tensor | None, Held | None] | None = None  # (x, g) of a replayed layer, the first to come
+        self.sequence: str | None = None  # whose positions its rows are (objective.INPUT or DECODER), on first call
+        self.entry = -1  # the checkpointed block's forward it was last called in (Recorders.entries)
 
     def forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
@@ -111,13 +138,17 @@ class LayerRecorder:
         record = self.recorders.record
         if record is not None:  # a forward inside a backward: a checkpointing replay, counted already but Ḡ's x
             if record.mean_grad and self.replayed:
-                self._meet(x=rows.rows(x, self.name))
+                self._meet(x=rows.rows(x, self.name, self.sequence))
             return
+        if self.sequence is None:
+            self.sequence = self.recorders.sequence_of(self.name, x)
+        if self.replayed:
+            self._check_once_per_block()
         if not rows.grouped:  # the same tensor object read by several layers (q/k/v; gate/up)
             self.layer.input_group = rows.first_reader(x, self.name)
             if self.layer.input_group != self.name:
                 self.acc.drop_input(self.name)
-        x_rows = rows.rows(x, self.name)  # masked once, for both uses below and the layers sharing x
+        x_rows = rows.rows(x, self.name, self.sequence)  # masked once, for both uses below and the layers sharing x
         self.layer.tokens += x_rows.shape[0]
         if self.layer.input_group == self.name:
             projected = self.layer.input_sum.add_outer(x_rows)
@@ -136,7 +167,7 @@ class LayerRecorder:
         record = self.recorders.record
         if record is None:  # a backward the pass did not run records nothing
             return
-        g = self.recorders.inputs.of(grad.detach(), self.name)
+        g = self.recorders.inputs.of(grad.detach(), self.name, self.sequence)
         projected = self.layer.grad_sum.add_outer(g, weight=record.weight) if record.grad_cov else None
         if not record.mean_grad:
             return
@@ -148,6 +179,17 @@ class LayerRecorder:
         if not self.inputs:
             self.recorders.holding.discard(self)
         self.layer.mean_grad_sum.add_outer(g, other=x, rows_projected=projected, other_projected=x_projected)
+
+    def _check_once_per_block(self) -> None:
+        """The replay gives a block's inputs in call order, its gradients come in reverse: one (x, g) slot pairs
+        them only for a layer called once per block forward."""
+        if self.entry == self.recorders.entries:
+            raise RuntimeError(
+                f"layer {self.name!r} is called twice inside one checkpointed block, whose replay cannot pair its "
+                "inputs with their gradients; turn gradient checkpointing off for the statistics "
+                "(model.gradient_checkpointing_disable()) and leave memory_budget unset"
+            )
+        self.entry = self.recorders.entries
 
     def _meet(self, x: Tensor | None = None, g: Held | None = None) -> None:
         """Ḡ += g xᵀ for a layer in a checkpointed block, once both halves arrived (in either order)."""
@@ -175,23 +217,35 @@ class Recorders:
     now running (None between backwards; set only by `backward`)."""
 
     def __init__(
-        self, acc: StatsAccumulator, modules: Mapping[str, nn.Module], replayed: frozenset[str], holds_inputs: bool
-    ) -> None:
+        self, acc: StatsAccumulator, modules: Mapping[str, nn.Module], replayed: frozenset[str], holds_inputs: bool,
+        inputs: InputRows | None = None,
+    ) -> None:  # fmt: skip
         self.modules, self.holds_inputs = modules, holds_inputs
         self.layers = {name: LayerRecorder(name, acc, self, name in replayed) for name in modules}
-        self.inputs = InputRows()
+        self.inputs = inputs or InputRows()
+        self.decoder: frozenset[str] = frozenset()  # layers inside an encoder–decoder model's decoder
+        self._encoder_output: weakref.ref | None = None  # that model's encoder output in this forward
         self.record: Record | None = None
         self.leaves: list[Tensor] = []  # what the input-gradient backward targets
         self.held_peak = 0  # the most bytes held for Ḡ at once (this process, any batch)
         self.holding: set[LayerRecorder] = set()  # the layers holding something for Ḡ now
+        self.entries = 0  # checkpointed block forwards so far (not their replays)
 
     @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator[Recorders]:
-        """The layers' forward hooks (and the embeddings' root hook) for the duration; always removed."""
+    def attached(self, model: nn.Module, blocks: Iterable[nn.Module] = ()) -> Iterator[Recorders]:
+        """The layers' forward hooks (and the embeddings' root hooks, the checkpointed `blocks`' entry count) for
+        the duration; always removed."""
         handles = [m.register_forward_hook(self.layers[name].forward) for name, m in self.modules.items()]
-        embeddings = input_embeddings(model)
-        if embeddings is not None:
-            handles.append(embeddings.register_forward_hook(self._root))
+        handles += [block.register_forward_pre_hook(self._entered) for block in blocks]
+        stacks = [model]
+        if is_encoder_decoder(model):  # each stack may embed with its own module (tied weights, not one module)
+            encoder, decoder = model.get_encoder(), model.get_decoder()
+            stacks += [encoder, decoder]
+            inside = {id(m) for m in decoder.modules()}
+            self.decoder = frozenset(name for name, m in self.modules.items() if id(m) in inside)
+            handles.append(encoder.register_forward_hook(self._encoded))
+        embeddings = {id(e): e for e in map(input_embeddings, stacks) if e is not None}
+        handles += [e.register_forward_hook(self._root) for e in embeddings.values()]
         try:
             yield self
         finally:
@@ -199,8 +253,25 @@ class Recorders:
                 h.remove()
             self._release()
 
-    def begin_batch(self, mask: Tensor | None, leaves: list[Tensor]) -> None:
-        self.inputs.mask, self.leaves = mask, leaves
+    def begin_batch(self, counted: Mapping[str, Tensor | None], leaves: list[Tensor]) -> None:
+        """Per sequence, the positions that count (`objective.position_masks`); the float inputs rooted."""
+        self.inputs.begin(counted)
+        self.leaves = leaves
+
+    def sequence_of(self, name: str, x: Tensor) -> str:
+        """Whose positions a layer's rows are: an encoder–decoder model's decoder layers read decoder positions,
+        except those reading the encoder's output (cross-attention keys and values); every other layer, input
+        positions. Decided by the module and the tensor, not by a shape two sequences may share."""
+        encoded = self._encoder_output() if self._encoder_output is not None else None
+        return DECODER if name in self.decoder and x is not encoded else INPUT
+
+    def _entered(self, module: nn.Module, args: tuple) -> None:
+        if self.record is None:  # a block's forward, not its replay inside a backward
+            self.entries += 1
+
+    def _encoded(self, module: nn.Module, args: tuple, output: object) -> None:
+        hidden = output if isinstance(output, Tensor) else output[0]
+        self._encoder_output = weakref.ref(hidden) if isinstance(hidden, Tensor) else None
 
     def end_batch(self) -> None:
         """Input groups are fixed after the first batch; what identified this batch's inputs is dropped, and

@@ -8,8 +8,10 @@
 - `check_policy`: `preserve` writes `W − s·B·A` into the base weight, which cannot be done to a quantized
   weight (bitsandbytes 4/8-bit, QLoRA) and is wrong wherever that weight is read by something else: a
   weight tied to another module (`lm_head` ↔ `embed_tokens` in tied Llama-3.2 / Qwen2.5 / Gemma) or a base
-  shared by other adapters of the layer. `preserve` (opted into: the default is `zero`) on such a layer is an
-  error that says why, raised before the statistics pass (every integration goes through here).
+  shared by other adapters of the layer. So is `preserve` with `lora_dropout > 0`: in training the adapter reads
+  `dropout(x)` while the base lost `s·B·A·x`, so the step-0 loss is not the original model's. `preserve` (opted
+  into: the default is `zero`) on such a layer is an error that says why, raised before the statistics pass
+  (every integration goes through here).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_na
     adapter computes (module docstring); where it is allowed, say once what learning rate it wants."""
     if config.policy != "preserve":
         return
+    _refuse_dropout(layers, adapter_name)
     uses = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
     for name, module in layers.items():
         weight = getattr(base_layer(module), "weight", None)
@@ -93,3 +96,16 @@ def check_policy(peft_model: nn.Module, layers: dict[str, nn.Module], adapter_na
         "LoRA's mean on most tasks (BENCHMARKS.md). Tune the learning rate rather than copying it from a LoRA "
         "recipe, or use the default policy 'zero'"
     )
+
+
+def _refuse_dropout(layers: dict[str, nn.Module], adapter_name: str) -> None:
+    """`preserve` keeps the outputs only if the adapter reads the same `x` as the base: no LoRA dropout."""
+    for name, module in layers.items():
+        dropouts = getattr(module, "lora_dropout", {})
+        p = getattr(dropouts[adapter_name], "p", 0.0) if adapter_name in dropouts else 0.0
+        if p > 0:
+            raise ValueError(
+                f"policy 'preserve' with lora_dropout={p} (layer {name!r}): in training the adapter reads dropout(x) "
+                "while the base lost s·B·A·x, so the step-0 loss would not be the original model's; set "
+                "lora_dropout=0 or use policy='zero' (the default)"
+            )
