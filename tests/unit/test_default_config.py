@@ -27,6 +27,9 @@ def test_default_config_is_the_benchmarked_one():
         "exact_max_dim": 1024,
         "stop_tol": 0.2,  # stops at 8 batches on the encoder (= the 8-batch results); 0.1 read 32, no better
         "keep_knowledge": False,  # opt-in until the quality protocol measures it against CorDA's KPM (issue 27)
+        # `activation` is the smol protocol's ablation of the copied-lr gap on SmolLM2 (BENCHMARKS): default when
+        # it wins there
+        "zero_scale": "row",
     }
     assert {name: getattr(config, name) for name in chosen} == chosen
 
@@ -37,5 +40,6 @@ def test_default_config_has_no_unreviewed_fields():
         "selector", "fisher_type", "mc_samples", "policy", "num_batches", "positions", "position_fraction",
         "damping", "stable_gamma", "rank_budget", "rank_cap", "solver", "sketch_rank", "exact_max_dim",
         "memory_budget", "cache_path", "seed", "force", "progress", "stop_tol", "keep_knowledge", "keep_data",
+        "zero_scale",
     }  # fmt: skip
     assert set(FisherConfig.model_fields) == reviewed
