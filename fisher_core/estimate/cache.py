@@ -44,8 +44,9 @@ def fingerprint(model: nn.Module, gathering: Gathering | None = None) -> str:
     and FSDP's wrapper segments and `.base_layer`, so a plain model and its PEFT model with a fresh adapter agree.
 
     Cost: every byte of the model is read once, on its own device (no copy to the CPU), with two int64
-    operations per 16-bit word (~34 bytes of memory traffic per bf16 parameter: milliseconds per billion on a
-    GPU); measured on one CPU core, 0.9 s per 100 M bf16 parameters, 2.3 s per 100 M fp32. Sharded models are
+    operations per 16-bit word: measured on one CPU core, 0.9 s per 100 M bf16 parameters, 2.3 s per 100 M
+    fp32; on a GPU, ~34 bytes of memory traffic per bf16 parameter (estimated, not measured: ~10 ms per
+    billion at 3 TB/s), against seconds to minutes for the statistics pass it saves. Sharded models are
     read whole one module at a time (a collective on a sharded model: every process calls it; FSDP1 with the
     `Gathering` of a `whole_parameters` region). Weights offloaded to the meta device cannot be read: refused
     with a `ValueError`.
