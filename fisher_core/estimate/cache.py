@@ -53,6 +53,7 @@ def fingerprint(model: nn.Module, gathering: Gathering | None = None) -> str:
     """
     gathering = gathering or Gathering()
     h = hashlib.sha256()
+    read: dict[int, bytes] = {}  # by parameter: a tied weight (lm_head = embed_tokens) is read once
     for raw, module in model.named_modules():
         if LORA_FACTORS.intersection(raw.split(".")):
             continue
@@ -60,11 +61,12 @@ def fingerprint(model: nn.Module, gathering: Gathering | None = None) -> str:
         factors = isinstance(getattr(module, "lora_A", None), nn.ModuleDict)  # a LoRA layer: read its factors
         with gathering.layer(module, recurse=factors):  # the parameters read here whole, then sharded again
             own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            tensors = {f"{name}.{key}": whole(t) for key, t in own if key != FSDP1_FLAT_PARAM}
-            tensors |= _active_factors(name, module)
-            for key, t in sorted(tensors.items()):
-                h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(_checksum(key, t))
+            for key, t in sorted((f"{name}.{k}", t) for k, t in own if k != FSDP1_FLAT_PARAM):
+                if id(t) not in read:
+                    read[id(t)] = _checksum(key, whole(t))
+                h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode() + read[id(t)])
+            for key, t in sorted(_active_factors(name, module).items()):
+                h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode() + _checksum(key, t))
     return h.hexdigest()
 
 
