@@ -17,6 +17,7 @@ Exit codes: 0 done, 2 bad input (the reason on one line on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,13 @@ REPORT_FILE = "report.json"
 NO_FLAG = {"progress", "force"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEEP_STATS_FILE = "fisher_stats.keep.safetensors"  # `keep_knowledge`: fisher_core.keep.keep_cache_path(STATS_FILE)
+# what `init` writes and `--overwrite` replaces; a README.md (PEFT's model card) is added only where there is none,
+# and every other file in --out (the user's README, a report.png) is left as it is
 OUTPUTS = (
-    "adapter_config.json", "adapter_model.safetensors", "README.md", STATS_FILE, REPORT_FILE, "report.png",
+    "adapter_config.json", "adapter_model.safetensors", STATS_FILE, REPORT_FILE, RECORD_FILE, RESIDUAL_DIR,
     KEEP_STATS_FILE,
 )  # fmt: skip
+MODEL_CARD = "README.md"
 
 
 class UsageError(Exception):
@@ -194,6 +198,15 @@ def run_init(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UsageError(str(e)) from e
     peft_model = _peft_model(args)
+    with _new_dirs(args.out.parent):  # removed again if the run fails
+        _initialize_into(args, config, peft_model, batches, tokenizer)
+    return 0
+
+
+def _initialize_into(
+    args: argparse.Namespace, config: FisherConfig, peft_model: Any, batches: list[dict], tokenizer: Any
+) -> None:
+    """Initialize, write into a temporary sibling of `--out`, move into place and say where to train."""
     from fisher_core import initialize
 
     staging = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}.tmp-"))
@@ -210,7 +223,20 @@ def run_init(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _say_where_to_train(args, config, base_dir)
-    return 0
+
+
+@contextlib.contextmanager
+def _new_dirs(path: Path) -> Iterator[None]:
+    """Create `path` and its missing parents; if the block fails, remove the ones made here (nothing is left)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for p in missing:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 def fisher_config(args: argparse.Namespace) -> FisherConfig:
@@ -275,20 +301,52 @@ def _check_init_inputs(args: argparse.Namespace, config: FisherConfig) -> None:
         raise UsageError(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a directory")
-    for flag, path in (("--out", args.out), ("cache_path", Path(config.cache_path).parent)):
-        _check_writable_dir(flag, path)
-    if not args.overwrite and any((args.out / f).exists() for f in (*OUTPUTS[:2], STATS_FILE, RESIDUAL_DIR)):
+    if args.out.resolve() == args.model.resolve() or args.model.resolve() in args.out.resolve().parents:
+        raise UsageError(
+            f"--out {args.out} is inside --model {args.model}: the adapter would change what loads from the model "
+            "directory; pass an --out outside it"
+        )
+    if Path(config.cache_path).is_dir():
+        raise UsageError(f"cache_path {config.cache_path} is a directory; pass a file path")
+    _check_device(args.device)
+    # --out's parent holds the staging folder; --out and the cache's folder receive files
+    for flag, path in (("--out", args.out), ("--out", args.out.parent), ("cache_path", Path(config.cache_path).parent)):
+        _check_can_write(flag, path)
+    if not args.overwrite and any((args.out / f).exists() for f in OUTPUTS):
         raise UsageError(f"--out {args.out} already holds fisher-lora output; pass --overwrite or another --out")
 
 
-def _check_writable_dir(flag: str, path: Path) -> None:
-    """Create `path` (and its parents) now, so a path under a regular file fails before the statistics pass."""
+def _check_can_write(flag: str, path: Path) -> None:
+    """Whether files can be made in `path` (or, where it does not exist yet, in its nearest existing parent):
+    probed by creating and removing a temporary folder there, which also holds for root, whom permission bits
+    do not stop, and for read-only file systems. Creates nothing that stays."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: cannot create this directory ({existing} is a file); choose another path")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".fisher-lora-probe-"))
     except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot create this directory ({e.strerror}); choose another path") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"{flag} {path}: not writable; choose another path")
+        raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror}); choose another path") from None
+
+
+def _check_device(device: str | None) -> None:
+    """`--device` names a device this machine has: cpu, or an available accelerator (cuda, cuda:N, xpu, mps)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device name; pass cpu, cuda or cuda:N") from None
+    if kind.type == "cpu":
+        return
+    backend = getattr(torch, kind.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {device}: this machine has no {kind.type} device; pass cpu or leave it unset")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if kind.index is not None and kind.index >= count:
+        raise UsageError(f"--device {device}: this machine has {count} {kind.type} device(s), numbered from 0")
 
 
 def _configure_output(quiet: bool) -> None:
@@ -334,16 +392,19 @@ def _peft_model(args: argparse.Namespace) -> Any:
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
-    """Replace fisher-lora's outputs in `out` with the complete set in `staging` (other files in `out` stay).
+    """Replace fisher-lora's outputs in `out` with the complete set in `staging` (other files in `out` stay, a
+    README.md among them: the staged model card goes in only where there is none).
     The old outputs are set aside first and deleted only once every new one is in place; SIGINT waits."""
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
     try:
-        for name in (*OUTPUTS, RECORD_FILE, RESIDUAL_DIR):
+        out.mkdir(exist_ok=True)
+        for name in OUTPUTS:
             if (out / name).exists():
                 os.replace(out / name, old / name)
         for item in staging.iterdir():
-            os.replace(item, out / item.name)
+            if item.name != MODEL_CARD or not (out / MODEL_CARD).exists():
+                os.replace(item, out / item.name)
     except BaseException:
         for item in old.iterdir():  # put the previous outputs back
             os.replace(item, out / item.name)

@@ -36,8 +36,14 @@ class DataError(ValueError):
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-empty line; a line that is not a JSON object is an error."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{number} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+                ) from e
             if not line.strip():
                 continue
             try:

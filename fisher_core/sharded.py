@@ -93,18 +93,19 @@ class Gathering:
     def __init__(self, fsdp1: _Fsdp1Region | None = None) -> None:
         self.fsdp1 = fsdp1
 
-    def layer(self, layer: nn.Module, write: bool = False) -> contextlib.AbstractContextManager:
+    def layer(self, layer: nn.Module, write: bool = False, recurse: bool = True) -> contextlib.AbstractContextManager:
         """Inside: `layer`'s parameters (base weight, bias, LoRA factors) are whole. ZeRO-3: gathered; with
         `write`, process 0's values are re-partitioned on exit (every process writes the same values). FSDP1:
         the unit holding the layer is made whole (with the units inside it) and stays whole after the context,
         until another unit is asked for; written values are kept. A collective in both cases (every process
-        enters, layer by layer in the same order); else a no-op."""
+        enters, layer by layer in the same order); else a no-op. `recurse=False`: only `layer`'s own
+        parameters (ZeRO-3), not its submodules'."""
         if self.fsdp1 is not None:
             unit = self.fsdp1.units.get(layer)
             if unit is not None:
                 self.fsdp1.make_whole(unit)
             return contextlib.nullcontext()
-        params = [p for p in layer.parameters() if is_partitioned(p)]
+        params = [p for p in layer.parameters(recurse=recurse) if is_partitioned(p)]
         if not params:
             return contextlib.nullcontext()
         import deepspeed

@@ -74,7 +74,7 @@ def estimate(
         from fisher_core.estimate.cache import load_matching, save
 
         batches = list(islice(batches, config.num_batches))  # every batch the pass may read is fingerprinted
-        key = _cache_key(model, modules, batches, loss_fn, logits_fn)
+        key = _cache_key(model, batches, loss_fn, logits_fn)
         cached = load_matching(config.cache_path, modules, config, *key)
         if cached is not None:
             return cached
@@ -99,15 +99,14 @@ def estimate(
 
 
 def _cache_key(
-    model: nn.Module, modules: Mapping[str, nn.Module], batches: list[Batch], loss_fn: LossFn | None,
-    logits_fn: LogitsFn | None,
-) -> tuple[str, str]:  # fmt: skip
+    model: nn.Module, batches: list[Batch], loss_fn: LossFn | None, logits_fn: LogitsFn | None
+) -> tuple[str, str]:
     """(data, weights) fingerprints a cached file must match; the same on every process."""
     from fisher_core.estimate.cache import data_fingerprint, fingerprint
 
     data = global_fingerprint(data_fingerprint(batches, loss_fn, logits_fn))
-    with whole_parameters(model) as gathering:  # FSDP1 and ZeRO-3: each layer gathered while its sample is taken
-        return data, fingerprint(modules, gathering)
+    with whole_parameters(model) as gathering:  # FSDP1 and ZeRO-3: each module gathered while it is read
+        return data, fingerprint(model, gathering)
 
 
 def _pass(

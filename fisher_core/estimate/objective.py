@@ -75,8 +75,8 @@ def supervised_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
 
 
 def summed_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Σ_k −log softmax(logits_k)[labels_k], computed in fp32."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    """Σ_k −log softmax(logits_k)[labels_k], computed in fp32; labels of any integer dtype (int32 too)."""
+    return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
 
 
 def sample_labels(logits: Tensor, generator: torch.Generator) -> Tensor:

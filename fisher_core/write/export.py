@@ -6,7 +6,8 @@ offsets), so the adapter to ship is `Δ = s·B·A − Σ_j s_j·B_j·A_j`: the s
 `[s·B | −s_1·B_1 | …]`, `[A; A_1; …]`, compressed to their exact numerical rank (rank 2r after one
 `preserve` init, like PEFT's PiSSA conversion). Exported layers carry scale 1 (`lora_alpha = r` per
 layer, no rsLoRA) so any layer's rank can differ. The write goes to a temporary directory that is
-renamed into place; an existing adapter is never overwritten unless `overwrite=True`.
+renamed into place; an existing adapter is never overwritten unless `overwrite=True`, and other files in the
+directory (a README.md, a report) are never replaced: PEFT's model card is added only where there is none.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fisher_core.layers import base_layer, layer_kind
+from fisher_core.layers import base_layer, canonical_name, layer_kind
 from fisher_core.sharded import sharding
 from fisher_core.write.peft import check_peft_model, lora_layers, resize_adapter
 from fisher_core.write.record import (
@@ -67,12 +68,12 @@ def export_adapter(
                 (tmp / adapter_name).rmdir()
         else:
             _save_converted(peft_model, tmp, adapter_name, record)
-        if path.exists():
+        if path.exists():  # the adapter files are ours to replace; anything else there (a README) is the user's
             for f in ADAPTER_FILES:
                 (path / f).unlink(missing_ok=True)
             for f in tmp.iterdir():
-                os.replace(f, path / f.name)
-            tmp.rmdir()
+                if f.name in ADAPTER_FILES or not (path / f.name).exists():
+                    os.replace(f, path / f.name)
         else:
             os.replace(tmp, path)
     finally:
@@ -168,9 +169,12 @@ def _save_converted(peft_model: nn.Module, directory: Path, adapter_name: str, r
 
 
 def _state_prefix(state: dict[str, Tensor], name: str) -> str:
+    """The state-dict prefix of layer `name` (canonical): the key whose module name is exactly `name` once PEFT's
+    and FSDP's wrapper segments are dropped (a name that is a suffix of another's, `model.layers.0.q_proj` beside
+    `vision.model.layers.0.q_proj`, must not take the other's key)."""
     for key in state:
-        if key.endswith(f"{name}.lora_A.weight"):
-            return key[: -len(".lora_A.weight")]
+        if key.endswith(".lora_A.weight") and canonical_name(key.removesuffix(".lora_A.weight")) == name:
+            return key.removesuffix(".lora_A.weight")
     raise KeyError(f"PEFT's state dict has no lora_A for layer {name!r}")
 
 
