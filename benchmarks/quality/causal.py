@@ -43,7 +43,8 @@ SPLITS = {
     "val": ("julius_caesar",),
     "test": ("macbeth",),
 }
-BASE_CHANGING = ("lora_ga", "pissa", "olora", "corda")  # PEFT inits that write the base (and fisher's `preserve`)
+# PEFT inits that write the base (and fisher's `preserve`)
+BASE_CHANGING = ("lora_ga", "pissa", "olora", "corda", "corda-kpm")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 128
 
@@ -188,12 +189,7 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
     if fisher is not None:
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
     else:
-        rows = random.Random(seed).sample(data.calibration, preset.calibration * preset.batch_size)
-        encoded = [encode(tokenizer, r["prompt"], r["completion"]) for r in rows]
-        batches = [
-            collate(encoded[i : i + preset.batch_size], tokenizer.pad_token_id)
-            for i in range(0, len(encoded), preset.batch_size)
-        ]
+        batches = _calibration(method, data, model, tokenizer, preset, seed)
         model = build_adapter(method, model, batches, lora={**lora, "task_type": "CAUSAL_LM"}).model
     trainer = _trainer(data, model, tokenizer, peft_config, lr, seed, preset)
     callback = None
@@ -222,6 +218,22 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
         "init_seconds": init_seconds[0],
         "init_batches": callback.report.num_batches if callback and callback.report else None,
     }
+
+
+def _calibration(method: str, data: LMData, model, tokenizer, preset, seed: int) -> list[dict]:
+    """The batches a PEFT data-driven init reads: `calibration·batch_size` training rows drawn by `seed`; for
+    CorDA's knowledge-preserved mode the data whose knowledge is kept, the same keep data `keep_knowledge` builds
+    by default (the model's own greedy answers to fisher-lora's shipped instructions)."""
+    if method == "corda-kpm":
+        from fisher_core.keep.answers import instructions, own_answer_batches, prompt_ids
+
+        return own_answer_batches(model, tokenizer, [prompt_ids(tokenizer, i) for i in instructions()])
+    rows = random.Random(seed).sample(data.calibration, preset.calibration * preset.batch_size)
+    encoded = [encode(tokenizer, r["prompt"], r["completion"]) for r in rows]
+    return [
+        collate(encoded[i : i + preset.batch_size], tokenizer.pad_token_id)
+        for i in range(0, len(encoded), preset.batch_size)
+    ]
 
 
 def _trainer(data: LMData, model, tokenizer, peft_config, lr: float, seed: int, preset):

@@ -2,9 +2,11 @@
 
 `lora` is PEFT's default (`init_lora_weights=True`: Kaiming A, zero B); `gaussian`, `pissa`, `olora`,
 `orthogonal` and `mica` are PEFT's weight-only inits; `eva`, `corda` (IPM) and `lora_ga` are PEFT's
-data-driven inits and read the calibration batches; `fisher` is `fisher_core.initialize` with the
-given `FisherConfig`; `fisher-random` is its ablation with the data's directions replaced by random ones
-of the same norms. Every method gets the same rank, alpha, target modules and trainable head.
+data-driven inits and read the calibration batches; `corda-kpm` is CorDA's knowledge-preserved mode, whose
+calibration batches are the data whose knowledge is kept (the caller passes those); `fisher` is
+`fisher_core.initialize` with the given `FisherConfig`; `fisher-random` is its ablation with the data's
+directions replaced by random ones of the same norms. Every method gets the same rank, alpha, target modules
+and trainable head.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from benchmarks.quality.encoder import Batch
 from fisher_core import FisherConfig, initialize
 
 WEIGHT_ONLY = ("gaussian", "pissa", "olora", "orthogonal", "mica")
-DATA_DRIVEN = ("eva", "corda", "lora_ga", "fisher")
+DATA_DRIVEN = ("eva", "corda", "corda-kpm", "lora_ga", "fisher")
 ABLATIONS = ("fisher-random",)
 METHODS = ("lora", *WEIGHT_ONLY, *DATA_DRIVEN, *ABLATIONS)
 # BERT's linear layers: attention q/k/v, attention output, MLP in/out and the pooler (all `dense`).
@@ -95,14 +97,24 @@ def _eva(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: F
     return Adapter(peft_model)
 
 
-def _corda(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None) -> Adapter:
+def _corda(mode: str) -> Builder:
+    """PEFT's CorDA in `mode` ("ipm": instruction-previewed, task data; "kpm": knowledge-preserved, the data
+    whose knowledge is kept)."""
+
+    def build(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None) -> Adapter:
+        return _corda_adapter(model, kwargs, calibration, mode)
+
+    return build
+
+
+def _corda_adapter(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], mode: str) -> Adapter:
     """PEFT's CorDA hook takes `input[0].squeeze(0)` as a [T, d] matrix: it assumes batches of one
     sequence and 3-D layer inputs. A 2-D input (BERT's pooler reads [B, d]) would give a wrong
     covariance, so that is refused."""
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    config = LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"), **kwargs)
+    config = LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method=mode), **kwargs)
 
     if "dense" in kwargs["target_modules"] and hasattr(model, "bert"):
         raise NotImplementedError("corda: PEFT's CorDA cannot read BERT's pooler (2-D input); drop it from targets")
@@ -168,7 +180,8 @@ _BUILDERS: dict[str, Builder] = {
     "lora": _peft_init(True),
     **{name: _peft_init(name) for name in WEIGHT_ONLY},
     "eva": _eva,
-    "corda": _corda,
+    "corda": _corda("ipm"),
+    "corda-kpm": _corda("kpm"),
     "lora_ga": _lora_ga,
     "fisher": _fisher,
     "fisher-random": _fisher_random,
