@@ -299,6 +299,12 @@ def _check_init_inputs(args: argparse.Namespace, config: FisherConfig) -> None:
             raise UsageError(f"{flag} must be at least 1 (got {value})")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
+    if config.policy == "preserve" and args.lora_dropout > 0:  # write/plan.py refuses it too, after the load
+        raise UsageError(
+            f"--policy preserve with --lora-dropout {args.lora_dropout}: in training the adapter reads dropout(x) "
+            "while the base lost s·B·A·x, so the step-0 loss would not be the original model's; pass "
+            "--lora-dropout 0 or use the default policy zero"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a directory")
     if args.out.resolve() == args.model.resolve() or args.model.resolve() in args.out.resolve().parents:

@@ -64,6 +64,7 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "bogus device": (["--device", "bogus"], "--device bogus: not a device name"),
         "meta device": (["--device", "meta"], "--device meta: this machine has no meta device"),
         "cache dir": (["--cache-path", tmp_path / "cache_dir"], "is a directory; pass a file path"),
+        "preserve dropout": (["--policy", "preserve", "--lora-dropout", "0.1"], "preserve with --lora-dropout"),
     }
     if not torch.cuda.is_available():
         cases["cuda"] = (["--device", "cuda"], "--device cuda: this machine has no cuda device")
@@ -72,7 +73,7 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["not utf-8", "bogus device", "meta device", "cache dir", "cuda"])
+@pytest.mark.parametrize("case", ["not utf-8", "bogus device", "meta device", "cache dir", "preserve dropout", "cuda"])
 def test_bad_input_is_one_line_and_leaves_no_out_behind(tiny_llama_dir, tmp_path, case):
     cases = _bad_input_cases(tmp_path)
     if case == "cuda" and case not in cases:
