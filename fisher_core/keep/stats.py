@@ -43,7 +43,7 @@ def keep_statistics(
         return estimate(model, data.make(model), target_modules=modules, config=keep_config)
     path = keep_cache_path(Path(config.cache_path))
     with whole_parameters(model) as gathering:
-        key = global_fingerprint(data.key), fingerprint(modules, gathering)
+        key = global_fingerprint(data.key), fingerprint(model, gathering)
     cached = load_matching(path, modules, keep_config, *key)
     if cached is not None:
         return cached
