@@ -38,11 +38,14 @@ def build(
     batch_size: int = 4,
     save_steps: int | None = None,
     ref_model: Any = None,
+    data_file: str | None = None,
     **training: Any,
 ) -> tuple[Trainer, FisherInitCallback | None]:
     """An SFT or DPO trainer on the tiny data; with `fisher` (FisherConfig keywords) a callback is attached.
-    `ref_model` (DPO only) is a separate reference model."""
-    trainer_cls, config_cls, data_file = TASKS[task]
+    `ref_model` (DPO only) is a separate reference model; `data_file` another file of `data/` (e.g. `chat.jsonl`,
+    conversational `messages` rows for SFT)."""
+    trainer_cls, config_cls, default_data = TASKS[task]
+    data_file = data_file or default_data
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     dataset = load_dataset("json", data_files=str(DATA / data_file), split="train")

@@ -31,14 +31,17 @@ LAYERS = 14  # 2 decoder layers × 7 projections
 BUDGET = 40  # of 14 × r=4 = 56
 
 
-def axolotl_yaml(name: str, model_dir: Path, work: Path, **overrides) -> Path:
-    """A tiny recipe pointed at the tiny model, shared prepared data and its own output dir."""
+def axolotl_yaml(name: str | Path, model_dir: Path, work: Path, *, plugin: bool = True, **overrides) -> Path:
+    """A recipe (a file in recipes/tiny/, or the path of another) pointed at `model_dir`, shared prepared data and
+    its own output dir; `plugin=False` drops the plugin and every key of it (the same run without fisher-lora)."""
     cfg = yaml.safe_load((TINY / name).read_text())
     cfg["base_model"] = str(model_dir)
     for ds in cfg["datasets"]:
         ds["path"] = str(ROOT / ds["path"])
     cfg["dataset_prepared_path"] = str(work / "prepared")
     cfg.update(overrides)
+    if not plugin:
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("fisher_") and k not in ("plugins", "lora_init")}
     path = work / f"{Path(cfg['output_dir']).name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -127,11 +130,11 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def trained_model(base_dir: Path, out: Path):
-    """The model training ran: original base minus the offsets recorded in the last checkpoint, plus its raw
+def trained_model(base_dir: Path, checkpoint: Path):
+    """The model training ran: original base minus the offsets recorded in its last checkpoint, plus its raw
     adapter (an oracle independent of the conversion at train end)."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "checkpoint-4")
-    restore_offsets(model, load_record(out / "checkpoint-4"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), checkpoint)
+    restore_offsets(model, load_record(checkpoint))
     return model.eval()
 
 
@@ -168,7 +171,7 @@ def test_checkpoints_carry_the_base_offsets(fresh):
 def test_saved_adapter_reproduces_trained_model_on_original_base(fresh, tiny_llama_dir):
     out, _ = fresh
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    expected = logits(trained_model(tiny_llama_dir, out), ids)
+    expected = logits(trained_model(tiny_llama_dir, out / "checkpoint-4"), ids)
     exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()
     torch.testing.assert_close(logits(exported, ids), expected, rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
