@@ -49,20 +49,15 @@ def _dialogue_pairs(split: str) -> list[tuple[str, str]]:
 
 
 def _functions(path: Path) -> list[tuple[str, str]]:
-    """(signature, first docstring paragraph ≤ 32 words) of the file's functions with a docstring of ≥ 8 words."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    except (SyntaxError, ValueError):
-        return []
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
-            doc = ast.get_docstring(node)
-            first = " ".join((doc or "").strip().split("\n\n")[0].split())
-            if 8 <= len(first.split()) and ">>>" not in first:
-                signature = f"def {node.name}({ast.unparse(node.args)}):"
-                out.append((signature[:160], " ".join(first.split()[:32])))
-    return out
+    """(signature, first docstring paragraph ≤ 32 words) of the file's public functions with a docstring of ≥ 8
+    words."""
+    from benchmarks.quality.tasks import documented
+
+    return [
+        (f"def {node.name}({ast.unparse(node.args)}):"[:160], " ".join(first.split()[:32]))
+        for node, first in documented(path)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_")
+    ]
 
 
 def _docstring_rows(split: str, rng: random.Random) -> list[dict]:

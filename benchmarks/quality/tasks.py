@@ -188,8 +188,9 @@ def fortune_source(sizes: tuple[int, int, int] = (200, 48, 96), block: int = 10)
 LIBRARIES = ("torch", "numpy", "transformers", "matplotlib")
 
 
-def docstrings(path: Path, min_words: int = 8) -> list[str]:
-    """First paragraphs of the module's, classes' and functions' docstrings, doctest lines dropped."""
+def documented(path: Path, min_words: int = 8) -> list[tuple[ast.AST, str]]:
+    """(node, first docstring paragraph, whitespace collapsed) of the module, classes and functions of the source
+    file `path` whose first paragraph has at least `min_words` words and no doctest; [] if it does not parse."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
     except (SyntaxError, ValueError):
@@ -197,12 +198,15 @@ def docstrings(path: Path, min_words: int = 8) -> list[str]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            doc = ast.get_docstring(node)
-            if doc:
-                first = " ".join(doc.strip().split("\n\n")[0].split())
-                if len(first.split()) >= min_words and ">>>" not in first:
-                    out.append(first)
+            first = " ".join((ast.get_docstring(node) or "").strip().split("\n\n")[0].split())
+            if len(first.split()) >= min_words and ">>>" not in first:
+                out.append((node, first))
     return out
+
+
+def docstrings(path: Path, min_words: int = 8) -> list[str]:
+    """First paragraphs of the module's, classes' and functions' docstrings, doctest lines dropped."""
+    return [first for _, first in documented(path, min_words)]
 
 
 def library_sources(lib: str, reader: str) -> tuple[Path, list[Path]]:
