@@ -92,3 +92,60 @@ def test_the_plan_runs_only_the_presets_methods_and_ablations_and_ends(preset_na
             records.append({**key.__dict__, "curve": [{"step": 1, "val_loss": loss}]})
         assert len(records) < 2000
     assert {r["method"] for r in records} <= set(preset.methods) | set(preset.ablations)
+
+
+def test_lr_on_mean_runs_every_seed_at_every_lr_and_extends_where_the_mean_is_best_at_an_edge():
+    """`lr_on_mean` (the smol preset's rule): all seeds at each grid lr, the lr chosen on the mean over seeds, one
+    more lr (all seeds) beyond an edge where the mean is best there — even when seed 0 alone is best inside."""
+    from dataclasses import replace
+
+    from benchmarks.quality.protocol import PRESETS, RunKey, chosen_lr, plan
+
+    preset = replace(PRESETS["smol"], tasks=("smol-dialogue",), methods=("lora",), first=())
+    assert plan(preset, []) == [RunKey("smol-dialogue", "lora", lr, s) for s in (0, 1, 2) for lr in preset.lr_grid]
+
+    def record(lr: float, seed: int, val: float) -> dict:
+        return {"task": "smol-dialogue", "method": "lora", "lr": lr, "seed": seed, "steps": 40,
+                "curve": [{"step": 40, "val_loss": val, "test_loss": val}]}  # fmt: skip
+
+    low, mid, high = preset.lr_grid
+    # seed 0 prefers the middle lr; the mean over seeds prefers the highest: extend upwards, every seed
+    vals = {low: (3.0, 3.0, 3.0), mid: (1.0, 3.0, 3.0), high: (2.0, 1.5, 1.5)}
+    records = [record(lr, s, v) for lr, seeds in vals.items() for s, v in enumerate(seeds)]
+    assert chosen_lr(preset, records, "smol-dialogue", "lora") == high
+    assert plan(preset, records) == [RunKey("smol-dialogue", "lora", 2 * high, s) for s in (0, 1, 2)]
+    seed0_rule = replace(preset, lr_on_mean=False)
+    assert chosen_lr(seed0_rule, records, "smol-dialogue", "lora") == mid
+
+
+def test_smol_tasks_are_held_out_by_source():
+    from benchmarks.quality.causal import SPLITS
+    from benchmarks.quality.smol import DOC_SPLITS, task_rows
+
+    assert not set(SPLITS["train"]) & set(SPLITS["test"]) and not set(DOC_SPLITS["train"]) & set(DOC_SPLITS["test"])
+    assert task_rows("smol-dialogue", (64, 8, 8)) == task_rows("smol-dialogue", (64, 8, 8))  # deterministic
+    for task in ("smol-dialogue", "smol-docstring"):
+        rows = task_rows(task, (64, 8, 8))
+        train = {r["user"] for r in rows["train"]}
+        assert not train & {r["user"] for r in rows["val"] + rows["test"]}
+    assert all(r["rejected"] != r["completion"] for r in rows["train"])
+
+
+@pytest.mark.slow
+def test_smol_protocol_runs_on_smollm2_with_forgetting_probes(tmp_path, smollm2_dir):
+    """The smol path end to end at its tiny size: SmolLM2 through TRL in its chat template, the default init
+    through the TRL callback, the forgetting probes at every curve point, tables and the Pareto picture."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", "smol-tiny", "--out", str(out),
+         "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "protocol.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"lora", "fisher-zero"} and not [r for r in records if "failed" in r]
+    untuned = json.loads((out / "untuned.json").read_text())
+    for r in records:
+        assert all(p["own_loss"] > 0 and p["general_loss"] > 0 for p in r["curve"])
+        assert r["curve"][-1]["own_loss"] != untuned["own_loss"]  # training moved the model on its own answers
+    assert "Forgetting" in (out / "tables.md").read_text() and (out / "forgetting.png").stat().st_size > 0

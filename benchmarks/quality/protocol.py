@@ -164,8 +164,8 @@ PRESETS = {
     "lm-long": replace(LM, tasks=("sft-tragedy",), lr_grid=(1e-3, 2e-3, 4e-3, 8e-3), steps=450),
     "smol": SMOL,
     "smol-tiny": replace(  # the smoke test of the smol tasks: seconds per run, not evidence
-        SMOL, tasks=("smol-docstring", "smol-docstring-dpo"), methods=("lora", "fisher-zero"), lr_grid=(1e-3,),
-        seeds=(0, 1), steps=2, batch_size=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0,
+        SMOL, tasks=("smol-docstring",), methods=("lora", "fisher-zero"), lr_grid=(1e-3,), seeds=(0,), steps=2,
+        batch_size=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0, first=(),
     ),
     # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
     "tiny": Preset(
@@ -493,9 +493,10 @@ def prepare(preset: Preset, path: Path) -> None:
     if any(t.startswith("smol-") for t in preset.tasks):
         from benchmarks.quality.smol import untuned_probes
 
-        if not (path.parent / "untuned.json").is_file():
+        untuned = path.parent / "untuned.json"
+        if not untuned.is_file() or "tasks" not in json.loads(untuned.read_text()):
             path.parent.mkdir(parents=True, exist_ok=True)
-            (path.parent / "untuned.json").write_text(json.dumps(untuned_probes(), indent=1))
+            untuned.write_text(json.dumps(untuned_probes(preset), indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:

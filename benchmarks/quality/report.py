@@ -297,6 +297,9 @@ def write(path: Path, preset: Preset) -> None:
             robustness_table(records, task, preset),
             "",
         ]
+        if untuned and task in untuned.get("tasks", {}):
+            val, test = untuned["tasks"][task]
+            parts += [f"The untuned model: validation loss {val:.3f}, test loss {test:.3f}.", ""]
         if untuned and (table := forgetting_table(records, task, preset, untuned)):
             parts += ["Forgetting: increase over the untuned model, each method at its own lr:", "", table, ""]
         ablation = ablation_table(records, task, preset)

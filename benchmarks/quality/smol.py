@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -181,10 +182,20 @@ def smol_data(task: str, preset):
     return LMData(kind, base, trl_rows(task, rows["train"]), rendered(tokenizer, rows["train"]), val, test, probes, 192)
 
 
-def untuned_probes() -> dict[str, float]:
-    """The untuned model's forgetting probes: what every run's forgetting is measured from."""
+def untuned_probes(preset) -> dict:
+    """The untuned model's forgetting probes (what every run's forgetting is measured from) and its validation and
+    test loss on each of the preset's tasks (`tasks`: {task: [val, test]}; DPO's is ln 2 by construction)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from benchmarks.quality.causal import curve_point
+
     base = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(base)
-    return forgetting(model, AutoTokenizer.from_pretrained(base), {"general": general_texts(), "own": own_answers()})
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    out: dict = forgetting(model, tokenizer, {"general": general_texts(), "own": own_answers()})
+    out["tasks"] = {}
+    for task in preset.tasks:
+        data = smol_data(task, preset)
+        if data.kind == "sft":
+            point = curve_point(replace(data, probes=None), model, tokenizer, 0)
+            out["tasks"][task] = [point["val_loss"], point["test_loss"]]
+    return out
