@@ -53,7 +53,7 @@ VARIANTS: dict[str, dict] = {
     "fisher": PRESERVE,
     "fisher-zero": {"policy": "zero"},
     # A's output scale matched to PEFT's default A (E‖A x‖²) instead of its row norm: the smol ablation of the
-    # copied-lr gap (the row-norm Fisher directions give SmolLM2's attention layers A x < 5 % of Kaiming's)
+    # copied-lr gap (at the row norm, SmolLM2's attention layers get E‖A x‖² of 1–7 % of Kaiming A's)
     "fisher-zero-act": {"policy": "zero", "zero_scale": "activation"},
     # learn the task, keep what the model knew (issue 27): keep data = the model's own answers by default
     "fisher-keep": {"policy": "zero", "keep_knowledge": True},
