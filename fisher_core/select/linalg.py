@@ -16,11 +16,15 @@ DEFAULT_ROW_NORM = 1.0 / math.sqrt(3.0)
 
 def activation_matched(a: Tensor, input_cov: Tensor | FactorSketch) -> Tensor:
     """`a` times the one scalar `c` with `tr(c·A S_A c·Aᵀ) = r·tr(S_A)/(3n)`: E‖A x‖² of PEFT's Kaiming-uniform A
-    (entries of variance 1/(3n)) on inputs of second moment `S_A` (n×n, dense or a sketch: then `S_A ≈ U Λ Uᵀ`)."""
+    (entries of variance 1/(3n)) on inputs of second moment `S_A` (n×n, dense or a sketch: then
+    `S_A ≈ U Λ Uᵀ + ρ (I − U Uᵀ)`, `ρ` the mean of the eigenvalues the sketch does not hold, from its trace)."""
     r, n = a.shape
-    if isinstance(input_cov, FactorSketch):
+    if isinstance(input_cov, FactorSketch):  # the complement of its top-k as one value, as `spectral` models it
         values, vectors = input_cov.eigenpairs()
-        energy, trace = float((values * (a @ vectors).pow(2)).sum()), input_cov.trace
+        on_top = (a @ vectors).pow(2)
+        rest = max(input_cov.trace - float(values.sum()), 0.0) / max(n - values.numel(), 1)
+        energy = float((values * on_top).sum()) + rest * float(a.pow(2).sum() - on_top.sum())
+        trace = input_cov.trace
     else:
         energy, trace = float(((a @ input_cov) * a).sum()), float(input_cov.diagonal().sum())
     target = r * trace / (3.0 * n)
