@@ -164,7 +164,7 @@ PRESETS = {
     "lm-long": replace(LM, tasks=("sft-tragedy",), lr_grid=(1e-3, 2e-3, 4e-3, 8e-3), steps=450),
     "smol": SMOL,
     "smol-tiny": replace(  # the smoke test of the smol tasks: seconds per run, not evidence
-        SMOL, tasks=("smol-docstring",), methods=("lora", "fisher-zero"), lr_grid=(1e-3,), seeds=(0,), steps=2,
+        SMOL, tasks=("smol-dialogue",), methods=("lora", "fisher-zero"), lr_grid=(1e-3,), seeds=(0,), steps=2,
         batch_size=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0, first=(),
     ),
     # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
