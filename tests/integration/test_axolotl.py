@@ -72,6 +72,14 @@ def axolotl_train(config: Path, *, ok: bool = True) -> str:
     return out
 
 
+def log_history(out: Path) -> list[dict]:
+    """The per-step metrics of a run at full precision (the printed log rounds losses to 4 digits), as the trainer
+    state of its one checkpoint holds them."""
+    (checkpoint,) = out.glob("checkpoint-*")
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "loss" in entry]
+
+
 def fisher_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "fisher-lora:" in line]
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
-from test_axolotl import axolotl_train, axolotl_yaml, fisher_lines, logits, trained_model
+from test_axolotl import axolotl_train, axolotl_yaml, fisher_lines, log_history, logits, trained_model
 from test_cli import fisher_lora
 from test_trainer_glue import logged_steps
 from test_trl_sft import Probe
@@ -85,13 +85,6 @@ def assert_data_chosen_a_at_b_zero(adapter: dict[str, torch.Tensor]) -> None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("smollm2")
-
-
-def log_history(out: Path) -> list[dict]:
-    """The per-step metrics of a run, as the trainer state of its last checkpoint holds them."""
-    (checkpoint,) = out.glob("checkpoint-*")
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    return [entry for entry in history if "loss" in entry]
 
 
 def smol_train(model_dir: Path, work: Path, name: str, **overrides) -> tuple[Path, str]:
