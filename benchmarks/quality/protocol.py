@@ -144,7 +144,9 @@ SMOL = Preset(
     extend=2,
     ablations=(),
     lr_on_mean=True,
-    first=("lora", "fisher-zero", "fisher-zero-act"),
+    # the copied-lr question (LoRA, the default, its scale ablation) and the forgetting question (issue 27: the
+    # knowledge-keeping mode against CorDA's knowledge-preserved mode), task by task
+    first=("lora", "fisher-zero", "fisher-zero-act", "fisher-keep", "corda-kpm"),
 )
 
 PRESETS = {
