@@ -29,6 +29,7 @@ class Shape:
     kv_heads: int
     vocab: int
     weights: str | None = None  # "smollm2": the real pretrained model of that shape; None: random weights
+    tied: bool = False  # the output layer is the input embedding (counted once)
 
     def config(self) -> LlamaConfig:
         from transformers import LlamaConfig
@@ -64,7 +65,7 @@ class Shape:
 
     def num_params(self) -> int:
         block = sum(m * n for m, n in self.linears().values()) + 2 * self.hidden
-        return self.layers * block + 2 * self.vocab * self.hidden + self.hidden
+        return self.layers * block + (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
 
 
 # CPU sizes from tiny to ~100M parameters, then two blocks at 1B/3B/8B widths; the last two are the real Llama-3
@@ -76,8 +77,10 @@ PRESETS: dict[str, Shape] = {
     "large": Shape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=16384),
     # two decoder blocks at the layer shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3-8B (436 M parameters):
     # the real per-layer shapes on a CPU, the widths most people fine-tune
-    # the real SmolLM2-135M-Instruct (tied embeddings: the parameter count below counts its embedding twice)
-    "smollm2": Shape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, weights="smollm2"),
+    # the real SmolLM2-135M-Instruct (its output layer is its input embedding)
+    "smollm2": Shape(
+        hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, weights="smollm2", tied=True
+    ),
     "1b-width": Shape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=8192),
     "3b-width": Shape(hidden=3072, intermediate=8192, layers=2, heads=24, kv_heads=8, vocab=8192),
     "8b-width": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, vocab=8192),
