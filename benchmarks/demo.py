@@ -14,11 +14,13 @@ original model. One seed and a few steps: a look at the user's path, not evidenc
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +136,22 @@ def answers(model_dir: Path, adapters: dict[str, Path]) -> dict[str, list[str]]:
     return result
 
 
+def _quiet() -> None:
+    """Keep the demo's output to its own lines: no import chatter of optional kernels, no expected warnings, no
+    weight-loading progress bars (the two Axolotl runs log to their own files)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _quiet()
     started = time.perf_counter()
     from benchmarks.smollm2 import smollm2_dir
 
