@@ -207,22 +207,34 @@ def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: di
 
 
 def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, float], out: Path) -> None:
-    """Task loss against forgetting at the validation-chosen step, each method at its own lr (mean ± std over
-    seeds): one row per task, one column per forgetting probe. Down and left is better."""
+    """Task loss against forgetting at the validation-chosen step (mean ± std over seeds), one point per lr a method
+    ran, joined in lr order, the method's chosen lr ringed: one row per task that has runs, one column per
+    forgetting probe. Down and left is better; a method whose line lies below another's at the same forgetting
+    learns more for what it forgets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(preset.tasks), len(PROBES), figsize=(9, 3.3 * len(preset.tasks)), squeeze=False)
-    for row, task in zip(axes, preset.tasks, strict=True):
+    tasks = [t for t in preset.tasks if any(_runs_with_probes(records, t, m) for m in preset.methods)]
+    fig, axes = plt.subplots(len(tasks), len(PROBES), figsize=(9, 3.6 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks, strict=True):
         for ax, (key, name) in zip(row, PROBES.items(), strict=True):
             for method in preset.methods:
-                if runs := _forgetting_runs(records, task, method, preset):
-                    x = [stopped(r)[key] - untuned[key] for r in runs]
-                    y = [stopped(r)["test_loss"] for r in runs]
-                    spread = {"xerr": _std(x), "yerr": _std(y)} if len(runs) > 1 else {}
-                    ax.errorbar(_mean(x), _mean(y), **spread, fmt="o", ms=4, capsize=2, label=label(method))
+                by_lr = _runs_with_probes(records, task, method)
+                if not by_lr:
+                    continue
+                points = {lr: ([stopped(r)[key] - untuned[key] for r in runs], [stopped(r)["test_loss"] for r in runs])
+                          for lr, runs in sorted(by_lr.items())}  # fmt: skip
+                line = ax.plot([_mean(x) for x, _ in points.values()], [_mean(y) for _, y in points.values()],
+                               marker="o", ms=3, label=label(method))[0]  # fmt: skip
+                for lr, (x, y) in points.items():
+                    if len(x) > 1:
+                        ax.errorbar(_mean(x), _mean(y), xerr=_std(x), yerr=_std(y), color=line.get_color(), lw=0.7)
+                    ax.annotate(f"{lr:g}", (_mean(x), _mean(y)), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                if (chosen := chosen_lr(preset, records, task, method)) in points:
+                    x, y = points[chosen]
+                    ax.plot(_mean(x), _mean(y), "o", ms=9, mfc="none", color=line.get_color())
             ax.set_title(task, fontsize=9)
             ax.set_xlabel(f"forgetting: loss increase on {name}")
             ax.set_ylabel("test loss (stopped)")
@@ -230,6 +242,15 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _runs_with_probes(records: list[dict], task: str, method: str) -> dict[float, list[dict]]:
+    """A method's runs on `task` that carry forgetting probes, by lr."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in records:
+        if (r["task"], r["method"]) == (task, method) and "curve" in r and "own_loss" in r["curve"][0]:
+            by_lr.setdefault(r["lr"], []).append(r)
+    return by_lr
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
