@@ -15,17 +15,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_protocol(preset: str, out: Path, workers: int) -> list[dict]:
+    """`python -m benchmarks.quality.protocol --preset PRESET` into `out`, which must succeed; its records."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", preset, "--out", str(out),
+         "--workers", str(workers)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "protocol.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_tiny_protocol_runs_every_stage_and_writes_tables(tmp_path):
     from benchmarks.quality.protocol import PRESETS, RunKey, plan
 
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", "tiny", "--out", str(out), "--workers", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "protocol.jsonl").read_text().splitlines()]
+    records = run_protocol("tiny", out, workers=2)
     assert not [r for r in records if "failed" in r], [r["failed"] for r in records if "failed" in r]
     keys = [RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records]
     assert len(keys) == len(set(keys))  # two workers, no run twice
@@ -41,13 +47,7 @@ def test_tiny_causal_protocol_trains_sft_and_dpo_and_refuses_preserve_for_dpo(tm
     """The causal-LM tasks through TRL at the `lm-tiny` preset (a 2-step pre-trained Llama): every SFT init
     runs; for DPO, whose reference is the adapter-disabled model, `preserve` is recorded as refused."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", "lm-tiny", "--out", str(out),
-         "--workers", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = {(r["task"], r["method"]): r for r in map(json.loads, (out / "protocol.jsonl").read_text().splitlines())}
+    records = {(r["task"], r["method"]): r for r in run_protocol("lm-tiny", out, workers=1)}
     assert "writes the base" in records["dpo-tragedy", "fisher"]["failed"]
     ran = {key: r for key, r in records.items() if "failed" not in r}
     assert set(ran) == {(t, m) for t in ("sft-tragedy", "dpo-tragedy") for m in ("lora", "fisher-zero")} | {
@@ -136,13 +136,7 @@ def test_smol_protocol_runs_on_smollm2_with_forgetting_probes(tmp_path, smollm2_
     """The smol path end to end at its tiny size: SmolLM2 through TRL in its chat template, the default init
     through the TRL callback, the forgetting probes at every curve point, tables and the Pareto picture."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", "smol-tiny", "--out", str(out),
-         "--workers", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "protocol.jsonl").read_text().splitlines()]
+    records = run_protocol("smol-tiny", out, workers=1)
     assert {r["method"] for r in records} == {"lora", "fisher-zero"} and not [r for r in records if "failed" in r]
     untuned = json.loads((out / "untuned.json").read_text())
     for r in records:
