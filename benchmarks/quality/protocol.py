@@ -2,12 +2,15 @@
 
     python -m benchmarks.quality.protocol                     # CPU preset, 2 worker processes
     python -m benchmarks.quality.protocol --preset gpu        # the larger version (one GPU)
+    python -m benchmarks.quality.protocol --preset smol       # SmolLM2-135M-Instruct, chat tasks, forgetting (smol.py)
     python -m benchmarks.quality.protocol --tables-only       # rewrite the tables from what is recorded
 
 Every method runs the same recipe on each of the four encoder tasks of `tasks.py` (MiniLM-L6, r = 8,
 AdamW with warm-up and linear decay, the same 16 calibration batches for every data-driven init):
 1. `grid`   seed 0 at every lr of `lr_grid`; a method whose best lr sits at an edge of what it ran gets
             the next lr beyond it (×2 or ×½), until its best lr is bracketed;
+   With `lr_on_mean` (the `smol` preset) every seed runs at every lr and the lr is chosen on the mean over
+   seeds; `first` names the methods whose grid runs before every other's;
 2. `seeds`  the remaining seeds at each method's own best lr;
 3. `ablate` each Fisher variant of `VARIANTS` (whitening off, calibration size, sketched statistics, true
             Fisher, another selector) on every seed at `fisher`'s (policy preserve) best lr: which
