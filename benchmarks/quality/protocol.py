@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -472,6 +473,7 @@ def worker(preset_name: str, out: Path | None = None) -> None:
         try:
             record = run_one(key, preset, data)
         except Exception as e:  # a PEFT init that does not run on a task is recorded as failed, not retried
+            traceback.print_exc()  # the record keeps the message; the log keeps where it came from
             record = {**asdict(key), "failed": f"{type(e).__name__}: {str(e)[:300]}"}
         with locked(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
