@@ -106,12 +106,7 @@ def initialize(
     """
     config = config or FisherConfig()
     layers = supported(lora_layers(peft_model, adapter_name))
-    with whole_parameters(peft_model) as gathering:
-        trained = trained_layers(peft_model, layers, adapter_name, gathering)
-        if not config.force:
-            refuse_trained(trained, adapter_name)
-        check_ranks(layers, adapter_name, config)
-        check_policy(peft_model, layers, adapter_name, config)
+    trained = _check_before_pass(peft_model, layers, adapter_name, config)
     keep = keep_data(config, tokenizer) if config.keep_knowledge else None
     if trained and any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold
@@ -133,7 +128,27 @@ def initialize(
         t = time.perf_counter()
         apply(peft_model, directions, adapter_name, force=config.force, gathering=gathering)
         times["write"] = time.perf_counter() - t
-    report = InitReport(
+    report = _report(config, stats, directions, times)
+    logger.info(report.summary())
+    return report
+
+
+def _check_before_pass(
+    peft_model: nn.Module, layers: dict[str, nn.Module], adapter_name: str, config: FisherConfig
+) -> list[str]:
+    """The refusals that need no statistics (`write.plan`); returns the layers whose adapter is already trained."""
+    with whole_parameters(peft_model) as gathering:
+        trained = trained_layers(peft_model, layers, adapter_name, gathering)
+        if not config.force:
+            refuse_trained(trained, adapter_name)
+        check_ranks(layers, adapter_name, config)
+        check_policy(peft_model, layers, adapter_name, config)
+    return trained
+
+
+def _report(config: FisherConfig, stats: FisherStats, directions: Directions, times: dict[str, float]) -> InitReport:
+    """The run's `InitReport`: per layer the rank, captured Fisher mass, top scores and tokens read."""
+    return InitReport(
         selector=config.selector,
         fisher_type=config.fisher_type,
         policy=config.policy,
@@ -149,8 +164,6 @@ def initialize(
         stats=stats,
         directions=directions,
     )
-    logger.info(report.summary())
-    return report
 
 
 def initialize_lora_fisher_weights(
