@@ -102,16 +102,21 @@ def pretrained_lm(steps: int, cache: Path | None = None) -> Path:
     return target
 
 
+def speech_pairs(split: str) -> list[tuple[str, str]]:
+    """(last 24 words of a speech, first 20 words of the speech answering it) in the plays of `split`, in order."""
+    return [
+        (_clip(prev, 24, tail=True), _clip(nxt, 20, tail=False))
+        for play in _play_speeches(SPLITS[split], 6)
+        for prev, nxt in pairwise(play)
+    ]
+
+
 def dialogue_splits(sizes: tuple[int, int, int], seed: int = 0) -> dict[str, list[dict]]:
     """`{train, val, test}` rows `{prompt, completion, rejected}`, held out by play (module docstring)."""
     rng = random.Random(seed)
     out = {}
     for (split, plays), size in zip(SPLITS.items(), sizes, strict=True):
-        rows = [
-            {"prompt": _clip(prev, 24, tail=True) + "\n", "completion": _clip(nxt, 20, tail=False)}
-            for play in _play_speeches(plays, 6)
-            for prev, nxt in pairwise(play)
-        ]
+        rows = [{"prompt": prev + "\n", "completion": nxt} for prev, nxt in speech_pairs(split)]
         if len(rows) < size:
             raise ValueError(f"{split} plays {plays} give {len(rows)} speech pairs, fewer than {size}")
         rng.shuffle(rows)

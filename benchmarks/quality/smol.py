@@ -24,7 +24,6 @@ import ast
 import json
 import random
 from dataclasses import replace
-from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -37,16 +36,6 @@ SMOL_TASKS = ("smol-dialogue", "smol-docstring", "smol-docstring-dpo")
 DOC_SPLITS = {"train": ("numpy", "scipy"), "val": ("sympy",), "test": ("matplotlib",)}
 GENERIC = Path(__file__).parent / "data" / "generic_eval.jsonl"
 PROBE_ROWS = 16
-
-
-def _dialogue_pairs(split: str) -> list[tuple[str, str]]:
-    from benchmarks.quality.causal import SPLITS, _clip, _play_speeches
-
-    return [
-        (_clip(prev, 24, tail=True), _clip(nxt, 20, tail=False))
-        for play in _play_speeches(SPLITS[split], 6)
-        for prev, nxt in pairwise(play)
-    ]
 
 
 def _functions(path: Path) -> list[tuple[str, str]]:
@@ -80,12 +69,14 @@ def _docstring_rows(split: str, rng: random.Random) -> list[dict]:
 def task_rows(task: str, sizes: tuple[int, int, int], seed: int = 0) -> dict[str, list[dict]]:
     """`{train, val, test}` rows `{user, completion[, rejected]}` of a smol task, held out by source (module
     docstring), `sizes` rows each, seeded."""
+    from benchmarks.quality.causal import speech_pairs
+
     rng = random.Random(seed)
     out = {}
     for split, size in zip(("train", "val", "test"), sizes, strict=True):
         if task == "smol-dialogue":
             rows = [{"user": f"Reply to this line from a play, in its style:\n\n{p}", "completion": c}
-                    for p, c in _dialogue_pairs(split)]  # fmt: skip
+                    for p, c in speech_pairs(split)]  # fmt: skip
         else:
             rows = _docstring_rows(split, rng)
         if len(rows) < size:
