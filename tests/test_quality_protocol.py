@@ -143,3 +143,36 @@ def test_smol_protocol_runs_on_smollm2_with_forgetting_probes(tmp_path, smollm2_
         assert all(p["own_loss"] > 0 and p["general_loss"] > 0 for p in r["curve"])
         assert r["curve"][-1]["own_loss"] != untuned["own_loss"]  # training moved the model on its own answers
     assert "Forgetting" in (out / "tables.md").read_text() and (out / "forgetting.png").stat().st_size > 0
+
+
+def _probe_record(method: str, lr: float, seed: int, test: float, own: float, general: float) -> dict:
+    point = {"step": 40, "test_loss": test, "val_loss": test, "accuracy": 0.2, "own_loss": own, "general_loss": general}
+    return {"task": "smol-dialogue", "method": method, "lr": lr, "seed": seed, "steps": 40, "curve": [point]}
+
+
+def _probe_records(rows: dict[tuple[str, float], tuple[float, float, float]]) -> list[dict]:
+    """Three seeds per (method, lr), spread ±0.02 (std 0.02) around the given (test, own, general) means."""
+    return [_probe_record(m, lr, s, t + d, o + d, g + d)
+            for (m, lr), (t, o, g) in rows.items() for s, d in enumerate((-0.02, 0.0, 0.02))]  # fmt: skip
+
+
+def test_keep_verdict_names_the_closest_rival_and_every_point_that_dominates():
+    """Issue 27's target line: within LoRA's noise on the task, forgetting below every other init beyond 2× std
+    (here 0.04), and the (method, lr) points that are at least as good on all three at once."""
+    from benchmarks.quality.protocol import PRESETS
+    from benchmarks.quality.report import keep_verdict
+
+    untuned = {"own_loss": 1.0, "general_loss": 4.0}
+    rows = {("lora", 4e-3): (4.63, 1.8, 4.06), ("lora", 1e-3): (4.72, 1.5, 4.0),
+            ("fisher-zero", 4e-3): (4.65, 1.6, 4.0), ("corda-kpm", 5e-4): (4.74, 1.25, 4.1),
+            ("fisher-keep", 2e-3): (4.65, 1.17, 3.9)}  # fmt: skip
+    line = keep_verdict(_probe_records(rows), "smol-dialogue", PRESETS["smol"], untuned)
+    assert "test loss 4.650 vs LoRA 4.630 (within noise)" in line
+    assert "own answers Δ +0.170: less than every other init beyond noise (closest corda-kpm +0.080" in line
+    assert "general text Δ -0.100: less than every other init beyond noise (closest fisher-zero (default)" in line
+    assert "no other (method, lr) dominates it" in line
+    rows[("corda-kpm", 5e-4)] = (4.74, 1.2, 4.1)  # 0.03 from fisher-keep: inside 2× std
+    rows[("lora", 1e-3)] = (4.64, 1.1, 3.85)  # as good on everything
+    line = keep_verdict(_probe_records(rows), "smol-dialogue", PRESETS["smol"], untuned)
+    assert "own answers Δ +0.170: not beyond noise below every init" in line
+    assert line.endswith("dominated by lora @ 0.001")

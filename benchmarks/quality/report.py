@@ -206,6 +206,53 @@ def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: di
     return _markdown(head, rows) if rows else ""
 
 
+def _own_lr_scores(records: list[dict], task: str, preset: Preset, key: str, untuned: dict) -> dict[str, list]:
+    """Each method's values of `key` at its own lr's validation-chosen step (forgetting probes as the increase over
+    the untuned model), methods with fewer than 2 seeds left out."""
+    out = {}
+    for method in preset.methods:
+        runs = _forgetting_runs(records, task, method, preset)
+        if len(runs) > 1:
+            out[method] = [stopped(r)[key] - untuned.get(key, 0.0) for r in runs]
+    return out
+
+
+def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, ours: str = "fisher-keep") -> str:
+    """Issue 27's target, each method at its own lr: `ours`'s test loss within 2× seed std of LoRA's, and on each
+    forgetting probe less forgetting than every other init by more than 2× the larger seed std; then which other
+    (method, lr) points, at any lr, learn the task at least as well *and* forget no more (Pareto-dominate it)."""
+    loss = _own_lr_scores(records, task, preset, "test_loss", {})
+    if ours not in loss or "lora" not in loss:
+        return f"{task}: not enough seeds yet"
+    gap = _mean(loss[ours]) - _mean(loss["lora"])
+    within = gap <= 2 * max(_std(loss[ours]), _std(loss["lora"]))
+    parts = [f"test loss {_mean(loss[ours]):.3f} vs LoRA {_mean(loss['lora']):.3f} "
+             f"({'within' if within else 'beyond'} noise)"]  # fmt: skip
+    for key, name in PROBES.items():
+        forgot = _own_lr_scores(records, task, preset, key, untuned)
+        margins = {m: (_mean(v) - _mean(forgot[ours]), 2 * max(_std(v), _std(forgot[ours])))
+                   for m, v in forgot.items() if m != ours}  # fmt: skip
+        if not margins:
+            continue
+        closest = min(margins, key=lambda m: margins[m][0] - margins[m][1])
+        margin, noise = margins[closest]
+        word = "less than every other init beyond noise" if margin > noise else "not beyond noise below every init"
+        parts.append(f"{name} Δ {_mean(forgot[ours]):+.3f}: {word} (closest {label(closest)} {margin:+.3f}, "
+                     f"2× std {noise:.3f})")  # fmt: skip
+    mine = _forgetting_runs(records, task, ours, preset)
+    dominated = [f"{label(m)} @ {lr:g}" for m in preset.methods if m != ours
+                 for lr, runs in sorted(_runs_with_probes(records, task, m).items())
+                 if len(runs) > 1 and _dominates(runs, mine)]  # fmt: skip
+    parts.append(f"dominated by {', '.join(dominated)}" if dominated else "no other (method, lr) dominates it")
+    return f"{task}: `{label(ours)}` " + "; ".join(parts)
+
+
+def _dominates(runs: list[dict], ours: list[dict]) -> bool:
+    """The mean of `runs` is at most `ours`'s in test loss and in the increase on every forgetting probe."""
+    keys = ["test_loss", *PROBES]
+    return all(_mean([stopped(r)[k] for r in runs]) <= _mean([stopped(r)[k] for r in ours]) for k in keys)
+
+
 def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, float], out: Path) -> None:
     """Task loss against forgetting at the validation-chosen step (mean ± std over seeds), one point per lr a method
     ran, joined in lr order, the method's chosen lr ringed: one row per task that has runs, one column per
@@ -305,6 +352,9 @@ def write(path: Path, preset: Preset) -> None:
         *(f"- {verdict(records, t, preset, ours)}" for t in preset.tasks),
         "",
     ]
+    if untuned and "fisher-keep" in preset.methods:
+        parts += ["## Learn the task, keep what the model knew (`fisher-keep`, each method at its own lr)", "",
+                  *(f"- {keep_verdict(records, t, preset, untuned)}" for t in preset.tasks), ""]  # fmt: skip
     for task in preset.tasks:
         parts += [
             f"## {task}",
