@@ -176,3 +176,23 @@ def test_keep_verdict_names_the_closest_rival_and_every_point_that_dominates():
     line = keep_verdict(_probe_records(rows), "smol-dialogue", PRESETS["smol"], untuned)
     assert "own answers Δ +0.170: not beyond noise below every init" in line
     assert line.endswith("dominated by lora @ 0.001")
+
+
+def test_a_preset_with_lr_from_runs_every_seed_at_the_lr_the_other_preset_chose(tmp_path, monkeypatch):
+    """`smol-long` runs each method at the lr `smol` chose on the mean over seeds (here not seed 0's best), seed by
+    seed, and nothing once those are recorded."""
+    from dataclasses import asdict
+
+    from benchmarks.quality import protocol
+
+    monkeypatch.setattr(protocol, "RESULTS", tmp_path)
+    losses = {("lora", 1e-3): (4.50, 4.80, 4.80), ("lora", 2e-3): (4.66, 4.66, 4.66), ("fisher-keep", 1e-3): (4.6,)}
+    short = [_probe_record(m, lr, s, v, 1.0, 4.0) for (m, lr), vs in losses.items() for s, v in enumerate(vs)]
+    (tmp_path / "smol").mkdir()
+    (tmp_path / "smol" / "protocol.jsonl").write_text("\n".join(json.dumps(r) for r in short))
+    preset = protocol.PRESETS["smol-long"]
+    todo = protocol.plan(preset, [])
+    assert [(k.method, k.lr, k.seed) for k in todo] == [
+        (m, lr, s) for s in preset.seeds for m, lr in (("lora", 2e-3), ("fisher-keep", 1e-3))
+    ]
+    assert protocol.plan(preset, [asdict(k) for k in todo]) == []

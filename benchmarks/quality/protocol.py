@@ -3,6 +3,7 @@
     python -m benchmarks.quality.protocol                     # CPU preset, 2 worker processes
     python -m benchmarks.quality.protocol --preset gpu        # the larger version (one GPU)
     python -m benchmarks.quality.protocol --preset smol       # SmolLM2-135M-Instruct, chat tasks, forgetting (smol.py)
+    python -m benchmarks.quality.protocol --preset smol-long  # 5× the steps, at the lrs `smol` chose
     python -m benchmarks.quality.protocol --tables-only       # rewrite the tables from what is recorded
 
 Every method runs the same recipe on each of the four encoder tasks of `tasks.py` (MiniLM-L6, r = 8,
@@ -110,6 +111,9 @@ class Preset:
     # methods whose grid runs come before every other method's (task by task, seed by seed): a protocol cut short
     # has their whole comparison
     first: tuple[str, ...] = ()
+    # another preset whose records choose each method's lr: this one only runs every seed at those lrs (a longer
+    # run of a short protocol's choices: does its verdict hold once validation loss stops improving?)
+    lr_from: str | None = None
 
 
 # causal-LM SFT and DPO (causal.py) on a small Llama pre-trained on other real text; DPO refuses the inits that
@@ -179,6 +183,18 @@ PRESETS = {
     "lm": LM,
     "lm-long": replace(LM, tasks=("sft-tragedy",), lr_grid=(1e-3, 2e-3, 4e-3, 8e-3), steps=450),
     "smol": SMOL,
+    # the first tier of `smol` on the dialogue task at 5× the steps (2 passes over the training rows), each method
+    # at the lr `smol` chose for it: where validation-based stopping has something to stop
+    "smol-long": replace(
+        SMOL,
+        tasks=("smol-dialogue",),
+        methods=("lora", "fisher-zero", "fisher-keep", "corda-kpm"),
+        steps=200,
+        eval_at=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+        robust=(),
+        first=(),
+        lr_from="smol",
+    ),
     "smol-tiny": replace(  # the smoke test of the smol tasks: seconds per run, not evidence
         SMOL,
         tasks=("smol-dialogue",),
@@ -321,10 +337,21 @@ def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     return [key for key in todo if key not in done]
 
 
+def follow_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
+    """Every seed (seed by seed) at the lr that the `lr_from` preset's records chose for each method and task."""
+    source = PRESETS[preset.lr_from]
+    theirs = load(results_path(preset.lr_from))
+    done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    todo = [RunKey(task, method, lr, s) for s in preset.seeds for task in preset.tasks for method in preset.methods
+            if (lr := chosen_lr(source, theirs, task, method))]  # fmt: skip
+    return [key for key in todo if key not in done]
+
+
 def plan(preset: Preset, records: list[dict]) -> list[RunKey]:
     """What to run next: the grid until it is bracketed everywhere, then the seeds at each method's own lr, the
-    ablation, and the lr-robustness seeds (most telling first: a protocol cut short has whole tables)."""
-    for stage in (grid_runs, seed_runs, ablation_runs, robust_runs):
+    ablation, and the lr-robustness seeds (most telling first: a protocol cut short has whole tables); with
+    `lr_from`, only every seed at the lrs another preset chose."""
+    for stage in (follow_runs,) if preset.lr_from else (grid_runs, seed_runs, ablation_runs, robust_runs):
         if todo := stage(preset, records):
             return todo
     return []
