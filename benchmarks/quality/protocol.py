@@ -188,7 +188,7 @@ PRESETS = {
     "smol-long": replace(
         SMOL,
         tasks=("smol-dialogue",),
-        methods=("lora", "fisher-zero", "fisher-keep", "corda-kpm"),
+        methods=("lora", "fisher-keep", "fisher-zero", "corda-kpm"),  # two workers take the first two together
         steps=200,
         eval_at=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
         robust=(),
