@@ -196,3 +196,16 @@ def test_a_preset_with_lr_from_runs_every_seed_at_the_lr_the_other_preset_chose(
         (m, lr, s) for s in preset.seeds for m, lr in (("lora", 2e-3), ("fisher-keep", 1e-3))
     ]
     assert protocol.plan(preset, [asdict(k) for k in todo]) == []
+
+
+def test_keep_energy_kappa_is_the_share_of_input_energy_a_captures_over_a_direction_blind_a():
+    """κ_D(A) on a closed form: S = Q diag(4, 3, 2, 1) Qᵀ (mean eigenvalue 2.5); A's rows 2·q₁ and q₄ capture
+    (4·4 + 1)/(4 + 1) = 3.4 per unit norm, κ = 1.36; an isotropic A (all of Q) gives κ = 1."""
+    import torch
+
+    from benchmarks.quality.keep_energy import captured
+
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    s = q @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)) @ q.T
+    assert abs(captured(torch.stack([2 * q[:, 0], q[:, 3]]), s) - 1.36) < 1e-12
+    assert abs(captured(q.T, s) - 1.0) < 1e-12
