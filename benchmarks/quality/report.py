@@ -206,51 +206,67 @@ def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: di
     return _markdown(head, rows) if rows else ""
 
 
-def _own_lr_scores(records: list[dict], task: str, preset: Preset, key: str, untuned: dict) -> dict[str, list]:
-    """Each method's values of `key` at its own lr's validation-chosen step (forgetting probes as the increase over
-    the untuned model), methods with fewer than 2 seeds left out."""
+def _values(runs: list[dict], key: str) -> list[float]:
+    return [stopped(r)[key] for r in runs]
+
+
+def _near_lora(records: list[dict], task: str, preset: Preset) -> dict[tuple[str, float], list[dict]]:
+    """Every (method, lr) with ≥ 2 seeds whose mean stopped test loss is within 2× the larger seed std of LoRA's
+    at LoRA's own lr: the points that learn the task as well as LoRA does, as far as the seeds can tell."""
+    lora = _forgetting_runs(records, task, "lora", preset)
+    if len(lora) < 2:
+        return {}
     out = {}
     for method in preset.methods:
-        runs = _forgetting_runs(records, task, method, preset)
-        if len(runs) > 1:
-            out[method] = [stopped(r)[key] - untuned.get(key, 0.0) for r in runs]
+        for lr, runs in sorted(_runs_with_probes(records, task, method).items()):
+            if len(runs) > 1 and (gap := _gap(runs, lora, "test_loss"))[0] <= gap[1]:
+                out[(method, lr)] = runs
     return out
 
 
 def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, ours: str = "fisher-keep") -> str:
-    """Issue 27's target, each method at its own lr: `ours`'s test loss within 2× seed std of LoRA's, and on each
-    forgetting probe less forgetting than every other init by more than 2× the larger seed std; then which other
-    (method, lr) points, at any lr, learn the task at least as well *and* forget no more (Pareto-dominate it)."""
-    loss = _own_lr_scores(records, task, preset, "test_loss", {})
-    if ours not in loss or "lora" not in loss:
-        return f"{task}: not enough seeds yet"
-    gap = _mean(loss[ours]) - _mean(loss["lora"])
-    within = gap <= 2 * max(_std(loss[ours]), _std(loss["lora"]))
-    parts = [f"test loss {_mean(loss[ours]):.3f} vs LoRA {_mean(loss['lora']):.3f} "
-             f"({'within' if within else 'beyond'} noise)"]  # fmt: skip
-    for key, name in PROBES.items():
-        forgot = _own_lr_scores(records, task, preset, key, untuned)
-        margins = {m: (_mean(v) - _mean(forgot[ours]), 2 * max(_std(v), _std(forgot[ours])))
-                   for m, v in forgot.items() if m != ours}  # fmt: skip
-        if not margins:
-            continue
-        closest = min(margins, key=lambda m: margins[m][0] - margins[m][1])
-        margin, noise = margins[closest]
-        word = "less than every other init beyond noise" if margin > noise else "not beyond noise below every init"
-        parts.append(f"{name} Δ {_mean(forgot[ours]):+.3f}: {word} (closest {label(closest)} {margin:+.3f}, "
-                     f"2× std {noise:.3f})")  # fmt: skip
+    """Issue 27's target on `task`: among the points that learn the task as well as LoRA (`_near_lora`), does
+    `ours`'s least-forgetting point forget less than every other init's, on each probe, by more than 2× the larger
+    seed std? Then which (method, lr) points Pareto-dominate `ours` at its own lr (as low a test loss and no more
+    forgetting on either probe). Inits with no point near LoRA's test loss are named."""
+    near = _near_lora(records, task, preset)
     mine = _forgetting_runs(records, task, ours, preset)
+    if not near or len(mine) < 2:
+        return f"{task}: not enough seeds yet"
+    parts = []
+    for key, name in PROBES.items():
+        best = {}  # each method's least-forgetting point near LoRA's test loss
+        for (method, lr), runs in near.items():
+            if method not in best or _mean(_values(runs, key)) < _mean(_values(best[method][1], key)):
+                best[method] = (lr, runs)
+        if ours not in best:
+            return f"{task}: no `{label(ours)}` point within noise of LoRA's test loss"
+        lr, runs = best.pop(ours)
+        margins = {m: (*_gap(r, runs, key), at) for m, (at, r) in best.items()}
+        closest = min(margins, key=lambda m: margins[m][0] - margins[m][1])
+        gap, noise, at = margins[closest]
+        word = "less than every other init beyond noise" if gap > noise else "not beyond noise below every init"
+        parts.append(f"{name} Δ {_mean(_values(runs, key)) - untuned[key]:+.3f} @ {lr:g}: {word} "
+                     f"(closest {label(closest)} @ {at:g}, {gap:+.3f}, 2× std {noise:.3f})")  # fmt: skip
+    far = [label(m) for m in preset.methods if _forgetting_runs(records, task, m, preset)
+           and not any(m == k[0] for k in near)]  # fmt: skip
     dominated = [f"{label(m)} @ {lr:g}" for m in preset.methods if m != ours
                  for lr, runs in sorted(_runs_with_probes(records, task, m).items())
                  if len(runs) > 1 and _dominates(runs, mine)]  # fmt: skip
-    parts.append(f"dominated by {', '.join(dominated)}" if dominated else "no other (method, lr) dominates it")
-    return f"{task}: `{label(ours)}` " + "; ".join(parts)
+    parts.append(f"no point near LoRA's test loss: {', '.join(far)}" if far else "every init has a point near it")
+    parts.append(f"own lr dominated by {', '.join(dominated)}" if dominated else "no (method, lr) dominates its own lr")
+    return f"{task}: `{label(ours)}` near LoRA's test loss — " + "; ".join(parts)
+
+
+def _gap(theirs: list[dict], ours: list[dict], key: str) -> tuple[float, float]:
+    """(their mean − our mean, 2× the larger seed std) of `key`."""
+    a, b = _values(theirs, key), _values(ours, key)
+    return _mean(a) - _mean(b), 2 * max(_std(a), _std(b))
 
 
 def _dominates(runs: list[dict], ours: list[dict]) -> bool:
     """The mean of `runs` is at most `ours`'s in test loss and in the increase on every forgetting probe."""
-    keys = ["test_loss", *PROBES]
-    return all(_mean([stopped(r)[k] for r in runs]) <= _mean([stopped(r)[k] for r in ours]) for k in keys)
+    return all(_mean(_values(runs, k)) <= _mean(_values(ours, k)) for k in ("test_loss", *PROBES))
 
 
 def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, float], out: Path) -> None:
