@@ -167,6 +167,8 @@ SMOL = Preset(
     first=("lora", "fisher-zero", "fisher-keep", "corda-kpm"),
 )
 
+SMOKE = dict(lr_grid=(1e-3,), steps=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0)
+
 PRESETS = {
     "cpu": Preset(),
     "gpu": Preset(
@@ -195,47 +197,21 @@ PRESETS = {
         first=(),
         lr_from="smol",
     ),
-    "smol-tiny": replace(  # the smoke test of the smol tasks: seconds per run, not evidence
-        SMOL,
-        tasks=("smol-dialogue",),
-        methods=("lora", "fisher-zero"),
-        lr_grid=(1e-3,),
-        seeds=(0,),
-        steps=2,
-        batch_size=2,
-        calibration=1,
-        sizes=(8, 4, 4),
-        eval_at=(0.5, 1.0),
-        extend=0,
-        first=(),
+    # the smoke tests' size (tests/test_quality_protocol.py): seconds a run, not evidence
+    "smol-tiny": replace(
+        SMOL, **SMOKE, tasks=("smol-dialogue",), methods=("lora", "fisher-zero"), seeds=(0,), batch_size=2, first=()
     ),
-    # the smoke test's size (tests/test_quality_protocol.py): seconds, not evidence
     "tiny": Preset(
+        **SMOKE,
         tasks=("word-sentiment",),
         methods=("lora", "fisher"),
-        lr_grid=(1e-3,),
         seeds=(0, 1),
-        steps=2,
         batch_size=4,
         head_warmup=1,
-        calibration=1,
-        sizes=(8, 4, 4),
-        eval_at=(0.5, 1.0),
         ablations=("fisher-nowhiten",),
-        extend=0,
     ),
-    "lm-tiny": replace(  # the smoke test of the causal-LM tasks
-        LM,
-        methods=("lora", "fisher-zero", "fisher"),
-        lr_grid=(1e-3,),
-        seeds=(0,),
-        steps=2,
-        batch_size=2,
-        calibration=1,
-        sizes=(8, 4, 4),
-        eval_at=(0.5, 1.0),
-        pretrain_steps=2,
-        extend=0,
+    "lm-tiny": replace(
+        LM, **SMOKE, methods=("lora", "fisher-zero", "fisher"), seeds=(0,), batch_size=2, pretrain_steps=2
     ),
 }
 
