@@ -87,6 +87,7 @@ def worker(args: argparse.Namespace) -> None:
             "device": device,
         }
         args.worker.write_text(json.dumps(record))
+    dist.barrier()  # tear gloo down together: a rank leaving first aborted its peer once, under load
     dist.destroy_process_group()
 
 
