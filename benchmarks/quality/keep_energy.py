@@ -39,23 +39,33 @@ def captured(a: torch.Tensor, s: torch.Tensor) -> float:
     return float(((a @ s) * a).sum() / a.pow(2).sum() / (s.diagonal().sum() / s.shape[0]))
 
 
+def _batches(tokenizer, pairs: list[tuple[list[int], list[int]]]) -> list[dict]:
+    """(ids, labels) pairs collated 4 at a time."""
+    from benchmarks.quality.completions import collate
+
+    return [collate(pairs[i : i + 4], tokenizer.pad_token_id) for i in range(0, len(pairs), 4)]
+
+
+def _row_batches(tokenizer, rows: list[dict]) -> list[dict]:
+    """Rendered `{prompt, completion}` rows as batches of 4, the prompt unlabelled."""
+    from benchmarks.quality.completions import encode
+
+    return _batches(tokenizer, [encode(tokenizer, r["prompt"], r["completion"]) for r in rows])
+
+
 def input_sets(tokenizer, model, rows: int) -> dict[str, list[dict]]:
     """The batches of each input set: task test rows, keep data, the own-answer and general-text probes."""
-    from benchmarks.quality.completions import collate, encode
     from benchmarks.quality.smol import general_texts, own_answers, rendered, task_rows
     from fisher_core.keep.answers import instructions, own_answer_batches, prompt_ids
-
-    def batches(pairs: list[tuple[list[int], list[int]]]) -> list[dict]:
-        return [collate(pairs[i : i + 4], tokenizer.pad_token_id) for i in range(0, len(pairs), 4)]
 
     test = rendered(tokenizer, task_rows("smol-dialogue", (4, 4, rows))["test"])
     text = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in general_texts()]
     keep = own_answer_batches(model, tokenizer, [prompt_ids(tokenizer, i) for i in instructions()])
     return {
-        "task": batches([encode(tokenizer, r["prompt"], r["completion"]) for r in test]),
+        "task": _row_batches(tokenizer, test),
         "keep data": [{k: b[k] for k in ("input_ids", "attention_mask")} for b in keep],
-        "own answers": batches([encode(tokenizer, r["prompt"], r["completion"]) for r in own_answers()]),
-        "general text": batches([(ids, ids) for ids in text]),
+        "own answers": _row_batches(tokenizer, own_answers()),
+        "general text": _batches(tokenizer, [(ids, ids) for ids in text]),
     }
 
 
@@ -82,15 +92,14 @@ def table(rows: int, calibration_rows: int) -> dict[str, dict[str, dict[str, flo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.quality.completions import collate, encode
     from benchmarks.quality.smol import rendered, task_rows
     from benchmarks.smollm2 import smollm2_dir
 
     base = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    train = rendered(tokenizer, task_rows("smol-dialogue", (calibration_rows, 4, 4))["train"])
-    encoded = [encode(tokenizer, r["prompt"], r["completion"]) for r in train]
-    calibration = [collate(encoded[i : i + 4], tokenizer.pad_token_id) for i in range(0, len(encoded), 4)]
+    calibration = _row_batches(
+        tokenizer, rendered(tokenizer, task_rows("smol-dialogue", (calibration_rows, 4, 4))["train"])
+    )
     probe = get_peft_model(AutoModelForCausalLM.from_pretrained(base).eval(), LoraConfig(r=8,
                            target_modules="all-linear"))  # B = 0: its layer inputs are the base's  # fmt: skip
     moments = {name: second_moments(probe, b) for name, b in input_sets(tokenizer, probe, rows).items()}

@@ -207,6 +207,7 @@ def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: di
 
 
 def _values(runs: list[dict], key: str) -> list[float]:
+    """`key` at each run's validation-chosen step."""
     return [stopped(r)[key] for r in runs]
 
 
@@ -233,14 +234,15 @@ def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, 
     mine = _forgetting_runs(records, task, ours, preset)
     if not near or len(mine) < 2:
         return f"{task}: not enough seeds yet"
+    near_methods = {method for method, _ in near}
+    if ours not in near_methods:
+        return f"{task}: no `{label(ours)}` point within noise of LoRA's test loss"
     parts = []
     for key, name in PROBES.items():
         best = {}  # each method's least-forgetting point near LoRA's test loss
         for (method, lr), runs in near.items():
             if method not in best or _mean(_values(runs, key)) < _mean(_values(best[method][1], key)):
                 best[method] = (lr, runs)
-        if ours not in best:
-            return f"{task}: no `{label(ours)}` point within noise of LoRA's test loss"
         lr, runs = best.pop(ours)
         margins = {m: (*_gap(r, runs, key), at) for m, (at, r) in best.items()}
         closest = min(margins, key=lambda m: margins[m][0] - margins[m][1])
@@ -248,8 +250,7 @@ def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, 
         word = "less than every other init beyond noise" if gap > noise else "not beyond noise below every init"
         parts.append(f"{name} Δ {_mean(_values(runs, key)) - untuned[key]:+.3f} @ {lr:g}: {word} "
                      f"(closest {label(closest)} @ {at:g}, {gap:+.3f}, 2× std {noise:.3f})")  # fmt: skip
-    far = [label(m) for m in preset.methods if _forgetting_runs(records, task, m, preset)
-           and not any(m == k[0] for k in near)]  # fmt: skip
+    far = [label(m) for m in preset.methods if _forgetting_runs(records, task, m, preset) and m not in near_methods]
     dominated = [f"{label(m)} @ {lr:g}" for m in preset.methods if m != ours
                  for lr, runs in sorted(_runs_with_probes(records, task, m).items())
                  if len(runs) > 1 and _dominates(runs, mine)]  # fmt: skip
@@ -369,7 +370,7 @@ def write(path: Path, preset: Preset) -> None:
         "",
     ]
     if untuned and "fisher-keep" in preset.methods:
-        parts += ["## Learn the task, keep what the model knew (`fisher-keep`, each method at its own lr)", "",
+        parts += ["## Learn the task, keep what the model knew (`fisher-keep` among the points as good as LoRA)", "",
                   *(f"- {keep_verdict(records, t, preset, untuned)}" for t in preset.tasks), ""]  # fmt: skip
     for task in preset.tasks:
         parts += [
