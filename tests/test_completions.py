@@ -1,5 +1,6 @@
 """The causal-LM tasks' metrics (`benchmarks/quality/completions.py`) against independent oracles:
-transformers' own label-masked loss for SFT, and DPO's closed form at an identity adapter (ln 2, a coin flip)."""
+transformers' own label-masked loss for SFT, DPO's closed form at an identity adapter (ln 2, a coin flip), and a
+separate reference model read as the adapter-disabled one."""
 
 from __future__ import annotations
 
@@ -56,3 +57,30 @@ def test_dpo_at_an_identity_adapter_is_ln2_and_a_coin_flip_and_moves_when_b_does
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.zero_()
+
+
+def test_dpo_reads_a_separate_reference_model_as_its_reference(lm):
+    """A separate reference holding the base weights gives the adapter-disabled reference's loss (the oracle; the
+    trained model as its own reference would give ln 2), and one holding the trained weights gives ln 2 (an
+    ignored reference would give the adapter-disabled loss)."""
+    import copy
+
+    from benchmarks.quality.completions import evaluate_dpo
+
+    model, tokenizer = lm
+    reference = copy.deepcopy(model.get_base_model())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    try:
+        separate = evaluate_dpo(model, tokenizer, ROWS, reference=reference)
+        assert separate == pytest.approx(evaluate_dpo(model, tokenizer, ROWS), rel=1e-6)
+        assert abs(separate["test_loss"] - math.log(2)) > 1e-3
+        itself = evaluate_dpo(model, tokenizer, ROWS, reference=copy.deepcopy(model))
+        assert itself["test_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()

@@ -43,17 +43,15 @@ def test_tiny_protocol_runs_every_stage_and_writes_tables(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_causal_protocol_trains_sft_and_dpo_and_refuses_preserve_for_dpo(tmp_path):
-    """The causal-LM tasks through TRL at the `lm-tiny` preset (a 2-step pre-trained Llama): every SFT init
-    runs; for DPO, whose reference is the adapter-disabled model, `preserve` is recorded as refused."""
+def test_tiny_causal_protocol_trains_sft_and_dpo_with_a_separate_reference_for_preserve(tmp_path):
+    """The causal-LM tasks through TRL at the `lm-tiny` preset (a 2-step pre-trained Llama): every init runs on
+    both tasks; for DPO, `preserve` (it writes the base) trains against a separate reference, the untouched model,
+    which the glue's refusal accepts."""
     out = tmp_path / "results"
     records = {(r["task"], r["method"]): r for r in run_protocol("lm-tiny", out, workers=1)}
-    assert "writes the base" in records["dpo-tragedy", "fisher"]["failed"]
-    ran = {key: r for key, r in records.items() if "failed" not in r}
-    assert set(ran) == {(t, m) for t in ("sft-tragedy", "dpo-tragedy") for m in ("lora", "fisher-zero")} | {
-        ("sft-tragedy", "fisher")
-    }
-    for r in ran.values():
+    assert not [r for r in records.values() if "failed" in r], [r["failed"] for r in records.values() if "failed" in r]
+    assert set(records) == {(t, m) for t in ("sft-tragedy", "dpo-tragedy") for m in ("lora", "fisher-zero", "fisher")}
+    for r in records.values():
         assert [p["step"] for p in r["curve"]] == [1, 2]
         assert all(p["val_loss"] > 0 and 0 <= p["accuracy"] <= 1 for p in r["curve"])
     assert "## sft-tragedy" in (out / "tables.md").read_text()

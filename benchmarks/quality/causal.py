@@ -12,7 +12,8 @@ pre-trained (once, cached, deterministic) on ~2.2 M tokens of other real text.
 - `run_causal()`: one protocol run through TRL (`SFTTrainer`, `DPOTrainer`); our inits through the TRL
   callback (`fisher_trl.FisherInitCallback`), PEFT's with `methods.build_adapter`. Curve points carry the
   completion loss (SFT) or DPO loss (DPO) on validation and test, and token / reward accuracy.
-  DPO's reference is the adapter-disabled model, so inits that change the base are refused for it.
+  DPO's reference is the adapter-disabled model, except for inits that change the base: they get a separate
+  reference, the untouched model (TRL's `ref_model`), as their users would give them, in training and evaluation.
 """
 
 from __future__ import annotations
@@ -156,21 +157,22 @@ def tragedy_data(task: str, preset) -> LMData:
     return LMData(kind, pretrained_lm(preset.pretrain_steps), train, rows["train"], rows["val"], rows["test"])
 
 
-def _evaluate(data: LMData, model, tokenizer, rows: list[dict]) -> tuple[float, float]:
-    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss and reward accuracy."""
+def _evaluate(data: LMData, model, tokenizer, rows: list[dict], reference=None) -> tuple[float, float]:
+    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss (against `reference`, None: the
+    adapter-disabled model) and reward accuracy."""
     if data.kind == "sft":
         m = evaluate_sft(model, tokenizer, rows)
         return m["test_loss"], m["token_accuracy"]
-    m = evaluate_dpo(model, tokenizer, rows)
+    m = evaluate_dpo(model, tokenizer, rows, reference=reference)
     return m["test_loss"], m["reward_accuracy"]
 
 
-def curve_point(data: LMData, model, tokenizer, step: int) -> dict:
+def curve_point(data: LMData, model, tokenizer, step: int, reference=None) -> dict:
     """Validation and test quality at `step`, and the forgetting probes where the task has them."""
     from benchmarks.quality.smol import forgetting
 
-    val, val_acc = _evaluate(data, model, tokenizer, data.val)
-    test, acc = _evaluate(data, model, tokenizer, data.test)
+    val, val_acc = _evaluate(data, model, tokenizer, data.val, reference)
+    test, acc = _evaluate(data, model, tokenizer, data.test, reference)
     point = {"step": step, "test_loss": test, "accuracy": acc, "val_loss": val, "val_accuracy": val_acc,
              "train_loss": None}  # fmt: skip
     return {**point, **(forgetting(model, tokenizer, data.probes) if data.probes else {})}
@@ -184,11 +186,12 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
 
     from benchmarks.quality.methods import build_adapter
 
-    if data.kind == "dpo" and (method in BASE_CHANGING or (fisher or {}).get("policy") == "preserve"):
-        raise ValueError(f"{method} writes the base, which DPO's adapter-disabled reference reads")
     tokenizer = AutoTokenizer.from_pretrained(data.base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(data.base)
+    reference = None
+    if data.kind == "dpo" and (method in BASE_CHANGING or (fisher or {}).get("policy") == "preserve"):
+        reference = AutoModelForCausalLM.from_pretrained(data.base).eval().requires_grad_(False)
     lora = {"r": preset.rank, "lora_alpha": 2 * preset.rank, "lora_dropout": 0.0, "target_modules": TARGETS}
     started, peft_config = time.perf_counter(), None
     if fisher is not None:
@@ -196,7 +199,7 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
     else:
         batches = _calibration(method, data, model, tokenizer, preset, seed)
         model = build_adapter(method, model, batches, lora={**lora, "task_type": "CAUSAL_LM"}).model
-    trainer = _trainer(data, model, tokenizer, peft_config, lr, seed, preset)
+    trainer = _trainer(data, model, tokenizer, peft_config, lr, seed, preset, reference)
     callback = None
     if fisher is not None:
         from fisher_trl import FisherInitCallback
@@ -213,7 +216,7 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in at:
-                curve.append(curve_point(data, trainer.model, tokenizer, state.global_step))
+                curve.append(curve_point(data, trainer.model, tokenizer, state.global_step, reference))
 
     trainer.add_callback(Curve())
     trainer.remove_callback(PrinterCallback)  # one line per run comes from the protocol
@@ -241,8 +244,9 @@ def _calibration(method: str, data: LMData, model, tokenizer, preset, seed: int)
     ]
 
 
-def _trainer(data: LMData, model, tokenizer, peft_config, lr: float, seed: int, preset):
-    """TRL's SFTTrainer / DPOTrainer with the protocol's schedule (warm-up, linear decay, AdamW)."""
+def _trainer(data: LMData, model, tokenizer, peft_config, lr: float, seed: int, preset, reference=None):
+    """TRL's SFTTrainer / DPOTrainer with the protocol's schedule (warm-up, linear decay, AdamW); `reference`
+    DPO's separate `ref_model` (None: the adapter-disabled model)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -257,5 +261,5 @@ def _trainer(data: LMData, model, tokenizer, peft_config, lr: float, seed: int, 
     if data.kind == "sft":
         return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer,
                           peft_config=peft_config)  # fmt: skip
-    return DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=rows, processing_class=tokenizer,
-                      peft_config=peft_config)  # fmt: skip
+    return DPOTrainer(model=model, ref_model=reference, args=DPOConfig(beta=0.1, **common), train_dataset=rows,
+                      processing_class=tokenizer, peft_config=peft_config)  # fmt: skip

@@ -1,8 +1,10 @@
 """Completion metrics of the causal-LM tasks (`causal.py`): rows `{prompt, completion, rejected}` encoded with
 the loss on the completion only, completion cross-entropy per token and token accuracy (SFT), DPO loss
-against the adapter-disabled model and reward accuracy (DPO)."""
+against the reference (the adapter-disabled model, or a separate one) and reward accuracy (DPO)."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +55,11 @@ def evaluate_sft(model: nn.Module, tokenizer, test: list[dict]) -> dict[str, flo
     return {"test_loss": nll / count, "token_accuracy": correct / count}
 
 
-def evaluate_dpo(model: nn.Module, tokenizer, test: list[dict], beta: float = 0.1) -> dict[str, float]:
-    """DPO loss (reference = the adapter-disabled model) and reward accuracy over `test`."""
+def evaluate_dpo(
+    model: nn.Module, tokenizer, test: list[dict], beta: float = 0.1, reference: nn.Module | None = None
+) -> dict[str, float]:
+    """DPO loss and reward accuracy over `test`; the reference is `reference` when given (the run's separate
+    `ref_model`), else the adapter-disabled model."""
     was = model.training
     model.eval()
     losses, wins = [], []
@@ -63,8 +68,9 @@ def evaluate_dpo(model: nn.Module, tokenizer, test: list[dict], beta: float = 0.
         chosen = collate([encode(tokenizer, r["prompt"], r["completion"]) for r in part], tokenizer.pad_token_id)
         rejected = collate([encode(tokenizer, r["prompt"], r["rejected"]) for r in part], tokenizer.pad_token_id)
         pc, pr = completion_logps(model, chosen)[0], completion_logps(model, rejected)[0]
-        with model.disable_adapter():
-            rc, rr = completion_logps(model, chosen)[0], completion_logps(model, rejected)[0]
+        with model.disable_adapter() if reference is None else nullcontext():
+            ref = model if reference is None else reference
+            rc, rr = completion_logps(ref, chosen)[0], completion_logps(ref, rejected)[0]
         margin = beta * ((pc - rc) - (pr - rr))
         losses.append(-F.logsigmoid(margin))
         wins.append((margin > 0).float() + 0.5 * (margin == 0).float())  # a tie (e.g. at step 0) is a coin flip
