@@ -45,7 +45,9 @@ SPLITS = {
     "test": ("macbeth",),
 }
 # PEFT inits that write the base (and fisher's `preserve`)
-BASE_CHANGING = ("lora_ga", "pissa", "olora", "corda", "corda-kpm")
+BASE_CHANGING = ("lora_ga", "pissa", "olora", "corda", "corda-kpm", "lora-null")
+# PEFT-side inits whose calibration batches are the data whose knowledge is kept
+KEEP_DATA_INITS = ("corda-kpm", "lora-null")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 128
 
@@ -230,9 +232,9 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
 
 def _calibration(method: str, data: LMData, model, tokenizer, preset, seed: int) -> list[dict]:
     """The batches a PEFT data-driven init reads: `calibration·batch_size` training rows drawn by `seed`; for
-    CorDA's knowledge-preserved mode the data whose knowledge is kept, the same keep data `keep_knowledge` builds
-    by default (the model's own greedy answers to fisher-lora's shipped instructions)."""
-    if method == "corda-kpm":
+    CorDA's knowledge-preserved mode and LoRA-Null the data whose knowledge is kept, the same keep data
+    `keep_knowledge` builds by default (the model's own greedy answers to fisher-lora's shipped instructions)."""
+    if method in KEEP_DATA_INITS:
         from fisher_core.keep.answers import instructions, own_answer_batches, prompt_ids
 
         return own_answer_batches(model, tokenizer, [prompt_ids(tokenizer, i) for i in instructions()])

@@ -2,8 +2,9 @@
 
 `lora` is PEFT's default (`init_lora_weights=True`: Kaiming A, zero B); `gaussian`, `pissa`, `olora`,
 `orthogonal` and `mica` are PEFT's weight-only inits; `eva`, `corda` (IPM) and `lora_ga` are PEFT's
-data-driven inits and read the calibration batches; `corda-kpm` is CorDA's knowledge-preserved mode, whose
-calibration batches are the data whose knowledge is kept (the caller passes those); `fisher` is
+data-driven inits and read the calibration batches; `corda-kpm` is CorDA's knowledge-preserved mode and
+`lora-null` LoRA-Null's rule (Tang et al., 2025), whose calibration batches are the data whose knowledge is kept
+(the caller passes those); `fisher` is
 `fisher_core.initialize` with the given `FisherConfig`; `fisher-random` is its ablation with the data's
 directions replaced by random ones of the same norms. Every method gets the same rank, alpha, target modules
 and trainable head.
@@ -23,7 +24,7 @@ from benchmarks.quality.encoder import Batch
 from fisher_core import FisherConfig, initialize
 
 WEIGHT_ONLY = ("gaussian", "pissa", "olora", "orthogonal", "mica")
-DATA_DRIVEN = ("eva", "corda", "corda-kpm", "lora_ga", "fisher")
+DATA_DRIVEN = ("eva", "corda", "corda-kpm", "lora-null", "lora_ga", "fisher")
 ABLATIONS = ("fisher-random",)
 METHODS = ("lora", *WEIGHT_ONLY, *DATA_DRIVEN, *ABLATIONS)
 # BERT's linear layers: attention q/k/v, attention output, MLP in/out and the pooler (all `dense`).
@@ -129,6 +130,40 @@ def _corda_adapter(model: nn.Module, kwargs: dict, calibration: Sequence[Batch],
     return Adapter(get_peft_model(model, config))
 
 
+@torch.no_grad()
+def _lora_null(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None) -> Adapter:
+    """LoRA-Null (v1, its authors' rule): with `C = Σ x xᵀ` over every non-padding token of the keep batches at a
+    layer's input and `U_K` the r eigenvectors of C of smallest eigenvalue (the directions the kept behaviour least
+    excites), the adapter is W projected onto them, `s·B·A = W U_K U_Kᵀ` (its SVD, √σ on each side), and the
+    base keeps the rest, `W − W U_K U_Kᵀ`: the model is unchanged at step 0 and A's rows span `U_K`."""
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=True, **kwargs))
+    layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    moments = {n: 0.0 for n in layers}
+    mask: list[torch.Tensor] = []
+
+    def record(name: str, x: torch.Tensor) -> None:
+        rows = x[mask[0].bool()].double()
+        moments[name] = moments[name] + rows.T @ rows
+
+    hooks = [m.register_forward_hook(lambda _, args, __, n=n: record(n, args[0])) for n, m in layers.items()]
+    for batch in calibration:
+        mask[:] = [batch["attention_mask"]]
+        peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    for name, module in layers.items():
+        a, b, s = module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+        base = module.get_base_layer().weight
+        null = torch.linalg.eigh(moments[name]).eigenvectors[:, : a.shape[0]]  # ascending eigenvalues
+        projected = base.double() @ null @ null.T
+        u, sigma, vt = torch.linalg.svd(projected, full_matrices=False)
+        root = (sigma[: a.shape[0]] / s).sqrt()
+        b.copy_(u[:, : a.shape[0]] * root)
+        a.copy_(root[:, None] * vt[: a.shape[0]])
+        base.copy_(base.double() - projected)
+    return Adapter(peft_model)
+
+
 def _lora_ga(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fisher: FisherConfig | None) -> Adapter:
     from peft.tuners.lora.config import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
@@ -182,6 +217,7 @@ _BUILDERS: dict[str, Builder] = {
     "eva": _eva,
     "corda": _corda("ipm"),
     "corda-kpm": _corda("kpm"),
+    "lora-null": _lora_null,
     "lora_ga": _lora_ga,
     "fisher": _fisher,
     "fisher-random": _fisher_random,

@@ -144,6 +144,7 @@ SMOL = Preset(
         "fisher",
         "fisher-keep",
         "corda-kpm",
+        "lora-null",
         "eva",
         "lora_ga",
         "pissa",
