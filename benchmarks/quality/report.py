@@ -291,7 +291,7 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
                 points = {lr: ([stopped(r)[key] - untuned[key] for r in runs], [stopped(r)["test_loss"] for r in runs])
                           for lr, runs in sorted(by_lr.items())}  # fmt: skip
                 line = ax.plot([_mean(x) for x, _ in points.values()], [_mean(y) for _, y in points.values()],
-                               marker="o", ms=3, label=label(method))[0]  # fmt: skip
+                               marker="o", ms=3, label=label(method), color=_color(preset, method))[0]  # fmt: skip
                 for lr, (x, y) in points.items():
                     if len(x) > 1:
                         ax.errorbar(_mean(x), _mean(y), xerr=_std(x), yerr=_std(y), color=line.get_color(), lw=0.7)
@@ -306,6 +306,15 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _color(preset: Preset, method: str) -> tuple:
+    """One color per method of the preset, the same in every panel and picture: tab20's ten strong shades first,
+    then its light ones."""
+    from matplotlib import colormaps
+
+    i = preset.methods.index(method) % 20
+    return colormaps["tab20"](2 * i % 20 + 2 * i // 20)
 
 
 def _runs_with_probes(records: list[dict], task: str, method: str) -> dict[float, list[dict]]:
@@ -337,7 +346,7 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
             if runs:
                 steps = [p["step"] for p in runs[0]["curve"]]
                 loss = [_mean([r["curve"][i]["test_loss"] for r in runs]) for i in range(len(steps))]
-                ax.plot(steps, loss, marker="o", ms=3, label=f"{label(method)} @ {lr:g}")
+                ax.plot(steps, loss, marker="o", ms=3, label=f"{label(method)} @ {lr:g}", color=_color(preset, method))
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("test loss")
