@@ -166,7 +166,8 @@ def test_keep_verdict_compares_the_points_near_loras_test_loss_and_names_what_do
             ("fisher-zero", 4e-3): (4.65, 1.6, 4.0), ("corda-kpm", 5e-4): (4.74, 1.25, 4.1),
             ("fisher-keep", 2e-3): (4.65, 1.17, 3.9)}  # fmt: skip
     line = keep_verdict(_probe_records(rows), "smol-dialogue", PRESETS["smol"], untuned)
-    assert "own answers Δ +0.170 @ 0.002: less than every other init beyond noise (closest fisher-zero" in line
+    closest = "(closest fisher-zero (default) @ 0.004: +0.600, gap +0.430, 2× std 0.040)"
+    assert f"own answers Δ +0.170 @ 0.002: less than every other init beyond noise {closest}" in line
     assert "general text Δ -0.100 @ 0.002: less than every other init beyond noise" in line
     assert "no point near LoRA's test loss: corda-kpm" in line
     assert line.endswith("no (method, lr) dominates its own lr")
@@ -176,7 +177,7 @@ def test_keep_verdict_compares_the_points_near_loras_test_loss_and_names_what_do
     assert "every init has a point near it" in line
     rows[("lora", 1e-3)] = (4.64, 1.1, 3.85)  # as good on all three
     line = keep_verdict(_probe_records(rows), "smol-dialogue", PRESETS["smol"], untuned)
-    assert "(closest lora @ 0.001, -0.070" in line and line.endswith("own lr dominated by lora @ 0.001")
+    assert "(closest lora @ 0.001: +0.100, gap -0.070" in line and line.endswith("own lr dominated by lora @ 0.001")
 
 
 def test_a_preset_with_lr_from_runs_every_seed_at_the_lr_the_other_preset_chose(tmp_path, monkeypatch):

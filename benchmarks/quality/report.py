@@ -244,12 +244,14 @@ def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, 
             if method not in best or _mean(_values(runs, key)) < _mean(_values(best[method][1], key)):
                 best[method] = (lr, runs)
         lr, runs = best.pop(ours)
-        margins = {m: (*_gap(r, runs, key), at) for m, (at, r) in best.items()}
+        margins = {m: (*_gap(r, runs, key), at, _mean(_values(r, key)) - untuned[key]) for m, (at, r) in best.items()}
         closest = min(margins, key=lambda m: margins[m][0] - margins[m][1])
-        gap, noise, at = margins[closest]
+        gap, noise, at, theirs = margins[closest]
         word = "less than every other init beyond noise" if gap > noise else "not beyond noise below every init"
-        parts.append(f"{name} Δ {_mean(_values(runs, key)) - untuned[key]:+.3f} @ {lr:g}: {word} "
-                     f"(closest {label(closest)} @ {at:g}, {gap:+.3f}, 2× std {noise:.3f})")  # fmt: skip
+        ours_delta = _mean(_values(runs, key)) - untuned[key]
+        closest_at = f"{label(closest)} @ {at:g}: {theirs:+.3f}"
+        parts.append(f"{name} Δ {ours_delta:+.3f} @ {lr:g}: {word} "
+                     f"(closest {closest_at}, gap {gap:+.3f}, 2× std {noise:.3f})")  # fmt: skip
     far = [label(m) for m in preset.methods if _forgetting_runs(records, task, m, preset) and m not in near_methods]
     dominated = [f"{label(m)} @ {lr:g}" for m in preset.methods if m != ours
                  for lr, runs in sorted(_runs_with_probes(records, task, m).items())
