@@ -12,8 +12,10 @@ pre-trained (once, cached, deterministic) on ~2.2 M tokens of other real text.
 - `run_causal()`: one protocol run through TRL (`SFTTrainer`, `DPOTrainer`); our inits through the TRL
   callback (`fisher_trl.FisherInitCallback`), PEFT's with `methods.build_adapter`. Curve points carry the
   completion loss (SFT) or DPO loss (DPO) on validation and test, and token / reward accuracy.
-  DPO's reference is the adapter-disabled model, except for inits that change the base: they get a separate
-  reference, the untouched model (TRL's `ref_model`), as their users would give them, in training and evaluation.
+  DPO's reference is the untouched model throughout: for inits that change the base a separate copy of it (TRL's
+  `ref_model`, as their users would give it) in training and evaluation; for the others the adapter-disabled model
+  in evaluation, and in training the same (TRL's frozen copy of a PEFT-built adapter whose B·A starts at 0, or the
+  adapter disabled where TRL adds the adapter itself).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def _lora_null(model: nn.Module, kwargs: dict, calibration: Sequence[Batch], fis
     """LoRA-Null (v1, its authors' rule): with `C = Σ x xᵀ` over every non-padding token of the keep batches at a
     layer's input and `U_K` the r eigenvectors of C of smallest eigenvalue (the directions the kept behaviour least
     excites), the adapter is W projected onto them, `s·B·A = W U_K U_Kᵀ` (its SVD, √σ on each side), and the
-    base keeps the rest, `W − W U_K U_Kᵀ`: the model is unchanged at step 0 and A's rows span `U_K`."""
+    base keeps the rest, `W − W U_K U_Kᵀ`: the model is unchanged at step 0 and A's rows span `U_K`. Where the keep
+    tokens are fewer than a layer's inputs, `U_K` is a basis of C's null space that float64 `eigh` picks."""
     peft_model = get_peft_model(model, LoraConfig(init_lora_weights=True, **kwargs))
     layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
     moments = {n: 0.0 for n in layers}

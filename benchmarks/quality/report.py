@@ -102,7 +102,7 @@ def own_lr_table(records: list[dict], task: str, preset: Preset) -> str:
 
 def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> str:
     """Methods × tasks: test loss at each method's own best lr, at the validation-chosen step (`stopped`) or
-    at the last step (`final`); the best mean per task in bold."""
+    at the last step (`final`); the best mean per task among cells of ≥ 2 seeds in bold (one seed names no winner)."""
     cells: dict[tuple[str, str], list[float]] = {}
     for task in preset.tasks:
         for method in preset.methods:
@@ -115,9 +115,9 @@ def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> 
         row = [label(method)]
         for task in preset.tasks:
             values = cells.get((task, method))
-            best = min((_mean(v) for (t, _), v in cells.items() if t == task), default=None)
+            best = min((_mean(v) for (t, _), v in cells.items() if t == task and len(v) > 1), default=None)
             text = _cell(values) if values else "–"
-            row.append(f"**{text}**" if values and _mean(values) == best else text)
+            row.append(f"**{text}**" if values and len(values) > 1 and _mean(values) == best else text)
         rows.append(row)
     return _markdown(["method", *preset.tasks], rows)
 
@@ -293,7 +293,7 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
                 points = {lr: ([stopped(r)[key] - untuned[key] for r in runs], [stopped(r)["test_loss"] for r in runs])
                           for lr, runs in sorted(by_lr.items())}  # fmt: skip
                 line = ax.plot([_mean(x) for x, _ in points.values()], [_mean(y) for _, y in points.values()],
-                               marker="o", ms=3, label=label(method), color=_color(preset, method))[0]  # fmt: skip
+                               marker="o", ms=3, label=label(method), **_style(preset, method))[0]  # fmt: skip
                 for lr, (x, y) in points.items():
                     if len(x) > 1:
                         ax.errorbar(_mean(x), _mean(y), xerr=_std(x), yerr=_std(y), color=line.get_color(), lw=0.7)
@@ -310,13 +310,13 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
     plt.close(fig)
 
 
-def _color(preset: Preset, method: str) -> tuple:
-    """One color per method of the preset, the same in every panel and picture: tab20's ten strong shades first,
-    then its light ones."""
+def _style(preset: Preset, method: str) -> dict:
+    """One line style per method of the preset, the same in every panel and picture: tab20's ten strong shades
+    first, then its light ones dashed (a light shade is its strong neighbour's hue)."""
     from matplotlib import colormaps
 
     i = preset.methods.index(method) % 20
-    return colormaps["tab20"](2 * i % 20 + 2 * i // 20)
+    return {"color": colormaps["tab20"](2 * i % 20 + 2 * i // 20), "linestyle": "-" if i < 10 else "--"}
 
 
 def _runs_with_probes(records: list[dict], task: str, method: str) -> dict[float, list[dict]]:
@@ -348,7 +348,7 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
             if runs:
                 steps = [p["step"] for p in runs[0]["curve"]]
                 loss = [_mean([r["curve"][i]["test_loss"] for r in runs]) for i in range(len(steps))]
-                ax.plot(steps, loss, marker="o", ms=3, label=f"{label(method)} @ {lr:g}", color=_color(preset, method))
+                ax.plot(steps, loss, marker="o", ms=3, label=f"{label(method)} @ {lr:g}", **_style(preset, method))
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("test loss")
