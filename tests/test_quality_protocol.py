@@ -154,6 +154,24 @@ def _probe_records(rows: dict[tuple[str, float], tuple[float, float, float]]) ->
             for (m, lr), (t, o, g) in rows.items() for s, d in enumerate((-0.02, 0.0, 0.02))]  # fmt: skip
 
 
+def test_forgetting_table_lists_every_lr_with_the_own_lr_bold_as_increases_over_the_untuned_model():
+    from benchmarks.quality.protocol import PRESETS
+    from benchmarks.quality.report import forgetting_table
+
+    rows = {
+        ("lora", 1e-3): (4.72, 1.5, 4.0),
+        ("lora", 4e-3): (4.63, 1.8, 4.06),
+        ("fisher-keep", 2e-3): (4.65, 1.17, 3.9),
+    }
+    table = forgetting_table(
+        _probe_records(rows), "smol-dialogue", PRESETS["smol"], {"own_loss": 1.0, "general_loss": 4.0}
+    )
+    lines = table.splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in lines] == [["| lora", "0.001"], ["| lora", "**0.004**"],
+                                                          ["| fisher-keep", "**0.002**"]]  # fmt: skip
+    assert "| 3 | 4.630 ± 0.020 | 0.800 ± 0.020 | 0.060 ± 0.020 |" in lines[1]
+
+
 def test_keep_verdict_compares_the_points_near_loras_test_loss_and_names_what_dominates():
     """Issue 27's target line. Near LoRA's own-lr test loss (4.63, 2× std 0.04): LoRA @ 4e-3, the default and
     fisher-keep; CorDA-KPM (4.74) is named as having no such point. fisher-keep forgets less than each beyond noise

@@ -191,15 +191,18 @@ def _forgetting_runs(records: list[dict], task: str, method: str, preset: Preset
 
 
 def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: dict[str, float]) -> str:
-    """Each method at its own lr, at the validation-chosen step: test loss and forgetting — the increase over the
-    untuned model of the loss on its own greedy answers and on general text (mean ± std over seeds)."""
+    """Each method at every lr it ran (its own lr in bold), at the validation-chosen step: test loss and forgetting
+    — the increase over the untuned model of the loss on its own greedy answers and on general text (mean ± std
+    over seeds) — and the forgetting at the last step."""
     head = ["method", "lr", "seeds", "test loss (stopped)", *(f"{name} Δ (stopped)" for name in PROBES.values()),
             *(f"{name} Δ (final)" for name in PROBES.values())]  # fmt: skip
     rows = []
     for method in preset.methods:
-        if runs := _forgetting_runs(records, task, method, preset):
+        own = chosen_lr(preset, records, task, method)
+        for lr, runs in sorted(_runs_with_probes(records, task, method).items()):
             rows.append([
-                label(method), f"{runs[0]['lr']:g}", str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
+                label(method), f"**{lr:g}**" if lr == own else f"{lr:g}", str(len(runs)),
+                _cell([stopped(r)["test_loss"] for r in runs]),
                 *(_cell([stopped(r)[k] - untuned[k] for r in runs]) for k in PROBES),
                 *(_cell([r["curve"][-1][k] - untuned[k] for r in runs]) for k in PROBES),
             ])  # fmt: skip
@@ -400,7 +403,8 @@ def write(path: Path, preset: Preset) -> None:
             val, test = untuned["tasks"][task]
             parts += [f"The untuned model: validation loss {val:.3f}, test loss {test:.3f}.", ""]
         if untuned and (table := forgetting_table(records, task, preset, untuned)):
-            parts += ["Forgetting: increase over the untuned model, each method at its own lr:", "", table, ""]
+            parts += ["Forgetting: increase over the untuned model, each method at every lr it ran (own lr bold):", "",
+                      table, ""]  # fmt: skip
         ablation = ablation_table(records, task, preset)
         if ablation:
             lr = chosen_lr(preset, records, task, "fisher")
