@@ -84,3 +84,34 @@ def test_dpo_reads_a_separate_reference_model_as_its_reference(lm):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.zero_()
+
+
+def test_dpo_reference_logps_computed_once_before_training_equal_the_references_at_every_step(lm):
+    """The protocol computes the reference's log-probs once per run (`reference_logps`) and reuses them at every
+    curve point: after B moves they still give the loss computed from scratch, and they are transformers' own
+    summed completion log-likelihoods (a cache of the trained model instead gives ln 2)."""
+    from benchmarks.quality.completions import collate, encode, evaluate_dpo, reference_logps
+
+    model, tokenizer = lm
+    cached = reference_logps(model, tokenizer, ROWS)
+    for side, logps in zip(("completion", "rejected"), cached):
+        for row, logp in zip(ROWS, logps):
+            batch = collate([encode(tokenizer, row["prompt"], row[side])], tokenizer.pad_token_id)
+            with torch.no_grad():
+                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                assert float(logp) == pytest.approx(-float(model(**batch).loss) * tokens, rel=1e-5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    try:
+        fresh = evaluate_dpo(model, tokenizer, ROWS)
+        assert evaluate_dpo(model, tokenizer, ROWS, reference_pairs=cached) == pytest.approx(fresh, rel=1e-6)
+        stale = evaluate_dpo(model, tokenizer, ROWS, reference_pairs=reference_logps(model, tokenizer, ROWS, model))
+        assert stale["test_loss"] == pytest.approx(math.log(2), rel=1e-6)
+        assert abs(fresh["test_loss"] - math.log(2)) > 1e-3
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality.completions import collate, encode, evaluate_dpo, evaluate_sft
+from benchmarks.quality.completions import collate, encode, evaluate_dpo, evaluate_sft, reference_logps
 from benchmarks.quality.shakespeare import cache_dir, speeches, texts_dir
 
 PRETRAIN_NAME = "llama-1.7m-comedies-histories-docstrings-v1"
@@ -161,22 +161,29 @@ def tragedy_data(task: str, preset) -> LMData:
     return LMData(kind, pretrained_lm(preset.pretrain_steps), train, rows["train"], rows["val"], rows["test"])
 
 
-def _evaluate(data: LMData, model, tokenizer, rows: list[dict], reference=None) -> tuple[float, float]:
-    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss (against `reference`, None: the
-    adapter-disabled model) and reward accuracy."""
+def _evaluate(data: LMData, model, tokenizer, rows: list[dict], reference_pairs=None) -> tuple[float, float]:
+    """(loss, accuracy): completion loss and token accuracy (SFT), or DPO loss against `reference_pairs` (the
+    reference's `reference_logps` of `rows`) and reward accuracy."""
     if data.kind == "sft":
         m = evaluate_sft(model, tokenizer, rows)
         return m["test_loss"], m["token_accuracy"]
-    m = evaluate_dpo(model, tokenizer, rows, reference=reference)
+    m = evaluate_dpo(model, tokenizer, rows, reference_pairs=reference_pairs)
     return m["test_loss"], m["reward_accuracy"]
 
 
-def curve_point(data: LMData, model, tokenizer, step: int, reference=None) -> dict:
-    """Validation and test quality at `step`, and the forgetting probes where the task has them."""
+def curve_point(data: LMData, model, tokenizer, step: int, reference=None, cache: dict | None = None) -> dict:
+    """Validation and test quality at `step`, and the forgetting probes where the task has them. DPO's reference
+    (`reference`, None: the adapter-disabled model) log-probs of each split are computed once into `cache`."""
     from benchmarks.quality.smol import forgetting
 
-    val, val_acc = _evaluate(data, model, tokenizer, data.val, reference)
-    test, acc = _evaluate(data, model, tokenizer, data.test, reference)
+    cache = {} if cache is None else cache
+    quality = {}
+    for split in ("val", "test"):
+        rows = getattr(data, split)
+        if data.kind == "dpo" and split not in cache:
+            cache[split] = reference_logps(model, tokenizer, rows, reference)
+        quality[split] = _evaluate(data, model, tokenizer, rows, cache.get(split))
+    (val, val_acc), (test, acc) = quality["val"], quality["test"]
     point = {"step": step, "test_loss": test, "accuracy": acc, "val_loss": val, "val_accuracy": val_acc,
              "train_loss": None}  # fmt: skip
     return {**point, **(forgetting(model, tokenizer, data.probes) if data.probes else {})}
@@ -213,6 +220,7 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
     at = sorted({round(f * preset.steps) for f in preset.eval_at})
     curve: list[dict] = []
     init_seconds: list[float] = []
+    reference_pairs: dict = {}  # DPO: the reference's log-probs of each split, computed at the first curve point
 
     class Curve(TrainerCallback):  # after the Fisher callback: the init has run when training begins
         def on_train_begin(self, args, state, control, **kwargs):
@@ -220,7 +228,7 @@ def run_causal(method: str, fisher: dict | None, lr: float, seed: int, preset, d
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in at:
-                curve.append(curve_point(data, trainer.model, tokenizer, state.global_step, reference))
+                curve.append(curve_point(data, trainer.model, tokenizer, state.global_step, reference, reference_pairs))
 
     trainer.add_callback(Curve())
     trainer.remove_callback(PrinterCallback)  # one line per run comes from the protocol

@@ -55,24 +55,42 @@ def evaluate_sft(model: nn.Module, tokenizer, test: list[dict]) -> dict[str, flo
     return {"test_loss": nll / count, "token_accuracy": correct / count}
 
 
-def evaluate_dpo(
-    model: nn.Module, tokenizer, test: list[dict], beta: float = 0.1, reference: nn.Module | None = None
-) -> dict[str, float]:
-    """DPO loss and reward accuracy over `test`; the reference is `reference` when given (the run's separate
-    `ref_model`), else the adapter-disabled model."""
+@torch.no_grad()
+def pair_logps(model: nn.Module, tokenizer, rows: list[dict]) -> tuple[Tensor, Tensor]:
+    """Per row of `rows`: the summed log-prob of its chosen (`completion`) and of its `rejected` completion."""
     was = model.training
     model.eval()
-    losses, wins = [], []
-    for start in range(0, len(test), 32):
-        part = test[start : start + 32]
-        chosen = collate([encode(tokenizer, r["prompt"], r["completion"]) for r in part], tokenizer.pad_token_id)
-        rejected = collate([encode(tokenizer, r["prompt"], r["rejected"]) for r in part], tokenizer.pad_token_id)
-        pc, pr = completion_logps(model, chosen)[0], completion_logps(model, rejected)[0]
-        with model.disable_adapter() if reference is None else nullcontext():
-            ref = model if reference is None else reference
-            rc, rr = completion_logps(ref, chosen)[0], completion_logps(ref, rejected)[0]
-        margin = beta * ((pc - rc) - (pr - rr))
-        losses.append(-F.logsigmoid(margin))
-        wins.append((margin > 0).float() + 0.5 * (margin == 0).float())  # a tie (e.g. at step 0) is a coin flip
+    chosen, rejected = [], []
+    for start in range(0, len(rows), 32):
+        part = rows[start : start + 32]
+        for side, out in (("completion", chosen), ("rejected", rejected)):
+            batch = collate([encode(tokenizer, r["prompt"], r[side]) for r in part], tokenizer.pad_token_id)
+            out.append(completion_logps(model, batch)[0])
     model.train(was)
-    return {"test_loss": float(torch.cat(losses).mean()), "reward_accuracy": float(torch.cat(wins).mean())}
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def reference_logps(
+    model: nn.Module, tokenizer, rows: list[dict], reference: nn.Module | None = None
+) -> tuple[Tensor, Tensor]:
+    """`pair_logps` of DPO's reference: `reference` when given (the run's separate `ref_model`), else the
+    adapter-disabled `model`. Training never changes it, so a run computes it once per split."""
+    with model.disable_adapter() if reference is None else nullcontext():
+        return pair_logps(model if reference is None else reference, tokenizer, rows)
+
+
+def evaluate_dpo(
+    model: nn.Module,
+    tokenizer,
+    test: list[dict],
+    beta: float = 0.1,
+    reference: nn.Module | None = None,
+    reference_pairs: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, float]:
+    """DPO loss `−log σ(β((log π_c − log π_ref,c) − (log π_r − log π_ref,r)))` and reward accuracy over `test`;
+    the reference's log-probs are `reference_pairs` when given (`reference_logps` of `test`), else computed here."""
+    ref_chosen, ref_rejected = reference_pairs or reference_logps(model, tokenizer, test, reference)
+    chosen, rejected = pair_logps(model, tokenizer, test)
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    wins = (margin > 0).float() + 0.5 * (margin == 0).float()  # a tie (e.g. at step 0) is a coin flip
+    return {"test_loss": float(-F.logsigmoid(margin).mean()), "reward_accuracy": float(wins.mean())}

@@ -163,9 +163,9 @@ SMOL = Preset(
     ablations=(),
     lr_on_mean=True,
     # the copied-lr question (LoRA, the default) and the forgetting question (issue 27: the knowledge-keeping mode
-    # against CorDA's knowledge-preserved mode), task by task; the default's scale ablation (`fisher-zero-act`)
-    # tied it on the dialogue task, so it waits with the rest
-    first=("lora", "fisher-zero", "fisher-keep", "corda-kpm"),
+    # against CorDA's knowledge-preserved mode and LoRA-Null), task by task; the default's scale ablation
+    # (`fisher-zero-act`) tied it on the dialogue task, so it waits with the rest
+    first=("lora", "fisher-zero", "fisher-keep", "corda-kpm", "lora-null"),
 )
 
 SMOKE = dict(lr_grid=(1e-3,), steps=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0)
