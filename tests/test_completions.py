@@ -94,8 +94,8 @@ def test_dpo_reference_logps_computed_once_before_training_equal_the_references_
 
     model, tokenizer = lm
     cached = reference_logps(model, tokenizer, ROWS)
-    for side, logps in zip(("completion", "rejected"), cached):
-        for row, logp in zip(ROWS, logps):
+    for side, logps in zip(("completion", "rejected"), cached, strict=True):
+        for row, logp in zip(ROWS, logps, strict=True):
             batch = collate([encode(tokenizer, row["prompt"], row[side])], tokenizer.pad_token_id)
             with torch.no_grad():
                 tokens = int((batch["labels"][:, 1:] != -100).sum())
