@@ -107,7 +107,7 @@ def initialize(
     config = config or FisherConfig()
     layers = supported(lora_layers(peft_model, adapter_name))
     trained = _check_before_pass(peft_model, layers, adapter_name, config)
-    keep = keep_data(config, tokenizer) if config.keep_knowledge else None
+    keep = keep_data(config, tokenizer, peft_model) if config.keep_knowledge else None
     if trained and any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold
     times: dict[str, float] = {}
@@ -123,7 +123,8 @@ def initialize(
             times["keep"] = time.perf_counter() - t
     with whole_parameters(peft_model) as gathering:  # FSDP1: one region for both (one unit whole at a time)
         t = time.perf_counter()
-        directions = select(whitened, peft_model, config=config, adapter_name=adapter_name, gathering=gathering)
+        directions = select(whitened, peft_model, config=config, adapter_name=adapter_name, gathering=gathering,
+                            scale_stats=stats)  # fmt: skip
         times["select"] = time.perf_counter() - t
         t = time.perf_counter()
         apply(peft_model, directions, adapter_name, force=config.force, gathering=gathering)

@@ -187,7 +187,7 @@ def run_init(args: argparse.Namespace) -> int:
     config = fisher_config(args)
     _check_init_inputs(args, config)
     _configure_output(args.quiet)
-    from fisher_core.data import DataError, load_batches
+    from fisher_core.data import DataError, FormatError, load_batches
 
     tokenizer = _load_tokenizer(args.model)
     try:
@@ -196,7 +196,7 @@ def run_init(args: argparse.Namespace) -> int:
             text_field=args.text_field, chat=args.chat, max_length=args.max_length,
         )  # fmt: skip
     except DataError as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(f"{e}; pass --text-field FIELD or --chat" if isinstance(e, FormatError) else str(e)) from e
     peft_model = _peft_model(args)
     with _new_dirs(args.out.parent):  # removed again if the run fails
         _initialize_into(args, config, peft_model, batches, tokenizer)

@@ -52,7 +52,8 @@ class FisherConfig(BaseModel):
     zero_scale: ZeroScale = Field(
         "row",
         description="Under policy `zero`, the scale of A's Fisher directions. `row`: every row at PEFT's default "
-        "row norm 1/√3. `activation`: A's rows scaled together so that E‖A x‖² over the calibration inputs equals "
+        "row norm 1/√3. `activation`: A's rows scaled together so that E‖A x‖² over the calibration inputs (the "
+        "task's, also with `keep_knowledge`) equals "
         "its expectation under PEFT's default (Kaiming-uniform) A, r·tr(S_A)/(3n): the same output scale a LoRA "
         "learning rate was tuned for.",
     )
@@ -165,6 +166,11 @@ class FisherConfig(BaseModel):
             raise ValueError(f"{value}: no such file; pass a JSONL file of text, prompt/completion or chat rows")
         if isinstance(value, list) and not value:
             raise ValueError("an empty list of batches; pass batches, a JSONL file, or None (the model's own answers)")
+        if isinstance(value, list) and (bad := [i for i, b in enumerate(value) if "labels" not in b]):
+            raise ValueError(
+                f"keep batch {bad[0]} has no 'labels' (the keep pass scores the cross-entropy of its labels); "
+                "add labels (-100 where nothing is kept) or pass a JSONL file"
+            )
         return value
 
     @model_validator(mode="after")

@@ -33,6 +33,10 @@ class DataError(ValueError):
     """The data file or one of its rows cannot be used; the message names the line and the fix."""
 
 
+class FormatError(DataError):
+    """No format can be told from a row's keys (the CLI adds its flags that name one)."""
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-empty line; a line that is not a JSON object is an error."""
     path = Path(path)
@@ -67,9 +71,9 @@ def detect_format(row: dict[str, Any], text_field: str | None, chat: bool) -> Fo
         return "chat"
     if "text" in row:
         return "text"
-    raise DataError(
+    raise FormatError(
         f"cannot tell the data format from the keys {sorted(row)}: expected 'text', 'prompt'+'completion' "
-        "or 'messages'; pass --text-field FIELD or --chat"
+        "or 'messages'"
     )
 
 
@@ -130,7 +134,7 @@ def load_batches(
             fmt = fmt or detect_format(row, text_field, chat)
             example = tokenize_row(row, tokenizer, fmt, text_field=text_field or "text", max_length=max_length)
         except DataError as e:
-            raise DataError(f"{path}:{number}: {e}") from e
+            raise type(e)(f"{path}:{number}: {e}") from e
         if all(label == IGNORE_INDEX for label in example["labels"]):
             skipped += 1
             continue

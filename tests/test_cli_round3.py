@@ -58,9 +58,13 @@ def test_out_equal_to_or_inside_the_model_is_refused_before_loading(tiny_llama_d
 
 def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\\u00e9 ok"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "q.jsonl").write_text('{"question": "?"}\n')
     (tmp_path / "cache_dir").mkdir()
     cases = {
         "not utf-8": (["--data", tmp_path / "latin1.jsonl"], "latin1.jsonl:2 is not UTF-8"),
+        "unknown format": (["--data", tmp_path / "q.jsonl"], "q.jsonl:1: cannot tell the data format from the keys "
+                           "['question']: expected 'text', 'prompt'+'completion' or 'messages'; pass --text-field "
+                           "FIELD or --chat"),
         "bogus device": (["--device", "bogus"], "--device bogus: not a device name"),
         "meta device": (["--device", "meta"], "--device meta: this machine has no meta device"),
         "cache dir": (["--cache-path", tmp_path / "cache_dir"], "is a directory; pass a file path"),
@@ -73,7 +77,9 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["not utf-8", "bogus device", "meta device", "cache dir", "preserve dropout", "cuda"])
+@pytest.mark.parametrize(
+    "case", ["not utf-8", "unknown format", "bogus device", "meta device", "cache dir", "preserve dropout", "cuda"]
+)
 def test_bad_input_is_one_line_and_leaves_no_out_behind(tiny_llama_dir, tmp_path, case):
     cases = _bad_input_cases(tmp_path)
     if case == "cuda" and case not in cases:

@@ -7,7 +7,7 @@ import json
 import pytest
 from tiny import DATA, train_tokenizer
 
-from fisher_core.data import IGNORE_INDEX, DataError, collate, load_batches, read_jsonl, tokenize_row
+from fisher_core.data import IGNORE_INDEX, DataError, FormatError, collate, load_batches, read_jsonl, tokenize_row
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,10 @@ def test_load_batches_detects_the_chat_format_from_the_rows(tokenizer):
     assert rendered == tokenizer.apply_chat_template(first, tokenize=False)
 
 
-def test_unknown_row_format_names_the_flags_to_use(tmp_path, tokenizer):
+def test_unknown_row_format_names_the_line_and_the_formats(tmp_path, tokenizer):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"question": "?"}\n')
-    with pytest.raises(DataError, match="--text-field"):
+    with pytest.raises(FormatError, match=r"rows\.jsonl:1: cannot tell .* expected 'text', 'prompt'\+'completion'"):
         load_batches(path, tokenizer, batch_size=1, num_batches=1)
 
 

@@ -114,6 +114,11 @@ def test_lr_on_mean_runs_every_seed_at_every_lr_and_extends_where_the_mean_is_be
     assert plan(preset, records) == [RunKey("smol-dialogue", "lora", 2 * high, s) for s in (0, 1, 2)]
     seed0_rule = replace(preset, lr_on_mean=False)
     assert chosen_lr(seed0_rule, records, "smol-dialogue", "lora") == mid
+    # the extension's seed 0 alone is best, but a one-seed mean does not compete with three-seed ones
+    records.append(record(2 * high, 0, 0.5))
+    assert chosen_lr(preset, records, "smol-dialogue", "lora") == high
+    records += [record(2 * high, s, 1.4) for s in (1, 2)]  # mean 1.1 over its three seeds
+    assert chosen_lr(preset, records, "smol-dialogue", "lora") == 2 * high
 
 
 def test_smol_tasks_are_held_out_by_source():

@@ -250,9 +250,16 @@ def best_lr(records: list[dict], task: str, method: str) -> float | None:
 
 def chosen_lr(preset: Preset, records: list[dict], task: str, method: str) -> float | None:
     """The lr a method is read at on `task`: the lowest validation loss at the stopping point, averaged over every
-    seed run at each lr (`lr_on_mean`) or over seed 0's run."""
-    pool = records if preset.lr_on_mean else [r for r in records if r["seed"] == preset.seeds[0]]
-    return best_lr(pool, task, method)
+    seed run at each lr (`lr_on_mean`; only the lrs that ran the most seeds compete, so a one-seed mean never
+    beats a three-seed one) or over seed 0's run."""
+    if not preset.lr_on_mean:
+        return best_lr([r for r in records if r["seed"] == preset.seeds[0]], task, method)
+    mine = [r for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r]
+    seeds: dict[float, set[int]] = {}
+    for r in mine:
+        seeds.setdefault(r["lr"], set()).add(r["seed"])
+    most = max(map(len, seeds.values()), default=0)
+    return best_lr([r for r in mine if len(seeds[r["lr"]]) == most], task, method)
 
 
 def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from fisher_core.config import FisherConfig
-from fisher_core.data import load_batches
+from fisher_core.data import DataError, load_batches
 from fisher_core.estimate.cache import data_fingerprint
 from fisher_core.estimate.objective import Batch
 from fisher_core.keep.answers import BATCH_SIZE, MAX_NEW_TOKENS, instructions, own_answer_batches, pad_id, prompt_ids
@@ -33,8 +33,9 @@ class KeepData:
     make: Callable[[nn.Module], list[Batch]]
 
 
-def keep_data(config: FisherConfig, tokenizer: Any | None) -> KeepData:
-    """Resolve `config.keep_data`; a missing tokenizer or an unusable file fails here, in one line."""
+def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | None = None) -> KeepData:
+    """Resolve `config.keep_data`; a missing tokenizer, an unusable file or (for the own answers) a `model` that
+    cannot generate fails here, in one line."""
     source = config.keep_data
     if isinstance(source, list):
         return KeepData(data_fingerprint(source), lambda model: source)
@@ -45,12 +46,31 @@ def keep_data(config: FisherConfig, tokenizer: Any | None) -> KeepData:
             "or keep_data=[batches]"
         )
     if source is not None:
-        batches = load_batches(source, tokenizer, batch_size=BATCH_SIZE, num_batches=config.num_batches,
-                               max_length=MAX_LENGTH)  # fmt: skip
+        try:
+            batches = load_batches(source, tokenizer, batch_size=BATCH_SIZE, num_batches=config.num_batches,
+                                   max_length=MAX_LENGTH)  # fmt: skip
+        except DataError as e:
+            raise DataError(f"keep_data: {e}") from e
         return KeepData(data_fingerprint(batches), lambda model: batches)
+    if model is not None and not _can_generate(_unwrapped(model)):
+        raise ValueError(
+            f"keep_knowledge without keep_data keeps the model's own answers, but {type(_unwrapped(model)).__name__} "
+            "cannot generate (a causal LM can): pass keep_data (a JSONL file or batches with labels)"
+        )
     read = instructions()[: BATCH_SIZE * config.num_batches]  # the pass reads at most num_batches batches
     prompts = [prompt_ids(tokenizer, instruction) for instruction in read]
     settings = f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}:{tokenizer.eos_token_id}"
     h = hashlib.sha256(settings.encode())
     h.update(repr(prompts).encode())
     return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts))
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _can_generate(model: nn.Module) -> bool:
+    """Whether a transformers model has a working `generate` (`can_generate()`, where it has one)."""
+    check = getattr(model, "can_generate", None)
+    return callable(getattr(model, "generate", None)) and (check() if callable(check) else True)

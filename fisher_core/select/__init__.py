@@ -91,6 +91,7 @@ def select(
     lora_alpha: float | None = None,
     use_rslora: bool = False,
     gathering: Gathering | None = None,
+    scale_stats: FisherStats | None = None,
 ) -> Directions:
     """Rank-r factors for every layer in `stats`.
 
@@ -99,6 +100,8 @@ def select(
     Under `torch.distributed` this is a collective, like `estimate`: every process calls it, each solves
     a share of the layers (`fisher_core.select.parallel`) and all return the same directions. `gathering`:
     that of an enclosing `whole_parameters(model)` region (`initialize` hands its own); None enters one.
+    `scale_stats`: whose `S_A` sets A's scale under `zero_scale='activation'` — the inputs training sees
+    (None: `stats`; keep mode selects on the keep data's factors but scales on the task's).
     """
     region = whole_parameters(model) if gathering is None else contextlib.nullcontext(gathering)
     with region as gathering:  # FSDP1: one unit whole at a time
@@ -130,7 +133,8 @@ def select(
             cands = solve_spread(list(plans), groups, costs, solve)
         if config.rank_budget is not None:
             ranks = allocate_ranks({n: (c.scores, c.total) for n, c in cands.items()}, config.rank_budget, caps)
-        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config, stats[name]) for name in plans}
+        scale_stats = stats if scale_stats is None else scale_stats
+        layers = {name: _finish(cands[name], ranks[name], plans[name][2], config, scale_stats[name]) for name in plans}
         directions = Directions(layers, selector=config.selector, policy=config.policy)
         if config.rank_budget is not None:  # the scale s stays as configured: α_l = s·r_l (s·√r_l with rsLoRA)
             for name, (_, _, scaling, rslora) in plans.items():
@@ -179,7 +183,8 @@ def _solver(config: FisherConfig, weight: Tensor, k: int, spectra: dict) -> Solv
 
 
 def _finish(c: Candidates, r: int, scaling: float, config: FisherConfig, stats: LayerStats) -> LayerDirections:
-    """The first `r` candidates under the step-0 policy: `zero` sets B = 0 and A's scale (`config.zero_scale`)."""
+    """The first `r` candidates under the step-0 policy: `zero` sets B = 0 and A's scale (`config.zero_scale`,
+    `activation`: matched on `stats.input_cov`)."""
     b, a = fix_signs(c.B[:, :r].contiguous(), c.A[:r].contiguous())
     if config.policy == "zero":
         _, a = with_norm(b, a, DEFAULT_ROW_NORM)

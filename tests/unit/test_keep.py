@@ -170,6 +170,56 @@ def test_keep_mode_leaves_the_function_unchanged_at_step_0(policy):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 if policy == "preserve" else 0)
 
 
+def _keep_batches(vocab: int = 384) -> list[dict]:
+    """Keep data unlike the task's: a narrow band of token ids, so its factors differ from the task's."""
+    ids = torch.randint(3, 40, (4, 12), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+
+
+def _span(columns: np.ndarray) -> torch.Tensor:
+    """Orthonormal rows spanning `columns`."""
+    return torch.from_numpy(np.linalg.qr(columns)[0].T.copy())
+
+
+def test_initialize_selects_on_separate_keep_datas_factors_and_scales_a_on_the_task_inputs():
+    """`initialize` with keep batches unlike the task's: each A spans the top-r generalized eigenvectors of
+    (Ḡᵀ(S_G^K)⁻¹Ḡ, S_A^K) (scipy) with Ḡ the task's and the factors a plain `estimate` of the keep batches —
+    not the task factors' span (a `select` handed the task's statistics fails) — and under
+    `zero_scale='activation'` E‖A x‖² over the *task's* inputs (plain forward hooks) is PEFT's default
+    r·E‖x‖²/(3n) (scaled on the keep inputs it is off by their energy ratio)."""
+    from fisher_core import estimate
+    from fisher_core.keep.stats import factors_only
+    from fisher_core.layers import canonical_name
+
+    model, _ = _peft()
+    layers = {canonical_name(n): m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, a[0].detach().flatten(0, 1)))
+             for n, m in layers.items()]  # fmt: skip
+    with torch.no_grad():
+        model(**_task_batches()[0])
+    for h in hooks:
+        h.remove()
+    config = _cfg(keep_knowledge=True, keep_data=_keep_batches(), damping=DAMPING, zero_scale="activation",
+                  stop_tol=None)  # fmt: skip
+    with model.disable_adapter():
+        keep = estimate(model, _keep_batches(), target_modules=layers, config=factors_only(config))
+    report = initialize(model, _task_batches(), config=config)
+    for name, module in layers.items():
+        gbar = report.stats[name].mean_grad.double().numpy()
+        a = module.lora_A["default"].weight.detach().double()
+        r = a.shape[0]
+        wanted, task_span = [], []
+        for factors, out in ((keep[name], wanted), (report.stats[name], task_span)):
+            s_a, s_g = _damped(factors.input_cov), _damped(factors.grad_cov)
+            out.append(_top_generalized(gbar.T @ np.linalg.solve(s_g, gbar), s_a, r)[1])
+        np.testing.assert_allclose(_inside(a, _span(wanted[0])), 1.0, atol=1e-4)
+        assert _inside(a, _span(task_span[0])).min() < 0.99
+        x = seen[name].double()
+        kaiming = r * x.pow(2).sum(1).mean() / (3 * x.shape[1])
+        torch.testing.assert_close((x @ a.T).pow(2).sum(1).mean(), kaiming, rtol=1e-4, atol=0)
+
+
 def _greedy_oracle(model, prompt: list[int], eos: int, steps: int) -> list[int]:
     """Plain greedy decoding, one token per full forward, no cache, no padding."""
     ids = list(prompt)
@@ -226,6 +276,10 @@ def test_keep_statistics_are_computed_once_and_cached_beside_the_task_statistics
     model, tokenizer = _peft()
     with pytest.raises(CacheMismatchError, match=r"stats\.keep\.safetensors was computed with data="):
         initialize(model, _task_batches(), config=_cfg(keep_knowledge=True, keep_data=other, cache_path=cache))
+    (tmp_path / "stats.safetensors").unlink()  # the task's cache would refuse another model first
+    model, tokenizer = _peft(seed=1)
+    with pytest.raises(CacheMismatchError, match=r"stats\.keep\.safetensors was computed from other model weights"):
+        initialize(model, _task_batches(), config=_cfg(keep_knowledge=True, cache_path=cache), tokenizer=tokenizer)
 
 
 def _unread():
@@ -250,6 +304,8 @@ def test_generated_keep_data_without_a_tokenizer_is_one_line_before_the_pass():
         ({"keep_knowledge": True, "keep_data": []}, "an empty list of batches"),
         ({"keep_data": "__FILE__"}, "keep_data is only read with keep_knowledge=True"),
         ({"keep_knowledge": True, "selector": "subspace"}, "use selector='natural'"),
+        ({"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long)}]},
+         "keep batch 0 has no 'labels'"),
     ],
 )
 def test_bad_keep_settings_are_refused_naming_the_fix(kwargs, expected):
@@ -268,6 +324,31 @@ def test_a_keep_data_file_needs_the_tokenizer_and_one_without_supervised_rows_is
     path.write_text('{"messages": [{"role": "user", "content": "no answer to keep"}]}\n')
     with pytest.raises(ValueError, match="has no row with a supervised token"):
         keep_data(_cfg(keep_knowledge=True, keep_data=path), train_tokenizer())
+
+
+def test_a_keep_data_file_in_no_known_format_names_the_keep_data_and_the_formats(tmp_path):
+    path = tmp_path / "keep.jsonl"
+    path.write_text('{"question": "kept?"}\n')
+    with pytest.raises(ValueError, match=r"^keep_data: .*keep\.jsonl:1: cannot tell the data format") as err:
+        keep_data(_cfg(keep_knowledge=True, keep_data=path), train_tokenizer())
+    assert "expected 'text', 'prompt'+'completion' or 'messages'" in str(err.value)
+    assert "--text-field" not in str(err.value)  # the CLI's --data flags do not apply to keep data
+
+
+def test_own_answers_from_a_model_that_cannot_generate_are_refused_before_the_pass():
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = train_tokenizer()
+    config = tiny_llama(vocab_size=len(tokenizer)).config
+    config.num_labels, config.pad_token_id = 2, tokenizer.pad_token_id
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS")
+    model = get_peft_model(LlamaForSequenceClassification(config), lora)
+    before = _lora(model)
+    with pytest.raises(ValueError, match=r"LlamaForSequenceClassification cannot generate .*: pass keep_data") as err:
+        initialize(model, _unread(), config=_cfg(keep_knowledge=True), tokenizer=tokenizer)
+    assert "\n" not in str(err.value)
+    for name, value in _lora(model).items():
+        assert torch.equal(value, before[name])
 
 
 def test_cli_flags_pass_the_keep_keys_through(tmp_path):
