@@ -46,7 +46,8 @@ def _sha256(path: Path) -> str:
 
 
 def smollm2_dir(cache: Path | None = None) -> Path:
-    """The converted model directory (model + tokenizer + `convert.json`); converted on first use (≈ 40 s)."""
+    """The converted model directory (model + tokenizer + `convert.json`); converted on first use (19 s on the
+    2-core VM, BENCHMARKS.md)."""
     target = (cache or cache_dir()) / NAME
     if (target / "convert.json").is_file():
         return target
