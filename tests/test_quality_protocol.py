@@ -98,6 +98,7 @@ def test_lr_on_mean_runs_every_seed_at_every_lr_and_extends_where_the_mean_is_be
     from dataclasses import replace
 
     from benchmarks.quality.protocol import PRESETS, RunKey, chosen_lr, plan
+    from benchmarks.quality.report import lr_cell
 
     preset = replace(PRESETS["smol"], tasks=("smol-dialogue",), methods=("lora",), first=())
     assert plan(preset, []) == [RunKey("smol-dialogue", "lora", lr, s) for s in (0, 1, 2) for lr in preset.lr_grid]
@@ -119,6 +120,8 @@ def test_lr_on_mean_runs_every_seed_at_every_lr_and_extends_where_the_mean_is_be
     assert chosen_lr(preset, records, "smol-dialogue", "lora") == high
     records += [record(2 * high, s, 1.4) for s in (1, 2)]  # mean 1.1 over its three seeds
     assert chosen_lr(preset, records, "smol-dialogue", "lora") == 2 * high
+    assert lr_cell(records, "smol-dialogue", "lora", 2 * high) == f"{2 * high:g} (edge)"
+    assert lr_cell(records, "smol-dialogue", "lora", high) == f"{high:g}"
 
 
 def test_smol_tasks_are_held_out_by_source():

@@ -55,6 +55,13 @@ def _reach(record: dict, target: float) -> int | None:
     return next((p["step"] for p in record["curve"] if p["test_loss"] <= target), None)
 
 
+def lr_cell(records: list[dict], task: str, method: str, lr: float) -> str:
+    """`lr`, marked `(edge)` when no lr on one side of it ran: the best is not bracketed (the grid ran out of
+    extensions, or they have not run yet)."""
+    ran = {r["lr"] for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r}
+    return f"{lr:g}" + (" (edge)" if len(ran) > 1 and lr in (min(ran), max(ran)) else "")
+
+
 def own_lr_table(records: list[dict], task: str, preset: Preset) -> str:
     """Every method at its own best lr (`protocol.chosen_lr`)."""
     head = [
@@ -84,7 +91,7 @@ def own_lr_table(records: list[dict], task: str, preset: Preset) -> str:
                 _mean([stopped(r)["test_loss"] for r in runs]),
                 [
                     label(method),
-                    f"{lr:g}",
+                    lr_cell(records, task, method, lr),
                     str(len(runs)),
                     _cell([stopped(r)["test_loss"] for r in runs]),
                     _cell([stopped(r)["accuracy"] for r in runs]),
