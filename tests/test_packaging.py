@@ -40,3 +40,10 @@ def test_the_latest_set_is_at_or_above_every_floor_on_the_same_torch():
     assert latest["torch"] == pinned["torch"]
     assert {"peft", "transformers", "trl", "accelerate", "datasets"} <= set(latest) and "axolotl" not in latest
     assert all(latest[n] >= floors[n] for n in set(latest) & set(floors))
+
+
+def test_the_demo_set_is_a_subset_of_the_tested_pins():
+    """`scripts/demo` installs requirements/demo.txt: every pin there is the tested set's, at the same version."""
+    demo, pinned = _pins("demo.txt"), _pins("test.txt")
+    assert {"torch", "axolotl", "peft", "transformers", "gguf"} <= set(demo)
+    assert {n: pinned.get(n) for n in demo} == demo
