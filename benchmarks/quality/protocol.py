@@ -11,7 +11,7 @@ AdamW with warm-up and linear decay, the same 16 calibration batches for every d
 1. `grid`   seed 0 at every lr of `lr_grid`; a method whose best lr sits at an edge of what it ran gets
             the next lr beyond it (×2 or ×½), until its best lr is bracketed;
    With `lr_on_mean` (the `smol` preset) every seed runs at every lr and the lr is chosen on the mean over
-   seeds; `first` names the methods whose grid runs before every other's;
+   seeds; `first` names tiers of methods whose grid runs before every other's, tier by tier;
 2. `seeds`  the remaining seeds at each method's own best lr;
 3. `ablate` each Fisher variant of `VARIANTS` (whitening off, calibration size, sketched statistics, true
             Fisher, another selector) on every seed at `fisher`'s (policy preserve) best lr: which
@@ -108,9 +108,9 @@ class Preset:
     # True: every seed runs at every lr of the grid and the lr is chosen on the mean over seeds (a seed-0 choice
     # moved a result by 0.06 once); False: seed 0 chooses, the other seeds run at its choice
     lr_on_mean: bool = False
-    # methods whose grid runs come before every other method's (task by task, seed by seed): a protocol cut short
-    # has their whole comparison
-    first: tuple[str, ...] = ()
+    # tiers of methods whose grid runs come before every other method's, tier by tier (within a tier task by task,
+    # seed by seed): a protocol cut short has their whole comparison
+    first: tuple[tuple[str, ...], ...] = ()
     # another preset whose records choose each method's lr: this one only runs every seed at those lrs (a longer
     # run of a short protocol's choices: does its verdict hold once validation loss stops improving?)
     lr_from: str | None = None
@@ -163,9 +163,10 @@ SMOL = Preset(
     ablations=(),
     lr_on_mean=True,
     # the copied-lr question (LoRA, the default) and the forgetting question (issue 27: the knowledge-keeping mode
-    # against CorDA's knowledge-preserved mode and LoRA-Null), task by task; the default's scale ablation
-    # (`fisher-zero-act`) tied it on the dialogue task, so it waits with the rest
-    first=("lora", "fisher-zero", "fisher-keep", "corda-kpm", "lora-null"),
+    # against CorDA's knowledge-preserved mode), task by task; then the default's scale ablation (`fisher-zero-act`:
+    # the default trails LoRA at 0.5× its lr on DPO — does matching A's output scale hold every copied-lr cell?);
+    # then LoRA-Null's rule (issue 27)
+    first=(("lora", "fisher-zero", "fisher-keep", "corda-kpm"), ("fisher-zero-act",), ("lora-null",)),
 )
 
 SMOKE = dict(lr_grid=(1e-3,), steps=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0)
@@ -264,7 +265,7 @@ def chosen_lr(preset: Preset, records: list[dict], task: str, method: str) -> fl
 
 def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     """Grid runs still missing (seed 0's, or every seed's with `lr_on_mean`), plus one lr beyond an edge where the
-    chosen lr sits there; the `first` methods first, then task by task, seed by seed."""
+    chosen lr sits there; the `first` tiers first, then task by task, seed by seed."""
     seeds = preset.seeds if preset.lr_on_mean else preset.seeds[:1]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
     todo = []
@@ -283,7 +284,9 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
                 todo += [RunKey(task, method, best * 2, s) for s in seeds]
     order = {name: i for i, name in enumerate(preset.methods)}
     tasks = {name: i for i, name in enumerate(preset.tasks)}
-    return sorted(todo, key=lambda k: (k.method not in preset.first, tasks[k.task], k.seed, k.lr, order[k.method]))
+    tier = {method: i for i, methods in enumerate(preset.first) for method in methods}
+    return sorted(todo, key=lambda k: (tier.get(k.method, len(preset.first)), tasks[k.task], k.seed, k.lr,
+                                       order[k.method]))  # fmt: skip
 
 
 def seed_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
