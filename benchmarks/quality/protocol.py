@@ -163,10 +163,10 @@ SMOL = Preset(
     ablations=(),
     lr_on_mean=True,
     # the copied-lr question (LoRA, the default) and the forgetting question (issue 27: the knowledge-keeping mode
-    # against CorDA's knowledge-preserved mode), task by task; then the default's scale ablation (`fisher-zero-act`:
-    # the default trails LoRA at 0.5× its lr on DPO — does matching A's output scale hold every copied-lr cell?);
-    # then LoRA-Null's rule (issue 27)
-    first=(("lora", "fisher-zero", "fisher-keep", "corda-kpm"), ("fisher-zero-act",), ("lora-null",)),
+    # against CorDA's knowledge-preserved mode), task by task; then LoRA-Null's rule (issue 27); then the default's
+    # scale ablation (`fisher-zero-act`: does matching A's output scale hold the copied-lr cells the default
+    # misses? Not on either SFT task: it is behind LoRA at 1×)
+    first=(("lora", "fisher-zero", "fisher-keep", "corda-kpm"), ("lora-null",), ("fisher-zero-act",)),
 )
 
 SMOKE = dict(lr_grid=(1e-3,), steps=2, calibration=1, sizes=(8, 4, 4), eval_at=(0.5, 1.0), extend=0)
