@@ -171,6 +171,8 @@ class FisherConfig(BaseModel):
                 f"keep batch {bad[0]} has no 'labels' (the keep pass scores the cross-entropy of its labels); "
                 "add labels (-100 where nothing is kept) or pass a JSONL file"
             )
+        if isinstance(value, list) and not any(_supervises(b["labels"]) for b in value):
+            raise ValueError("every keep batch's labels are -100: label the tokens whose behaviour is kept")
         return value
 
     @model_validator(mode="after")
@@ -185,3 +187,10 @@ class FisherConfig(BaseModel):
     def needs_mean_grad(self) -> bool:
         """Whether the selector needs Ḡ = (1/N) Σ_t g_t x_tᵀ besides the two factors."""
         return self.selector == "natural"
+
+
+def _supervises(labels: Any) -> bool:
+    """Whether `labels` (a tensor or nested lists) hold a token other than -100."""
+    import torch
+
+    return bool((torch.as_tensor(labels) != -100).any())

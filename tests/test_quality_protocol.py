@@ -120,8 +120,12 @@ def test_lr_on_mean_runs_every_seed_at_every_lr_and_extends_where_the_mean_is_be
     assert chosen_lr(preset, records, "smol-dialogue", "lora") == high
     records += [record(2 * high, s, 1.4) for s in (1, 2)]  # mean 1.1 over its three seeds
     assert chosen_lr(preset, records, "smol-dialogue", "lora") == 2 * high
-    assert lr_cell(records, "smol-dialogue", "lora", 2 * high) == f"{2 * high:g} (edge)"
-    assert lr_cell(records, "smol-dialogue", "lora", high) == f"{high:g}"
+    assert lr_cell(preset, records, "smol-dialogue", "lora", 2 * high) == f"{2 * high:g} (edge)"
+    assert lr_cell(preset, records, "smol-dialogue", "lora", high) == f"{high:g}"
+    records.append(record(4 * high, 0, 0.1))  # one seed beyond: 2 * high is not bracketed yet
+    assert lr_cell(preset, records, "smol-dialogue", "lora", 2 * high) == f"{2 * high:g} (edge)"
+    records.append(record(low, 3, 0.1))  # a stray seed outside the preset's does not make its lr the only one
+    assert chosen_lr(preset, records, "smol-dialogue", "lora") == 2 * high
 
 
 def test_smol_tasks_are_held_out_by_source():

@@ -249,18 +249,26 @@ def best_lr(records: list[dict], task: str, method: str) -> float | None:
     return min(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr])) if by_lr else None
 
 
-def chosen_lr(preset: Preset, records: list[dict], task: str, method: str) -> float | None:
-    """The lr a method is read at on `task`: the lowest validation loss at the stopping point, averaged over every
-    seed run at each lr (`lr_on_mean`; only the lrs that ran the most seeds compete, so a one-seed mean never
-    beats a three-seed one) or over seed 0's run."""
-    if not preset.lr_on_mean:
-        return best_lr([r for r in records if r["seed"] == preset.seeds[0]], task, method)
+def competing(preset: Preset, records: list[dict], task: str, method: str) -> list[dict]:
+    """The runs whose lrs compete for `method`'s lr on `task`: seed 0's, or with `lr_on_mean` those at the lrs
+    that ran every seed of the preset (none yet: the lrs with the most seeds), so a one-seed mean never beats a
+    three-seed one."""
     mine = [r for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r]
+    if not preset.lr_on_mean:
+        return [r for r in mine if r["seed"] == preset.seeds[0]]
     seeds: dict[float, set[int]] = {}
     for r in mine:
         seeds.setdefault(r["lr"], set()).add(r["seed"])
+    full = {lr for lr, ran in seeds.items() if ran >= set(preset.seeds)}
     most = max(map(len, seeds.values()), default=0)
-    return best_lr([r for r in mine if len(seeds[r["lr"]]) == most], task, method)
+    lrs = full or {lr for lr, ran in seeds.items() if len(ran) == most}
+    return [r for r in mine if r["lr"] in lrs]
+
+
+def chosen_lr(preset: Preset, records: list[dict], task: str, method: str) -> float | None:
+    """The lr a method is read at on `task`: the lowest validation loss at the stopping point, averaged over the
+    seeds of each competing lr (`competing`)."""
+    return best_lr(competing(preset, records, task, method), task, method)
 
 
 def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:

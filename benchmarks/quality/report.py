@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.quality.protocol import Preset, chosen_lr, load, stopped
+from benchmarks.quality.protocol import Preset, chosen_lr, competing, load, stopped
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
@@ -55,10 +55,10 @@ def _reach(record: dict, target: float) -> int | None:
     return next((p["step"] for p in record["curve"] if p["test_loss"] <= target), None)
 
 
-def lr_cell(records: list[dict], task: str, method: str, lr: float) -> str:
-    """`lr`, marked `(edge)` when no lr on one side of it ran: the best is not bracketed (the grid ran out of
-    extensions, or they have not run yet)."""
-    ran = {r["lr"] for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r}
+def lr_cell(preset: Preset, records: list[dict], task: str, method: str, lr: float) -> str:
+    """`lr`, marked `(edge)` when no competing lr (`protocol.competing`) lies on one side of it: the best is not
+    bracketed (the grid ran out of extensions, or their seeds have not all run yet)."""
+    ran = {r["lr"] for r in competing(preset, records, task, method)}
     return f"{lr:g}" + (" (edge)" if len(ran) > 1 and lr in (min(ran), max(ran)) else "")
 
 
@@ -91,7 +91,7 @@ def own_lr_table(records: list[dict], task: str, preset: Preset) -> str:
                 _mean([stopped(r)["test_loss"] for r in runs]),
                 [
                     label(method),
-                    lr_cell(records, task, method, lr),
+                    lr_cell(preset, records, task, method, lr),
                     str(len(runs)),
                     _cell([stopped(r)["test_loss"] for r in runs]),
                     _cell([stopped(r)["accuracy"] for r in runs]),

@@ -71,6 +71,5 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def _can_generate(model: nn.Module) -> bool:
-    """Whether a transformers model has a working `generate` (`can_generate()`, where it has one)."""
-    check = getattr(model, "can_generate", None)
-    return callable(getattr(model, "generate", None)) and (check() if callable(check) else True)
+    """Whether the model has a `generate` (transformers gives one to generative heads only)."""
+    return callable(getattr(model, "generate", None))

@@ -170,7 +170,7 @@ def test_keep_mode_leaves_the_function_unchanged_at_step_0(policy):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 if policy == "preserve" else 0)
 
 
-def _keep_batches(vocab: int = 384) -> list[dict]:
+def _keep_batches() -> list[dict]:
     """Keep data unlike the task's: a narrow band of token ids, so its factors differ from the task's."""
     ids = torch.randint(3, 40, (4, 12), generator=torch.Generator().manual_seed(1))
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
@@ -306,6 +306,9 @@ def test_generated_keep_data_without_a_tokenizer_is_one_line_before_the_pass():
         ({"keep_knowledge": True, "selector": "subspace"}, "use selector='natural'"),
         ({"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long)}]},
          "keep batch 0 has no 'labels'"),
+        ({"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long),
+                                                 "labels": torch.full((1, 3), -100)}]},
+         "every keep batch's labels are -100"),
     ],
 )
 def test_bad_keep_settings_are_refused_naming_the_fix(kwargs, expected):
