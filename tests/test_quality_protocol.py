@@ -241,3 +241,17 @@ def test_keep_energy_kappa_is_the_share_of_input_energy_a_captures_over_a_direct
     s = q @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)) @ q.T
     assert abs(captured(torch.stack([2 * q[:, 0], q[:, 3]]), s) - 1.36) < 1e-12
     assert abs(captured(q.T, s) - 1.0) < 1e-12
+
+
+def test_first_tiers_run_tier_by_tier_then_task_by_task():
+    from dataclasses import replace
+
+    from benchmarks.quality.protocol import PRESETS, plan
+
+    preset = replace(PRESETS["smol"], methods=("lora", "fisher-zero", "fisher-keep"),
+                     first=(("fisher-keep",), ("fisher-zero",)))  # fmt: skip
+    todo = plan(preset, [])
+    methods = [k.method for k in todo]
+    n = len(preset.tasks) * len(preset.lr_grid) * len(preset.seeds)
+    assert methods == ["fisher-keep"] * n + ["fisher-zero"] * n + ["lora"] * n
+    assert [k.task for k in todo[:n]] == sorted((k.task for k in todo[:n]), key=preset.tasks.index)
