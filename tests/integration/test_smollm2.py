@@ -193,6 +193,7 @@ def test_trl_sft_chat_saved_adapter_on_the_original_model_is_the_trained_model(t
 def trl_dpo(smollm2_dir, tmp_path_factory):
     trainer, callback = trl_tiny.build("dpo", smollm2_dir, tmp_path_factory.mktemp("trl-dpo"), fisher=TRL_FISHER, **TRL)
     trainer.train()
+    trainer.save_model()
     return trainer, callback
 
 
@@ -203,6 +204,15 @@ def test_trl_dpo_starts_at_ln2_and_trains(trl_dpo):
     assert first["loss"] == pytest.approx(LN2, abs=1e-6)  # B = 0: the policy is its own (adapter-disabled) reference
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0
     assert abs(second["rewards/margins"]) > 1e-4  # one step moved the policy away from its reference
+
+
+def test_trl_dpo_saved_adapter_on_the_original_model_is_the_trained_model(trl_dpo, smollm2_dir):
+    trainer, _ = trl_dpo
+    ids = prompt_ids(smollm2_dir)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), trainer.args.output_dir)
+    expected = logits(trainer.model.eval(), ids)
+    torch.testing.assert_close(logits(loaded.eval(), ids), expected, rtol=1e-5, atol=1e-5)
+    assert (base_logits(smollm2_dir, ids) - expected).abs().max() > 0.05  # two DPO steps moved it (measured: 0.36)
 
 
 # --- `fisher-lora init` on chat JSONL ---
