@@ -164,15 +164,8 @@ class FisherConfig(BaseModel):
             raise ValueError("keep_data is only read with keep_knowledge=True; set it, or drop keep_data")
         if isinstance(value, Path) and not value.is_file():
             raise ValueError(f"{value}: no such file; pass a JSONL file of text, prompt/completion or chat rows")
-        if isinstance(value, list) and not value:
-            raise ValueError("an empty list of batches; pass batches, a JSONL file, or None (the model's own answers)")
-        if isinstance(value, list) and (bad := [i for i, b in enumerate(value) if "labels" not in b]):
-            raise ValueError(
-                f"keep batch {bad[0]} has no 'labels' (the keep pass scores the cross-entropy of its labels); "
-                "add labels (-100 where nothing is kept) or pass a JSONL file"
-            )
-        if isinstance(value, list) and not any(_supervises(b["labels"]) for b in value):
-            raise ValueError("every keep batch's labels are -100: label the tokens whose behaviour is kept")
+        if isinstance(value, list):
+            _check_keep_batches(value)
         return value
 
     @model_validator(mode="after")
@@ -189,8 +182,16 @@ class FisherConfig(BaseModel):
         return self.selector == "natural"
 
 
-def _supervises(labels: Any) -> bool:
-    """Whether `labels` (a tensor or nested lists) hold a token other than -100."""
+def _check_keep_batches(batches: list[dict[str, Any]]) -> None:
+    """Keep batches are scored by the cross-entropy of their `labels`: every batch has them, some token is not -100."""
     import torch
 
-    return bool((torch.as_tensor(labels) != -100).any())
+    if not batches:
+        raise ValueError("an empty list of batches; pass batches, a JSONL file, or None (the model's own answers)")
+    if missing := [i for i, b in enumerate(batches) if "labels" not in b]:
+        raise ValueError(
+            f"keep batch {missing[0]} has no 'labels' (the keep pass scores the cross-entropy of its labels); "
+            "add labels (-100 where nothing is kept) or pass a JSONL file"
+        )
+    if not any(bool((torch.as_tensor(b["labels"]) != -100).any()) for b in batches):
+        raise ValueError("every keep batch's labels are -100: label the tokens whose behaviour is kept")

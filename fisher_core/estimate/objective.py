@@ -33,11 +33,15 @@ def _causal_lm_classes() -> frozenset[str]:
     return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper, or `model` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """True for transformers causal-LM heads (labels are shifted by one position)."""
-    get_base = getattr(model, "get_base_model", None)
-    inner = get_base() if callable(get_base) else model
-    return type(inner).__name__ in _causal_lm_classes()
+    return type(unwrapped(model)).__name__ in _causal_lm_classes()
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 from fisher_core.config import FisherConfig
 from fisher_core.data import DataError, load_batches
 from fisher_core.estimate.cache import data_fingerprint
-from fisher_core.estimate.objective import Batch
+from fisher_core.estimate.objective import Batch, unwrapped
 from fisher_core.keep.answers import BATCH_SIZE, MAX_NEW_TOKENS, instructions, own_answer_batches, pad_id, prompt_ids
 
 MAX_LENGTH = 512  # tokens per row of a keep_data file, as the CLI's default --max-length
@@ -52,9 +52,9 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
         except DataError as e:
             raise DataError(f"keep_data: {e}") from e
         return KeepData(data_fingerprint(batches), lambda model: batches)
-    if model is not None and not _can_generate(_unwrapped(model)):
+    if model is not None and not callable(getattr(inner := unwrapped(model), "generate", None)):
         raise ValueError(
-            f"keep_knowledge without keep_data keeps the model's own answers, but {type(_unwrapped(model)).__name__} "
+            f"keep_knowledge without keep_data keeps the model's own answers, but {type(inner).__name__} "
             "cannot generate (a causal LM can): pass keep_data (a JSONL file or batches with labels)"
         )
     read = instructions()[: BATCH_SIZE * config.num_batches]  # the pass reads at most num_batches batches
@@ -64,12 +64,3 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
     h.update(repr(prompts).encode())
     return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts))
 
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or `model` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _can_generate(model: nn.Module) -> bool:
-    """Whether the model has a `generate` (transformers gives one to generative heads only)."""
-    return callable(getattr(model, "generate", None))
