@@ -16,7 +16,7 @@ from torch import nn
 from fisher_core.config import FisherConfig
 from fisher_core.estimate import FisherStats, estimate
 from fisher_core.estimate.objective import Batch, LogitsFn, LossFn
-from fisher_core.keep import keep_data, keep_relative, keep_statistics
+from fisher_core.keep import KeepMode, keep_data, keep_mode, keep_relative, keep_statistics
 from fisher_core.layers import supported
 from fisher_core.select import Directions, select
 from fisher_core.sharded import whole_parameters
@@ -47,6 +47,7 @@ class InitReport:
     seconds: dict[str, float]
     rank_pattern: dict[str, int] = field(default_factory=dict)
     keep_knowledge: bool = False
+    keep_why: str = ""  # why `keep_knowledge="auto"` resolved as it did ("" when it was set)
     stats: FisherStats | None = field(default=None, repr=False)
     directions: Directions | None = field(default=None, repr=False)
 
@@ -54,14 +55,19 @@ class InitReport:
         """The one log line of a run."""
         ranks = [layer.rank for layer in self.layers.values()]
         captured = sum(layer.captured for layer in self.layers.values()) / max(1, len(self.layers))
-        keep = ", relative to the keep data's Fisher" if self.keep_knowledge else ""
+        keep = " relative to the keep data's Fisher" if self.keep_knowledge else ""
         return (
-            f"fisher-lora: {self.selector} directions from {self.fisher_type} Fisher{keep} ({self.policy}) on "
+            f"fisher-lora: {self.selector} directions from {self.fisher_type} Fisher ({self.policy}){keep} on "
             f"{len(self.layers)} layers, rank {min(ranks)}-{max(ranks)}, {self.num_tokens} tokens in "
             f"{self.num_batches} batches, mean captured Fisher mass {captured:.1%}, "
-            f"{sum(self.seconds.values()):.1f}s (estimate {self.seconds['estimate']:.1f}s, "
-            f"select {self.seconds['select']:.1f}s, write {self.seconds['write']:.1f}s)"
+            f"{sum(self.seconds.values()):.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in self.seconds.items())})"
+            f"{self._auto()}"
         )
+
+    def _auto(self) -> str:
+        """What `keep_knowledge="auto"` chose and why, for the summary ("" when it was set)."""
+        state = "on" if self.keep_knowledge else "off"
+        return f"; keep_knowledge 'auto' is {state}: {self.keep_why}" if self.keep_why else ""
 
     def to_json(self) -> dict:
         return {
@@ -73,6 +79,7 @@ class InitReport:
             "seconds": self.seconds,
             "rank_pattern": self.rank_pattern,
             "keep_knowledge": self.keep_knowledge,
+            "keep_why": self.keep_why,
             "layers": {n: vars(layer) for n, layer in self.layers.items()},
         }
 
@@ -100,14 +107,16 @@ def initialize(
     sits (trained adapter on, unmerged first). Directions are selected with each layer's own rank and scale
     and written in place. Refusals that need no statistics (`write.plan`) come before the pass.
 
-    With `keep_knowledge`, the keep data's factors are estimated in a second pass on the same model and the
-    task's `Ḡ` is whitened by them (docs/design.md §7); `tokenizer` is needed only to read a `keep_data` file
-    or to generate the model's own answers when there is none.
+    In keep mode (`keep_knowledge`, by default `auto`: on for a chat model given its `tokenizer`, `keep.mode`)
+    the keep data's factors are estimated in a second pass on the same model and the task's `Ḡ` is whitened by
+    them (docs/design.md §7); `tokenizer` is needed to read a `keep_data` file or to generate the model's own
+    answers when there is none.
     """
     config = config or FisherConfig()
     layers = supported(lora_layers(peft_model, adapter_name))
     trained = _check_before_pass(peft_model, layers, adapter_name, config)
-    keep = keep_data(config, tokenizer, peft_model) if config.keep_knowledge else None
+    keeping = keep_mode(config, tokenizer, peft_model, layers)
+    keep = keep_data(config, tokenizer, peft_model) if keeping.on else None
     if trained and any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()  # the same function, with the trained adapter as factors to fold
     times: dict[str, float] = {}
@@ -129,7 +138,7 @@ def initialize(
         t = time.perf_counter()
         apply(peft_model, directions, adapter_name, force=config.force, gathering=gathering)
         times["write"] = time.perf_counter() - t
-    report = _report(config, stats, directions, times)
+    report = _report(config, stats, directions, times, keeping)
     logger.info(report.summary())
     return report
 
@@ -147,8 +156,11 @@ def _check_before_pass(
     return trained
 
 
-def _report(config: FisherConfig, stats: FisherStats, directions: Directions, times: dict[str, float]) -> InitReport:
-    """The run's `InitReport`: per layer the rank, captured Fisher mass, top scores and tokens read."""
+def _report(
+    config: FisherConfig, stats: FisherStats, directions: Directions, times: dict[str, float], keeping: KeepMode
+) -> InitReport:
+    """The run's `InitReport`: per layer the rank, captured Fisher mass, top scores and tokens read, and whether
+    keep mode ran (`keep_knowledge` resolved) and why."""
     return InitReport(
         selector=config.selector,
         fisher_type=config.fisher_type,
@@ -161,7 +173,8 @@ def _report(config: FisherConfig, stats: FisherStats, directions: Directions, ti
         },
         seconds=times,
         rank_pattern=dict(directions.rank_pattern),
-        keep_knowledge=config.keep_knowledge,
+        keep_knowledge=keeping.on,
+        keep_why=keeping.why,
         stats=stats,
         directions=directions,
     )
@@ -185,8 +198,8 @@ def initialize_lora_fisher_weights(
     returns the model's outputs: EVA reads activations only, the Fisher needs the objective's gradient); None
     is the summed cross-entropy of the batch's `labels` (-100 ignored; shifted for causal LMs). It is
     `initialize`'s `loss_fn`, and `logits_fn` is `initialize`'s. `show_progress_bar` overrides
-    `fisher_config.progress` when given; `tokenizer` is `initialize`'s (`keep_knowledge` without batches of keep
-    data). The adapter is written in place; the `InitReport` is returned.
+    `fisher_config.progress` when given; `tokenizer` is `initialize`'s (a chat model's turns on the default keep
+    mode; a `keep_data` file needs it). The adapter is written in place; the `InitReport` is returned.
     """
     config = fisher_config or FisherConfig()
     if show_progress_bar is not None:

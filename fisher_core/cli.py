@@ -132,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_flags(group: argparse._ArgumentGroup) -> None:
-    """One flag per FisherConfig field (`--num-batches N`); a bool field is a switch (`--keep-knowledge`)."""
+    """One flag per FisherConfig field (`--num-batches N`); a field that takes a bool is a switch pair
+    (`--keep-knowledge` / `--no-keep-knowledge`; neither: the field's default)."""
     for name, field in FisherConfig.model_fields.items():
         if name in NO_FLAG:
             continue
         help_text = _help(name, field.description, field.default)
-        if field.annotation is bool:  # a switch: `--keep-knowledge`
-            group.add_argument(_flag(name), dest=f"cfg.{name}", action="store_true", default=argparse.SUPPRESS,
-                               help=help_text)  # fmt: skip
+        if bool in (typing.get_args(field.annotation) or (field.annotation,)):
+            group.add_argument(_flag(name), dest=f"cfg.{name}", action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)  # fmt: skip
         else:
             group.add_argument(_flag(name), dest=f"cfg.{name}", metavar=_metavar(field.annotation),
                                default=argparse.SUPPRESS, help=help_text)  # fmt: skip

@@ -130,11 +130,14 @@ class FisherConfig(BaseModel):
     cache_path: Path | None = Field(
         None, description="safetensors file for the statistics: reused when it matches, written otherwise."
     )
-    keep_knowledge: bool = Field(
-        False,
+    keep_knowledge: bool | Literal["auto"] = Field(
+        "auto",
         description="Choose directions that learn the task at the least cost to what the model knew: the task's "
         "mean gradient whitened by the K-FAC factors of `keep_data` instead of the task's (the EWC-optimal rank-r "
-        "step, docs/design.md §7). Needs selector `natural`.",
+        "step, docs/design.md §7). Needs selector `natural`. `auto`: on where it was measured and can run, a chat "
+        "model (its tokenizer has a chat template, the model generates, its parameters are whole) or whenever "
+        "`keep_data` is given; else the task's own factors (on SmolLM2 the task's factors fell behind LoRA at "
+        "half its lr, keep mode held every copied-lr cell: BENCHMARKS.md).",
     )
     keep_data: Path | list[dict[str, Any]] | None = Field(
         None,
@@ -148,9 +151,9 @@ class FisherConfig(BaseModel):
 
     @field_validator("keep_knowledge")
     @classmethod
-    def _check_keep_knowledge(cls, value: bool, info: ValidationInfo) -> bool:
+    def _check_keep_knowledge(cls, value: bool | str, info: ValidationInfo) -> bool | str:
         selector = info.data.get("selector", "natural")
-        if value and selector != "natural":
+        if value is True and selector != "natural":
             raise ValueError(
                 f"keep_knowledge whitens the task's mean gradient, which selector {selector!r} does not read; "
                 "use selector='natural' (the default) or keep_knowledge=False"
@@ -162,6 +165,12 @@ class FisherConfig(BaseModel):
     def _check_keep_data(cls, value: Path | list | None, info: ValidationInfo) -> Path | list | None:
         if value is not None and info.data.get("keep_knowledge") is False:
             raise ValueError("keep_data is only read with keep_knowledge=True; set it, or drop keep_data")
+        selector = info.data.get("selector")
+        if value is not None and info.data.get("keep_knowledge") == "auto" and selector != "natural":
+            raise ValueError(
+                f"keep_data is read by keep_knowledge, which needs selector 'natural', not {selector!r}; "
+                "use the default selector, or drop keep_data"
+            )
         if isinstance(value, Path) and not value.is_file():
             raise ValueError(f"{value}: no such file; pass a JSONL file of text, prompt/completion or chat rows")
         if isinstance(value, list):

@@ -37,7 +37,7 @@ def load_model(path: Path):
 
 
 def in_process_lora_state(model_dir: Path, data: Path, config: FisherConfig, chat: bool = False):
-    """`fisher_core.initialize` on the same model, data and config; returns (lora state, peft model)."""
+    """`fisher_core.initialize` on the same model, data, tokenizer and config; returns (lora state, peft model)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoTokenizer
 
@@ -45,7 +45,7 @@ def in_process_lora_state(model_dir: Path, data: Path, config: FisherConfig, cha
     batches = load_batches(data, tokenizer, batch_size=4, num_batches=config.num_batches, chat=chat, max_length=96)
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
     peft_model = get_peft_model(load_model(model_dir), lora)
-    initialize(peft_model, batches, config=config)
+    initialize(peft_model, batches, config=config, tokenizer=tokenizer)
     return get_peft_model_state_dict(peft_model), peft_model
 
 
@@ -335,10 +335,18 @@ def test_export_with_a_record_from_another_target_set_exits_2(preserve_dir, tiny
 
 
 def test_keep_knowledge_generates_with_the_models_tokenizer_and_keeps_both_statistics(tiny_llama_dir, tmp_path):
+    """The default (`auto`) on a chat model keeps its own answers; `--no-keep-knowledge` turns it off."""
     out = tmp_path / "adapter"
-    args = ["--data", DATA / "sft.jsonl", "--out", out, "--keep-knowledge"]
+    args = ["--data", DATA / "sft.jsonl", "--out", out]
     done = fisher_lora("init", "--model", tiny_llama_dir, *args, *COMMON)
     assert done.returncode == 0, done.stderr
-    assert "relative to the keep data's Fisher (zero)" in done.stderr
+    assert "keep_knowledge 'auto' is on: a chat model" in done.stderr
+    assert "Fisher (zero) relative to the keep data's Fisher" in done.stderr
     assert (out / "fisher_stats.safetensors").is_file() and (out / "fisher_stats.keep.safetensors").is_file()
-    assert json.loads((out / "report.json").read_text())["init"]["config"]["keep_knowledge"] is True
+    report = json.loads((out / "report.json").read_text())
+    assert report["keep_knowledge"] is True and report["init"]["config"]["keep_knowledge"] == "auto"
+    off = tmp_path / "off"
+    done = fisher_lora("init", "--model", tiny_llama_dir, *args[:-1], off, "--no-keep-knowledge", *COMMON)
+    assert done.returncode == 0, done.stderr
+    assert "keep data" not in done.stderr and not (off / "fisher_stats.keep.safetensors").exists()
+    assert json.loads((off / "report.json").read_text())["keep_knowledge"] is False

@@ -180,7 +180,7 @@ def test_forgetting_table_lists_every_lr_with_the_own_lr_bold_as_increases_over_
     )
     lines = table.splitlines()[2:]
     assert [line.split(" | ")[:2] for line in lines] == [["| lora", "0.001"], ["| lora", "**0.004**"],
-                                                          ["| fisher-keep", "**0.002**"]]  # fmt: skip
+                                                          ["| fisher-keep (default)", "**0.002**"]]  # fmt: skip
     assert "| 3 | 4.630 ± 0.020 | 0.800 ± 0.020 | 0.060 ± 0.020 |" in lines[1]
 
 
@@ -196,7 +196,7 @@ def test_keep_verdict_compares_the_points_near_loras_test_loss_and_names_what_do
             ("fisher-zero", 4e-3): (4.65, 1.6, 4.0), ("corda-kpm", 5e-4): (4.74, 1.25, 4.1),
             ("fisher-keep", 2e-3): (4.65, 1.17, 3.9)}  # fmt: skip
     line = keep_verdict(_probe_records(rows), "smol-dialogue", PRESETS["smol"], untuned)
-    closest = "(closest fisher-zero (default) @ 0.004: +0.600, gap +0.430, 2× std 0.040)"
+    closest = "(closest fisher-zero @ 0.004: +0.600, gap +0.430, 2× std 0.040)"
     assert f"own answers Δ +0.170 @ 0.002: less than every other init beyond noise {closest}" in line
     assert "general text Δ -0.100 @ 0.002: less than every other init beyond noise" in line
     assert "no point near LoRA's test loss: corda-kpm" in line

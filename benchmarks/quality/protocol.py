@@ -47,6 +47,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 # causal.py's tiny-Llama tasks and smol.py's SmolLM2 chat tasks; the others are tasks.py's encoder tasks
 CAUSAL_TASKS = ("sft-tragedy", "dpo-tragedy", "smol-dialogue", "smol-docstring", "smol-docstring-dpo")
+CHAT_TASKS = ("smol-dialogue", "smol-docstring", "smol-docstring-dpo")  # a chat model: the default keeps its answers
 # Fisher variants by method name: `FisherConfig` fields (and calibration batches). `fisher` is the natural
 # selector with policy `preserve` (the default until this protocol's robustness table chose `zero`);
 # `fisher-zero` (the library default) keeps its A directions at default LoRA's scale, B = 0: subspace
@@ -441,7 +442,8 @@ def run_one(key: RunKey, preset: Preset, data: Data) -> dict:
         fields = dict(VARIANTS[key.method])
         calibration = min(calibration, fields.get("num_batches", calibration))
         method = key.method if key.method in METHODS else "fisher"
-        fisher = FisherConfig(progress=False, **fields)
+        # keep mode only where a variant asks for it (`keep_knowledge="auto"` would turn it on for SmolLM2)
+        fisher = FisherConfig(progress=False, **{"keep_knowledge": False, **fields})
     if key.task in CAUSAL_TASKS:
         return _causal_record(key, preset, data, method, fisher, fields)
     train, val, test, num_labels, data_hash = data.get(key.task, preset)

@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.quality.protocol import Preset, chosen_lr, competing, load, stopped
+from benchmarks.quality.protocol import CHAT_TASKS, Preset, chosen_lr, competing, load, stopped
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
@@ -21,12 +21,15 @@ def _runs(records: list[dict], task: str, method: str, lr: float | None) -> list
 
 
 # the protocol's method names, as the tables show them: `fisher` ran with policy `preserve` (the default until
-# this protocol chose `zero`); `fisher-zero` is the library default
-LABELS = {"fisher": "fisher-preserve", "fisher-zero": "fisher-zero (default)"}
+# the encoder protocol chose `zero`)
+LABELS = {"fisher": "fisher-preserve"}
 
 
-def label(method: str) -> str:
-    return LABELS.get(method, method)
+def label(method: str, preset: Preset) -> str:
+    """`method`'s name in the tables, marked `(default)` where it is what the library's default does on the
+    preset's model: keep mode on a chat model (`keep_knowledge="auto"`), the task-whitened init elsewhere."""
+    default = "fisher-keep" if set(preset.tasks) <= set(CHAT_TASKS) else "fisher-zero"
+    return f"{method} (default)" if method == default else LABELS.get(method, method)
 
 
 def _mean(values: list[float]) -> float:
@@ -90,7 +93,7 @@ def own_lr_table(records: list[dict], task: str, preset: Preset) -> str:
             (
                 _mean([stopped(r)["test_loss"] for r in runs]),
                 [
-                    label(method),
+                    label(method, preset),
                     lr_cell(preset, records, task, method, lr),
                     str(len(runs)),
                     _cell([stopped(r)["test_loss"] for r in runs]),
@@ -119,7 +122,7 @@ def summary_table(records: list[dict], preset: Preset, key: str = "stopped") -> 
                 cells[task, method] = [pick(r)["test_loss"] for r in runs]
     rows = []
     for method in preset.methods:
-        row = [label(method)]
+        row = [label(method, preset)]
         for task in preset.tasks:
             values = cells.get((task, method))
             best = min((_mean(v) for (t, _), v in cells.items() if t == task and len(v) > 1), default=None)
@@ -139,7 +142,7 @@ def robustness_table(records: list[dict], task: str, preset: Preset) -> str:
     head = ["method", *(f"lr {lr:g} ({m}× LoRA's)" for lr, m in zip(lrs, ("0.5", "1", "2"), strict=True))]
     rows = []
     for method in preset.methods:
-        cells = [label(method)]
+        cells = [label(method, preset)]
         for lr in lrs:
             mine = [stopped(r)["test_loss"] for r in _runs(records, task, method, lr)]
             base = [stopped(r)["test_loss"] for r in _runs(records, task, "lora", lr)]
@@ -161,7 +164,7 @@ def ablation_table(records: list[dict], task: str, preset: Preset) -> str:
         runs = _runs(records, task, method, lr)
         if runs:
             rows.append([
-                label(method), str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
+                label(method, preset), str(len(runs)), _cell([stopped(r)["test_loss"] for r in runs]),
                 _cell([r["curve"][-1]["test_loss"] for r in runs]), _cell([_at(r, 0.25, "test_loss") for r in runs]),
                 _cell([r["curve"][-1]["accuracy"] for r in runs]),
             ])  # fmt: skip
@@ -184,7 +187,8 @@ def verdict(records: list[dict], task: str, preset: Preset, ours: str = "fisher"
     noise = 2 * max(_std(scores[ours]), _std(scores[rival]))
     word = "wins" if gap > noise else ("loses" if -gap > noise else "ties (within 2× seed std)")
     return (
-        f"{task}: `{label(ours)}` {word} against `{label(rival)}`: stopped test loss {_mean(scores[ours]):.3f} vs "
+        f"{task}: `{label(ours, preset)}` {word} against `{label(rival, preset)}`: stopped test loss "
+        f"{_mean(scores[ours]):.3f} vs "
         f"{_mean(scores[rival]):.3f} (gap {gap:+.3f}, 2× std {noise:.3f})"
     )
 
@@ -208,7 +212,7 @@ def forgetting_table(records: list[dict], task: str, preset: Preset, untuned: di
         own = chosen_lr(preset, records, task, method)
         for lr, runs in sorted(_runs_with_probes(records, task, method).items()):
             rows.append([
-                label(method), f"**{lr:g}**" if lr == own else f"{lr:g}", str(len(runs)),
+                label(method, preset), f"**{lr:g}**" if lr == own else f"{lr:g}", str(len(runs)),
                 _cell([stopped(r)["test_loss"] for r in runs]),
                 *(_cell([stopped(r)[k] - untuned[k] for r in runs]) for k in PROBES),
                 *(_cell([r["curve"][-1][k] - untuned[k] for r in runs]) for k in PROBES),
@@ -246,7 +250,7 @@ def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, 
         return f"{task}: not enough seeds yet"
     near_methods = {method for method, _ in near}
     if ours not in near_methods:
-        return f"{task}: no `{label(ours)}` point within noise of LoRA's test loss"
+        return f"{task}: no `{label(ours, preset)}` point within noise of LoRA's test loss"
     parts = []
     for key, name in PROBES.items():
         best = {}  # each method's least-forgetting point near LoRA's test loss
@@ -259,16 +263,17 @@ def keep_verdict(records: list[dict], task: str, preset: Preset, untuned: dict, 
         gap, noise, at, theirs = margins[closest]
         word = "less than every other init beyond noise" if gap > noise else "not beyond noise below every init"
         ours_delta = _mean(_values(runs, key)) - untuned[key]
-        closest_at = f"{label(closest)} @ {at:g}: {theirs:+.3f}"
+        closest_at = f"{label(closest, preset)} @ {at:g}: {theirs:+.3f}"
         parts.append(f"{name} Δ {ours_delta:+.3f} @ {lr:g}: {word} "
                      f"(closest {closest_at}, gap {gap:+.3f}, 2× std {noise:.3f})")  # fmt: skip
-    far = [label(m) for m in preset.methods if _forgetting_runs(records, task, m, preset) and m not in near_methods]
-    dominated = [f"{label(m)} @ {lr:g}" for m in preset.methods if m != ours
+    far = [label(m, preset) for m in preset.methods
+           if _forgetting_runs(records, task, m, preset) and m not in near_methods]  # fmt: skip
+    dominated = [f"{label(m, preset)} @ {lr:g}" for m in preset.methods if m != ours
                  for lr, runs in sorted(_runs_with_probes(records, task, m).items())
                  if len(runs) > 1 and _dominates(runs, mine)]  # fmt: skip
     parts.append(f"no point near LoRA's test loss: {', '.join(far)}" if far else "every init has a point near it")
     parts.append(f"own lr dominated by {', '.join(dominated)}" if dominated else "no (method, lr) dominates its own lr")
-    return f"{task}: `{label(ours)}` near LoRA's test loss — " + "; ".join(parts)
+    return f"{task}: `{label(ours, preset)}` near LoRA's test loss — " + "; ".join(parts)
 
 
 def _gap(theirs: list[dict], ours: list[dict], key: str) -> tuple[float, float]:
@@ -303,7 +308,7 @@ def forgetting_plot(records: list[dict], preset: Preset, untuned: dict[str, floa
                 points = {lr: ([stopped(r)[key] - untuned[key] for r in runs], [stopped(r)["test_loss"] for r in runs])
                           for lr, runs in sorted(by_lr.items())}  # fmt: skip
                 line = ax.plot([_mean(x) for x, _ in points.values()], [_mean(y) for _, y in points.values()],
-                               marker="o", ms=3, label=label(method), **_style(preset, method))[0]  # fmt: skip
+                               marker="o", ms=3, label=label(method, preset), **_style(preset, method))[0]  # fmt: skip
                 for lr, (x, y) in points.items():
                     if len(x) > 1:
                         ax.errorbar(_mean(x), _mean(y), xerr=_std(x), yerr=_std(y), color=line.get_color(), lw=0.7)
@@ -358,7 +363,8 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
             if runs:
                 steps = [p["step"] for p in runs[0]["curve"]]
                 loss = [_mean([r["curve"][i]["test_loss"] for r in runs]) for i in range(len(steps))]
-                ax.plot(steps, loss, marker="o", ms=3, label=f"{label(method)} @ {lr:g}", **_style(preset, method))
+                name = f"{label(method, preset)} @ {lr:g}"
+                ax.plot(steps, loss, marker="o", ms=3, label=name, **_style(preset, method))
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("test loss")

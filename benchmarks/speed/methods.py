@@ -8,7 +8,11 @@ timed) and returns the call that is timed; that call returns extra figures to re
 - `lora`: plain `get_peft_model` (PEFT's default init): the wrapping cost every init below includes.
 - `fisher` / `fisher-<selector>`: `get_peft_model` then `fisher_core.initialize` (default
   `FisherConfig` plus `settings["fisher"]` overrides, `num_batches` = all batches and `stop_tol=None`,
-  so it reads exactly the floor's tokens; the default's early stop would only make it cheaper).
+  so it reads exactly the floor's tokens; the default's early stop would only make it cheaper), whitened by
+  the task's own statistics (`keep_knowledge=False`).
+- `fisher-keep`: the same in keep mode, what the default does on a chat model: the model's greedy answers to
+  the shipped instructions (made with the tokenizer saved beside the model, so only real-weight presets),
+  their statistics pass, then selection.
 - `lora_ga`: PEFT's `preprocess_loraga` (fp32 weight gradients of the target layers) then
   `get_peft_model` (which runs its SVDs and writes the base offsets).
 - `eva`: `get_peft_model` then `initialize_lora_eva_weights` (incremental PCA of layer inputs; it
@@ -92,19 +96,23 @@ def lora(model: nn.Module, batches: list[Batch], settings: dict) -> Timed:
     return run
 
 
-def fisher(selector: str | None) -> Method:
+def fisher(selector: str | None, keep: bool = False) -> Method:
     def method(model: nn.Module, batches: list[Batch], settings: dict) -> Timed:
+        from transformers import AutoTokenizer
+
         from fisher_core import FisherConfig, initialize
 
         # every batch is read (no early stop), so the init sees exactly the floor's tokens
-        overrides = {"stop_tol": None, **settings.get("fisher", {}), **({"selector": selector} if selector else {})}
+        overrides = {"stop_tol": None, "keep_knowledge": keep, **settings.get("fisher", {}),
+                     **({"selector": selector} if selector else {})}  # fmt: skip
         config = FisherConfig(num_batches=len(batches), progress=False, **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path) if keep else None
 
         def run() -> dict:
             before = held_bytes(settings.get("device", "cpu"))
             peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(settings)))
             wrapping = held_bytes(settings.get("device", "cpu")) - before  # exact with --exact-rss on CPU
-            report = initialize(peft_model, batches, config=config)
+            report = initialize(peft_model, batches, config=config, tokenizer=tokenizer)
             held = int(report.stats.meta.get("held_peak_bytes", 0))  # inputs/gradients kept at once for Ḡ
             adapter = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
             return {
@@ -189,6 +197,7 @@ METHODS: dict[str, Method] = {
     "train_step": train_step,
     "lora": lora,
     "fisher": fisher(None),
+    "fisher-keep": fisher(None, keep=True),
     **{f"fisher-{s}": fisher(s) for s in SELECTORS},
     "lora_ga": lora_ga,
     "eva": eva,

@@ -21,6 +21,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def process_index() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 def global_sums(local: list[int]) -> list[int]:
     """Each of `local`'s counts summed over all processes (one all-reduce)."""
     if world_size() == 1:

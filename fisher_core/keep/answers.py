@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from fisher_core.data import IGNORE_INDEX, collate
+from fisher_core.estimate.distributed import process_index, world_size
 from fisher_core.estimate.objective import Batch
+from fisher_core.sharded import sharding
 
 logger = logging.getLogger("fisher_core")
 MAX_NEW_TOKENS = 48
@@ -43,14 +45,28 @@ def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
     return list(tokenizer(instruction + "\n")["input_ids"])
 
 
+def process_share(prompts: list[list[int]], world: int, rank: int, sharded: bool) -> list[list[int]]:
+    """The prompts process `rank` of `world` answers: whole batches of `BATCH_SIZE`, round-robin, when the
+    parameters are whole (DDP: each process generates on its own) and every process gets as many; else all of
+    them (under FSDP/ZeRO-3 every forward is a collective, so every process runs the same generation). Either way
+    the keep statistics are those of all `prompts`, whatever the number of processes."""
+    batches = [prompts[i : i + BATCH_SIZE] for i in range(0, len(prompts), BATCH_SIZE)]
+    if world == 1 or sharded or len(batches) % world:
+        return prompts
+    return [prompt for batch in batches[rank::world] for prompt in batch]
+
+
 def own_answer_batches(model: nn.Module, tokenizer: Any, prompts: list[list[int]]) -> list[Batch]:
-    """Batches of (prompt, the model's greedy answer), labels on the answer only; deterministic."""
+    """Batches of (prompt, the model's greedy answer), labels on the answer only; deterministic. Under
+    torch.distributed each process answers its `process_share`."""
     eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
     device = model.get_input_embeddings().weight.device
+    sharded = sharding(model) is not None
+    prompts = process_share(prompts, world_size(), process_index(), sharded)
     examples = []
     for start in range(0, len(prompts), BATCH_SIZE):
         chunk = prompts[start : start + BATCH_SIZE]
-        for prompt, answer in zip(chunk, _greedy(model, chunk, pad, eos, device), strict=True):
+        for prompt, answer in zip(chunk, _greedy(model, chunk, pad, eos, device, sharded), strict=True):
             examples.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
     batches = [collate(examples[i : i + BATCH_SIZE], pad) for i in range(0, len(examples), BATCH_SIZE)]
     tokens = sum(len(e["input_ids"]) - e["labels"].count(IGNORE_INDEX) for e in examples)
@@ -60,9 +76,10 @@ def own_answer_batches(model: nn.Module, tokenizer: Any, prompts: list[list[int]
 
 
 def _greedy(
-    model: nn.Module, prompts: list[list[int]], pad: int, eos: int | None, device: torch.device
+    model: nn.Module, prompts: list[list[int]], pad: int, eos: int | None, device: torch.device, sharded: bool
 ) -> list[list[int]]:
-    """Greedy answers (token ids, cut after the first EOS) to left-padded prompts, the model in eval mode."""
+    """Greedy answers (token ids, cut after the first EOS) to left-padded prompts, the model in eval mode;
+    on sharded parameters every process keeps stepping until all are done (`synced_gpus`)."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
@@ -70,7 +87,8 @@ def _greedy(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     settings = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     with _eval_mode(model), torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+        synced = True if sharded and world_size() > 1 else None  # None: transformers' own detection
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=synced)
     answers = []
     for row in out[:, width:].tolist():
         cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)

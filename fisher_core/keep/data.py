@@ -17,6 +17,7 @@ from torch import nn
 from fisher_core.config import FisherConfig
 from fisher_core.data import DataError, load_batches
 from fisher_core.estimate.cache import data_fingerprint
+from fisher_core.estimate.distributed import world_size
 from fisher_core.estimate.objective import Batch, unwrapped
 from fisher_core.keep.answers import BATCH_SIZE, MAX_NEW_TOKENS, instructions, own_answer_batches, pad_id, prompt_ids
 
@@ -57,7 +58,8 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
             f"keep_knowledge without keep_data keeps the model's own answers, but {type(inner).__name__} "
             "cannot generate (a causal LM can): pass keep_data (a JSONL file or batches with labels)"
         )
-    read = instructions()[: BATCH_SIZE * config.num_batches]  # the pass reads at most num_batches batches
+    # the pass reads at most num_batches batches a process: as many instructions as all processes together read
+    read = instructions()[: BATCH_SIZE * config.num_batches * world_size()]
     prompts = [prompt_ids(tokenizer, instruction) for instruction in read]
     settings = f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}:{tokenizer.eos_token_id}"
     h = hashlib.sha256(settings.encode())

@@ -19,9 +19,10 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allreduce_worker import global_batches
-from tiny import tiny_llama
+from tiny import tiny_llama, train_tokenizer
 
 from fisher_core import FisherConfig, export_adapter, initialize
+from fisher_core.keep import keep_mode
 from fisher_core.layers import canonical_name
 from fisher_core.sharded import whole
 
@@ -54,6 +55,7 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
     elif shard == "fsdp1-blocks":
         model = fsdp1_per_block(model)
     config = FisherConfig(progress=False, policy="preserve", num_batches=len(batches), stop_tol=None, selector=selector)
+    chat = keep_mode(FisherConfig(), train_tokenizer(), model, {})  # what the default does with a chat model here
     with counting_whole_units(model) as whole_at_once:
         initialize(model, batches, config=config)
     if shard.startswith("fsdp1"):
@@ -61,6 +63,7 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
             out = {canonical_name(n): v for n, v in weights(model).items()}
     else:
         out = weights(model)
+    out["keep_auto"] = f"{'on' if chat.on else 'off'}: {chat.why}"
     if shard.startswith("fsdp1"):
         out["whole_at_once"] = torch.tensor(whole_at_once)
     if shard == "fsdp2":  # exporting for the original base needs whole weights: refused with what to do instead

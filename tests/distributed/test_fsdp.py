@@ -31,6 +31,11 @@ def test_fsdp_sharded_init_equals_the_unsharded_one(tmp_path):
         plain = result[f"{selector}/"]
         assert "restore_offsets" in result[f"{selector}/fsdp2"].pop("export_error")
         checkpointed = ("fsdp2-ckpt", "fsdp1-ckpt") if selector == "natural" else ()  # gradient checkpointing kept on
+        # the default's keep mode (`auto`) with a chat tokenizer: on for whole parameters, off where sharded (untested)
+        assert plain.pop("keep_auto").startswith("on: a chat model")
+        for kind in ("fsdp2", "fsdp1", "fsdp1-blocks", *checkpointed):
+            name = "FSDP2" if kind.startswith("fsdp2") else "FSDP1"
+            assert result[f"{selector}/{kind}"].pop("keep_auto").startswith(f"off: untested on {name}-sharded"), kind
         # one unit: its parameters are whole throughout, never summoned again; a unit per block: one at a time,
         # each made whole once per pass over the layers (initialize checks every adapter is at its init before the
         # statistics pass; apply checks again, then writes; fwsvd's select reads W before), not once per layer

@@ -17,9 +17,10 @@ from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fsdp_worker import TARGETS, my_batches, save_and_finish, weights
-from tiny import tiny_llama
+from tiny import tiny_llama, train_tokenizer
 
 from fisher_core import FisherConfig, estimate, export_adapter, initialize, select
+from fisher_core.keep import keep_mode
 
 # DeepSpeed compiles an optional shared-memory all-reduce for CPU at its first collective; gloo is enough
 # here, and a machine without a C++ toolchain could not build it
@@ -52,6 +53,7 @@ def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
     # `select` called directly on the model after the init: ZeRO-3 layers gathered one at a time if read
     direct = {n: (d.B, d.A) for n, d in select(report.stats, model, config=config).items()}
     result: dict = {"cache_reused": reused, "stats": stats, "direct": direct}
+    result["keep_auto"] = keep_mode(FisherConfig(), train_tokenizer(), model, {}).why  # the default with a chat model
     result["held"] = int(report.stats.meta["held_peak_bytes"])
     result["mean_grads"] = {n: s.mean_grad for n, s in report.stats.items()}
     with deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else torch.no_grad():

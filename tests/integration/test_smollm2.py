@@ -110,8 +110,10 @@ def preserve(smollm2_dir, work) -> tuple[Path, str]:
 
 def test_axolotl_chat_packing_at_lr0_logs_the_losses_of_a_run_without_the_plugin(fisher_lr0, plain_lr0):
     (out, log), (plain_out, plain_log) = fisher_lr0, plain_lr0
-    summary = [line for line in fisher_lines(log) if "directions from empirical Fisher (zero)" in line]
+    # the default on a chat model: keep mode, on the model's own answers (`keep_knowledge="auto"`)
+    summary = [line for line in fisher_lines(log) if "Fisher (zero) relative to the keep data's Fisher" in line]
     assert len(summary) == 1 and f"on {len(LINEAR)} layers" in summary[0], fisher_lines(log)
+    assert any("keep_knowledge 'auto' is on: a chat model" in line for line in fisher_lines(log)), fisher_lines(log)
     assert not fisher_lines(plain_log)
     ours, theirs = log_history(out), log_history(plain_out)  # full precision (the printed log has 4 digits)
     assert len(ours) == len(theirs) == SMALL["max_steps"]
@@ -133,6 +135,7 @@ def test_axolotl_chat_packing_ships_b_zero_and_data_chosen_a(fisher_lr0, plain_l
     report = json.loads((out / "fisher_init_report.json").read_text())
     steps = logged_steps(log)
     assert report["num_batches"] == SMALL["fisher_num_batches"] and set(report["layers"]) == LINEAR
+    assert report["keep_knowledge"] is True
     assert report["num_tokens"] == int(steps[SMALL["fisher_num_batches"] - 1]["tokens/total"])
 
 
@@ -171,6 +174,7 @@ def trl_sft(smollm2_dir, tmp_path_factory):
 def test_trl_sft_chat_first_step_equals_a_run_without_the_callback(trl_sft):
     plain, trainer, callback, _ = trl_sft
     assert callback.report.policy == "zero" and set(callback.report.layers) == LINEAR
+    assert callback.report.keep_knowledge  # the default on a chat model, with the trainer's tokenizer
     first, ours = plain.state.log_history[0], trainer.state.log_history[0]
     for key in ("loss", "entropy", "num_tokens", "mean_token_accuracy"):
         assert ours[key] == first[key], key  # B = 0 and the same batches: the original model's outputs
@@ -199,7 +203,7 @@ def trl_dpo(smollm2_dir, tmp_path_factory):
 
 def test_trl_dpo_starts_at_ln2_and_trains(trl_dpo):
     trainer, callback = trl_dpo
-    assert callback.report.policy == "zero" and set(callback.report.layers) == LINEAR
+    assert callback.report.policy == "zero" and set(callback.report.layers) == LINEAR and callback.report.keep_knowledge
     first, second = trainer.state.log_history[:2]
     assert first["loss"] == pytest.approx(LN2, abs=1e-6)  # B = 0: the policy is its own (adapter-disabled) reference
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0
@@ -224,6 +228,7 @@ def test_cli_init_on_chat_jsonl_loads_on_the_original_model_and_keeps_its_output
     done = fisher_lora("init", *args, "--rank", "4", "--batch-size", "2", "--max-length", "64", "--num-batches", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train on the original base" in done.stdout
+    assert json.loads((out / "report.json").read_text())["keep_knowledge"] is True  # the default on a chat model
     assert_data_chosen_a_at_b_zero(load_file(out / "adapter_model.safetensors"))
     assert PeftConfig.from_pretrained(out).base_model_name_or_path == str(smollm2_dir.resolve())
     ids = prompt_ids(smollm2_dir)

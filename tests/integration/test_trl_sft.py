@@ -57,7 +57,8 @@ def test_sft_callback_initializes_from_trainer_objective_and_leaves_no_trace(tin
     probe = Probe(trainer)
     with caplog.at_level(logging.INFO, logger="fisher_core"):
         trainer.train()
-    assert any("natural directions from empirical Fisher (preserve) on 14 layers" in r.message for r in caplog.records)
+    summary = "natural directions from empirical Fisher (preserve) relative to the keep data's Fisher on 14 layers"
+    assert any(summary in r.message for r in caplog.records)  # the default keeps a chat model's answers
     assert callback.report.num_batches == 2 and callback.report.num_tokens > 0
     b_names = [n for n in probe.lora if "lora_B" in n]
     assert all(before[n].abs().max() == 0 for n in b_names)
@@ -199,11 +200,14 @@ def test_plain_trainer_with_peft_model(tiny_llama_dir, tmp_path):
 
 
 def test_keep_knowledge_generates_its_keep_data_with_the_trainers_tokenizer(tiny_llama_dir, tmp_path, caplog):
-    """The callback hands `trainer.processing_class` through: the own-answer keep data needs nothing else."""
-    fisher = {"num_batches": 2, "progress": False, "keep_knowledge": True}
+    """The callback hands `trainer.processing_class` through: the own-answer keep data needs nothing else, and the
+    default (`keep_knowledge="auto"`) turns keep mode on for a tokenizer with a chat template."""
+    fisher = {"num_batches": 2, "progress": False}
     trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=fisher, **EXACT)
     with caplog.at_level(logging.INFO, logger="fisher_core"):
         trainer.train()
     messages = [r.getMessage() for r in caplog.records]
     assert any("the model's own greedy answers to 16 instructions" in m for m in messages)
-    assert callback.report.keep_knowledge and "relative to the keep data's Fisher (zero)" in callback.report.summary()
+    assert any("keep_knowledge 'auto' is on: a chat model" in m for m in messages)
+    assert callback.report.keep_knowledge
+    assert "Fisher (zero) relative to the keep data's Fisher" in callback.report.summary()

@@ -250,6 +250,18 @@ def test_own_answers_are_chat_rendered_greedy_and_deterministic():
         assert torch.equal(first["input_ids"][row, start : start + len(answer)], torch.tensor(answer))
 
 
+def test_own_answer_prompts_are_shared_out_by_whole_batches_only_where_each_process_generates_alone():
+    from fisher_core.keep.answers import BATCH_SIZE, process_share
+
+    prompts = [[i] for i in range(4 * BATCH_SIZE)]  # four batches
+    batches = [prompts[i : i + BATCH_SIZE] for i in range(0, len(prompts), BATCH_SIZE)]
+    assert process_share(prompts, 1, 0, sharded=False) == prompts
+    shares = [process_share(prompts, 2, rank, sharded=False) for rank in (0, 1)]
+    assert shares == [batches[0] + batches[2], batches[1] + batches[3]]  # whole batches: the same padding as one
+    assert process_share(prompts, 3, 1, sharded=False) == prompts  # 4 batches do not split evenly over 3
+    assert process_share(prompts, 2, 1, sharded=True) == prompts  # FSDP/ZeRO-3: every process, every forward
+
+
 def test_own_answers_without_a_chat_template_use_the_plain_instruction():
     tokenizer = train_tokenizer()
     tokenizer.chat_template = None
@@ -302,7 +314,8 @@ def test_generated_keep_data_without_a_tokenizer_is_one_line_before_the_pass():
     [
         ({"keep_knowledge": True, "keep_data": "no-such.jsonl"}, "no-such.jsonl: no such file"),
         ({"keep_knowledge": True, "keep_data": []}, "an empty list of batches"),
-        ({"keep_data": "__FILE__"}, "keep_data is only read with keep_knowledge=True"),
+        ({"keep_knowledge": False, "keep_data": "__FILE__"}, "keep_data is only read with keep_knowledge=True"),
+        ({"keep_data": "__FILE__", "selector": "subspace"}, "keep_data is read by keep_knowledge, which needs"),
         ({"keep_knowledge": True, "selector": "subspace"}, "use selector='natural'"),
         ({"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long)}]},
          "keep batch 0 has no 'labels'"),
@@ -354,6 +367,63 @@ def test_own_answers_from_a_model_that_cannot_generate_are_refused_before_the_pa
         assert torch.equal(value, before[name])
 
 
+def _init_lora(config: FisherConfig, tokenizer, model=None, caplog=None):
+    """(the report, the written LoRA factors) of `initialize` on `_task_batches()` of a fresh `_peft()` model."""
+    model = model or _peft()[0]
+    report = initialize(model, _task_batches(), config=config, tokenizer=tokenizer)
+    return report, _lora(model)
+
+
+def _no_template():
+    tokenizer = train_tokenizer()
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "settings", "on", "why"),
+    [
+        (train_tokenizer, {}, True, "a chat model: keeps its own answers"),
+        (lambda: None, {}, False, "no tokenizer to make keep data with; pass tokenizer="),
+        (_no_template, {}, False, "not a chat model (its tokenizer has no chat template)"),
+        (lambda: None, {"keep_data": _keep_batches()}, True, "keep_data given"),
+        (train_tokenizer, {"selector": "subspace"}, False, "selector 'subspace' reads no mean gradient"),
+    ],
+)
+def test_auto_keep_mode_is_on_for_a_chat_model_or_given_keep_data_and_equals_the_explicit_switch(
+    tokenizer, settings, on, why, caplog
+):
+    """`keep_knowledge='auto'` (the default) writes exactly what the explicit switch it resolves to writes, says
+    which and why in one log line, and reports the switch that ran; on and off write different factors here."""
+    tokenizer = tokenizer()
+    with caplog.at_level(logging.INFO, logger="fisher_core"):
+        report, auto = _init_lora(_cfg(**settings), tokenizer)
+    assert f"keep_knowledge 'auto' is {'on' if on else 'off'}: {why}" in caplog.text
+    assert report.keep_knowledge is on
+    explicit = {k: v for k, v in settings.items() if on or k != "keep_data"}
+    _, want = _init_lora(_cfg(keep_knowledge=on, **explicit), tokenizer)
+    for name in want:
+        torch.testing.assert_close(auto[name], want[name], rtol=0, atol=0)
+    if on:  # the comparison tells the two apart
+        _, off = _init_lora(_cfg(keep_knowledge=False), tokenizer)
+        assert any(not torch.allclose(auto[n], off[n]) for n in want if "lora_A" in n)
+
+
+def test_auto_keep_mode_is_off_for_a_model_that_cannot_generate_without_refusing(caplog):
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = train_tokenizer()
+    config = tiny_llama(vocab_size=len(tokenizer)).config
+    config.num_labels, config.pad_token_id = 2, tokenizer.pad_token_id
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS")
+    model = get_peft_model(LlamaForSequenceClassification(config), lora)
+    batches = [{**_task_batches()[0], "labels": torch.tensor([0, 1, 0, 1])}]
+    with caplog.at_level(logging.INFO, logger="fisher_core"):
+        report = initialize(model, batches, config=_cfg(), tokenizer=tokenizer)
+    assert report.keep_knowledge is False
+    assert "keep_knowledge 'auto' is off: LlamaForSequenceClassification cannot generate" in caplog.text
+
+
 def test_cli_flags_pass_the_keep_keys_through(tmp_path):
     from fisher_core.cli import build_parser, fisher_config
 
@@ -365,6 +435,9 @@ def test_cli_flags_pass_the_keep_keys_through(tmp_path):
     )  # fmt: skip
     config = fisher_config(args)
     assert config.keep_knowledge is True and config.keep_data == keep
+    common = ["init", "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    assert fisher_config(build_parser().parse_args([*common, "--no-keep-knowledge"])).keep_knowledge is False
+    assert fisher_config(build_parser().parse_args(common)).keep_knowledge == "auto"
 
 
 def test_cli_missing_keep_data_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
