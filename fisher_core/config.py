@@ -45,9 +45,10 @@ class FisherConfig(BaseModel):
         "zero",
         description="Step-0 policy. `zero`: A gets the Fisher directions at PEFT's default row norm and B = 0, "
         "the base is untouched, so the LoRA learning rate a recipe already has stays right (BENCHMARKS.md: "
-        "within seed noise of default LoRA at 0.5×–2× its best lr on four held-out tasks). `preserve`: B and A "
-        "both nonzero and W_base ← W − s·B·A so outputs are unchanged; its best lr ranged from 0.5× to 2× LoRA's "
-        "by task (tune it), and it needs an export.",
+        "within seed noise of default LoRA at 0.5×–2× its best lr on four held-out encoder tasks, and on three "
+        "SmolLM2 tasks with the default keep mode). `preserve`: B and A both nonzero and W_base ← W − s·B·A so "
+        "outputs are unchanged; its best lr ranged from 0.5× to 2× LoRA's by task (tune it), and it needs an "
+        "export.",
     )
     zero_scale: ZeroScale = Field(
         "row",
@@ -135,9 +136,9 @@ class FisherConfig(BaseModel):
         description="Choose directions that learn the task at the least cost to what the model knew: the task's "
         "mean gradient whitened by the K-FAC factors of `keep_data` instead of the task's (the EWC-optimal rank-r "
         "step, docs/design.md §7). Needs selector `natural`. `auto`: on where it was measured and can run, a chat "
-        "model (its tokenizer has a chat template, the model generates, its parameters are whole) or whenever "
-        "`keep_data` is given; else the task's own factors (on SmolLM2 the task's factors fell behind LoRA at "
-        "half its lr, keep mode held every copied-lr cell: BENCHMARKS.md).",
+        "model (its tokenizer has a chat template, the model generates, its parameters are whole and not quantized) "
+        "or whenever `keep_data` is given; else the task's own factors (on SmolLM2 the task's factors fell behind "
+        "LoRA at half its lr, keep mode held every copied-lr cell: BENCHMARKS.md).",
     )
     keep_data: Path | list[dict[str, Any]] | None = Field(
         None,
