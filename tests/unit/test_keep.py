@@ -464,3 +464,7 @@ def test_trl_callback_and_axolotl_keys_pass_the_keep_keys_through(tmp_path):
     assert fisher_config(FisherArgs(**yaml)) == want
     with pytest.raises(ValidationError, match=r"fisher_keep_data: Value error, .*no such file"):
         FisherArgs(**{**yaml, "fisher_keep_data": str(tmp_path / "missing.jsonl")})
+    for value, want in (("auto", "auto"), (False, False), ("false", False)):  # YAML and the TRL recipes' strings
+        assert fisher_config(FisherArgs(lora_init="fisher", fisher_keep_knowledge=value)).keep_knowledge == want
+    with pytest.raises(ValidationError, match="fisher_keep_knowledge"):
+        FisherArgs(lora_init="fisher", fisher_keep_knowledge="sometimes")
