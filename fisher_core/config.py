@@ -166,7 +166,7 @@ class FisherConfig(BaseModel):
     def _check_keep_data(cls, value: Path | list | None, info: ValidationInfo) -> Path | list | None:
         if value is not None and info.data.get("keep_knowledge") is False:
             raise ValueError("keep_data is only read with keep_knowledge=True; set it, or drop keep_data")
-        selector = info.data.get("selector")
+        selector = info.data.get("selector", "natural")  # a bad selector is reported by its own check
         if value is not None and info.data.get("keep_knowledge") == "auto" and selector != "natural":
             raise ValueError(
                 f"keep_data is read by keep_knowledge, which needs selector 'natural', not {selector!r}; "

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -45,24 +46,41 @@ def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
     return list(tokenizer(instruction + "\n")["input_ids"])
 
 
-def process_share(prompts: list[list[int]], world: int, rank: int, sharded: bool) -> list[list[int]]:
-    """The prompts process `rank` of `world` answers: whole batches of `BATCH_SIZE`, round-robin, when the
-    parameters are whole (DDP: each process generates on its own) and every process gets as many; else all of
-    them (under FSDP/ZeRO-3 every forward is a collective, so every process runs the same generation). Either way
-    the keep statistics are those of all `prompts`, whatever the number of processes."""
-    batches = [prompts[i : i + BATCH_SIZE] for i in range(0, len(prompts), BATCH_SIZE)]
-    if world == 1 or sharded or len(batches) % world:
+class Share(NamedTuple):
+    """How many instructions the keep pass answers, and whether processes share them out (`process_share`)."""
+
+    count: int
+    shared: bool
+
+
+def plan_share(available: int, num_batches: int, world: int, sharded: bool) -> Share:
+    """The instructions answered, at most `num_batches` batches a process: where the parameters are whole (DDP:
+    each process generates alone) and `num_batches · world` batches' worth split into equal whole batches, that
+    many, shared out — the set one process reading `num_batches · world` batches makes, so the statistics do not
+    depend on the process count; else `num_batches` batches' worth, every process answering all of them (under
+    FSDP/ZeRO-3 every forward is a collective). Every prompt a process answers is read."""
+    count = min(available, BATCH_SIZE * num_batches * world)
+    if world > 1 and not sharded and math.ceil(count / BATCH_SIZE) % world == 0:
+        return Share(count, True)
+    return Share(min(available, BATCH_SIZE * num_batches), False)
+
+
+def process_share(prompts: list[list[int]], world: int, rank: int, shared: bool) -> list[list[int]]:
+    """The prompts process `rank` of `world` answers: whole batches of `BATCH_SIZE` round-robin if `shared`, else
+    all of them."""
+    if not shared:
         return prompts
+    batches = [prompts[i : i + BATCH_SIZE] for i in range(0, len(prompts), BATCH_SIZE)]
     return [prompt for batch in batches[rank::world] for prompt in batch]
 
 
-def own_answer_batches(model: nn.Module, tokenizer: Any, prompts: list[list[int]]) -> list[Batch]:
+def own_answer_batches(model: nn.Module, tokenizer: Any, prompts: list[list[int]], shared: bool = False) -> list[Batch]:
     """Batches of (prompt, the model's greedy answer), labels on the answer only; deterministic. Under
     torch.distributed each process answers its `process_share`."""
     eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
     device = model.get_input_embeddings().weight.device
     sharded = sharding(model) is not None
-    prompts = process_share(prompts, world_size(), process_index(), sharded)
+    prompts = process_share(prompts, world_size(), process_index(), shared)
     examples = []
     for start in range(0, len(prompts), BATCH_SIZE):
         chunk = prompts[start : start + BATCH_SIZE]

@@ -19,7 +19,16 @@ from fisher_core.data import DataError, load_batches
 from fisher_core.estimate.cache import data_fingerprint
 from fisher_core.estimate.distributed import world_size
 from fisher_core.estimate.objective import Batch, unwrapped
-from fisher_core.keep.answers import BATCH_SIZE, MAX_NEW_TOKENS, instructions, own_answer_batches, pad_id, prompt_ids
+from fisher_core.keep.answers import (
+    BATCH_SIZE,
+    MAX_NEW_TOKENS,
+    instructions,
+    own_answer_batches,
+    pad_id,
+    plan_share,
+    prompt_ids,
+)
+from fisher_core.sharded import sharding
 
 MAX_LENGTH = 512  # tokens per row of a keep_data file, as the CLI's default --max-length
 
@@ -58,11 +67,12 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
             f"keep_knowledge without keep_data keeps the model's own answers, but {type(inner).__name__} "
             "cannot generate (a causal LM can): pass keep_data (a JSONL file or batches with labels)"
         )
-    # the pass reads at most num_batches batches a process: as many instructions as all processes together read
-    read = instructions()[: BATCH_SIZE * config.num_batches * world_size()]
+    available = instructions()
+    share = plan_share(len(available), config.num_batches, world_size(), model is not None and bool(sharding(model)))
+    read = available[: share.count]
     prompts = [prompt_ids(tokenizer, instruction) for instruction in read]
     settings = f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}:{tokenizer.eos_token_id}"
     h = hashlib.sha256(settings.encode())
     h.update(repr(prompts).encode())
-    return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts))
+    return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts, share.shared))
 

@@ -251,15 +251,27 @@ def test_own_answers_are_chat_rendered_greedy_and_deterministic():
 
 
 def test_own_answer_prompts_are_shared_out_by_whole_batches_only_where_each_process_generates_alone():
-    from fisher_core.keep.answers import BATCH_SIZE, process_share
+    """For 1–6 batches a process, 1–5 processes, whole or sharded: each process answers at most what its pass
+    reads (`num_batches` batches); where they are shared out, whole batches that together are exactly the prompts,
+    the set one process reading `num_batches · processes` batches makes (the statistics do not depend on the
+    count)."""
+    from fisher_core.keep.answers import BATCH_SIZE, plan_share, process_share
 
-    prompts = [[i] for i in range(4 * BATCH_SIZE)]  # four batches
-    batches = [prompts[i : i + BATCH_SIZE] for i in range(0, len(prompts), BATCH_SIZE)]
-    assert process_share(prompts, 1, 0, sharded=False) == prompts
-    shares = [process_share(prompts, 2, rank, sharded=False) for rank in (0, 1)]
-    assert shares == [batches[0] + batches[2], batches[1] + batches[3]]  # whole batches: the same padding as one
-    assert process_share(prompts, 3, 1, sharded=False) == prompts  # 4 batches do not split evenly over 3
-    assert process_share(prompts, 2, 1, sharded=True) == prompts  # FSDP/ZeRO-3: every process, every forward
+    available = [[i] for i in range(len(instructions()))]
+    batches = [available[i : i + BATCH_SIZE] for i in range(0, len(available), BATCH_SIZE)]
+    assert process_share(available, 2, 1, shared=True) == batches[1] + batches[3]  # round-robin, whole batches
+    assert plan_share(32, 2, 2, sharded=False) == (32, True) and plan_share(32, 2, 2, sharded=True) == (16, False)
+    assert plan_share(32, 3, 3, sharded=False) == (24, False)  # 4 batches do not split over 3: 3 batches, not shared
+    for num_batches in range(1, 7):
+        for world in range(1, 6):
+            for sharded in (False, True):
+                share = plan_share(len(available), num_batches, world, sharded)
+                prompts = available[: share.count]
+                shares = [process_share(prompts, world, rank, share.shared) for rank in range(world)]
+                assert all(len(mine) <= BATCH_SIZE * num_batches for mine in shares), (num_batches, world, sharded)
+                if share.shared:
+                    assert sorted(p for mine in shares for p in mine) == prompts
+                    assert prompts == available[: plan_share(len(available), num_batches * world, 1, False).count]
 
 
 def test_own_answers_without_a_chat_template_use_the_plain_instruction():
