@@ -39,6 +39,11 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def can_generate(model: nn.Module) -> bool:
+    """Whether the transformers model inside `model` has a `generate` (transformers gives one to generative heads)."""
+    return callable(getattr(unwrapped(model), "generate", None))
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """True for transformers causal-LM heads (labels are shifted by one position)."""
     return type(unwrapped(model)).__name__ in _causal_lm_classes()

@@ -18,7 +18,7 @@ from fisher_core.config import FisherConfig
 from fisher_core.data import DataError, load_batches
 from fisher_core.estimate.cache import data_fingerprint
 from fisher_core.estimate.distributed import world_size
-from fisher_core.estimate.objective import Batch, unwrapped
+from fisher_core.estimate.objective import Batch, can_generate, unwrapped
 from fisher_core.keep.answers import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
@@ -62,9 +62,9 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
         except DataError as e:
             raise DataError(f"keep_data: {e}") from e
         return KeepData(data_fingerprint(batches), lambda model: batches)
-    if model is not None and not callable(getattr(inner := unwrapped(model), "generate", None)):
+    if model is not None and not can_generate(model):
         raise ValueError(
-            f"keep_knowledge without keep_data keeps the model's own answers, but {type(inner).__name__} "
+            f"keep_knowledge without keep_data keeps the model's own answers, but {type(unwrapped(model)).__name__} "
             "cannot generate (a causal LM can): pass keep_data (a JSONL file or batches with labels)"
         )
     available = instructions()

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from fisher_core.config import FisherConfig
-from fisher_core.estimate.objective import unwrapped
+from fisher_core.estimate.objective import can_generate, unwrapped
 from fisher_core.layers import layer_kind
 from fisher_core.sharded import sharding
 
@@ -49,6 +49,6 @@ def keep_mode(
         return KeepMode(False, "no tokenizer to make keep data with; pass tokenizer=... to keep a chat model's answers")
     if not getattr(tokenizer, "chat_template", None):
         return KeepMode(False, "not a chat model (its tokenizer has no chat template)")
-    if not callable(getattr(unwrapped(model), "generate", None)):
+    if not can_generate(model):
         return KeepMode(False, f"{type(unwrapped(model)).__name__} cannot generate its own answers")
     return KeepMode(True, "a chat model: keeps its own answers to the shipped instructions")
