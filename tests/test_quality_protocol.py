@@ -210,6 +210,24 @@ def test_keep_verdict_compares_the_points_near_loras_test_loss_and_names_what_do
     assert "(closest lora @ 0.001: +0.100, gap -0.070" in line and line.endswith("own lr dominated by lora @ 0.001")
 
 
+def test_the_verdict_lines_judge_the_library_default_of_the_presets_model(tmp_path):
+    """On the chat-model preset the verdicts are keep mode's (`keep_knowledge="auto"` turns it on there), not the
+    task-whitened init's, which is the default only on models without a chat template."""
+    from benchmarks.quality.protocol import PRESETS
+    from benchmarks.quality.report import write
+
+    rows = {("lora", 4e-3): (4.63, 1.8, 4.06), ("fisher-zero", 4e-3): (4.75, 1.6, 4.0),
+            ("fisher-keep", 2e-3): (4.65, 1.17, 3.9)}  # fmt: skip
+    path = tmp_path / "protocol.jsonl"
+    records = [{**r, "init_seconds": 1.0, "wall_seconds": 9.0} for r in _probe_records(rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write(path, PRESETS["smol"])
+    verdicts = (tmp_path / "tables.md").read_text().split("## Verdicts")[1].split("##")[0]
+    assert "smol-dialogue: `fisher-keep (default)` ties (within 2× seed std) against `lora`: stopped test loss " \
+           "4.650 vs 4.630" in verdicts  # fmt: skip
+    assert "fisher-zero" not in verdicts
+
+
 def test_a_preset_with_lr_from_runs_every_seed_at_the_lr_the_other_preset_chose(tmp_path, monkeypatch):
     """`smol-long` runs each method at the lr `smol` chose on the mean over seeds (here not seed 0's best), seed by
     seed, and nothing once those are recorded."""

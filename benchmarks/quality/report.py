@@ -25,11 +25,15 @@ def _runs(records: list[dict], task: str, method: str, lr: float | None) -> list
 LABELS = {"fisher": "fisher-preserve"}
 
 
+def library_default(preset: Preset) -> str:
+    """The method that is what the library's default does on the preset's model: keep mode on a chat model
+    (`keep_knowledge="auto"`), the task-whitened init elsewhere."""
+    return "fisher-keep" if set(preset.tasks) <= set(CHAT_TASKS) else "fisher-zero"
+
+
 def label(method: str, preset: Preset) -> str:
-    """`method`'s name in the tables, marked `(default)` where it is what the library's default does on the
-    preset's model: keep mode on a chat model (`keep_knowledge="auto"`), the task-whitened init elsewhere."""
-    default = "fisher-keep" if set(preset.tasks) <= set(CHAT_TASKS) else "fisher-zero"
-    return f"{method} (default)" if method == default else LABELS.get(method, method)
+    """`method`'s name in the tables, marked `(default)` where it is `library_default`."""
+    return f"{method} (default)" if method == library_default(preset) else LABELS.get(method, method)
 
 
 def _mean(values: list[float]) -> float:
@@ -377,7 +381,8 @@ def plot(records: list[dict], preset: Preset, out: Path) -> None:
 def write(path: Path, preset: Preset) -> None:
     """`tables.md` and `curves.png` beside the records in `path`."""
     records = load(path)
-    ours = "fisher-zero" if "fisher-zero" in preset.methods else "fisher"  # the library default, where it ran
+    default = library_default(preset)
+    ours = default if default in preset.methods else "fisher"  # the library default, where it ran
     failed = sorted({f"{r['task']}/{r['method']}: {r['failed']}" for r in records if "failed" in r})
     untuned_path = path.parent / "untuned.json"
     untuned = json.loads(untuned_path.read_text()) if untuned_path.is_file() else None
