@@ -63,6 +63,27 @@ def sharding(model: nn.Module) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def root_whole(model: nn.Module) -> Iterator[None]:
+    """Inside: the parameters that FSDP keeps in `model`'s own (root) unit are whole — the embeddings, final norm
+    and head, which the root's forward hook would gather but `generate` never calls the root's forward. The
+    inner units (blocks) gather their own in their forward, as always. A collective; a no-op when `model` is not
+    an FSDP root (whole parameters, ZeRO-3: DeepSpeed hooks every module)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    elif isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+            yield
+    else:
+        yield
+
+
 @dataclass
 class _Fsdp1Region:
     """FSDP1 inside `whole_parameters`: each module → the unit whose flat parameter holds it (None: whole

@@ -23,7 +23,7 @@ from torch import nn
 from fisher_core.data import IGNORE_INDEX, collate
 from fisher_core.estimate.distributed import process_index, world_size
 from fisher_core.estimate.objective import Batch
-from fisher_core.sharded import sharding
+from fisher_core.sharded import root_whole, sharding
 
 logger = logging.getLogger("fisher_core")
 MAX_NEW_TOKENS = 48
@@ -104,7 +104,7 @@ def _greedy(
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     settings = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad, eos_token_id=eos)
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), root_whole(model):
         synced = True if sharded and world_size() > 1 else None  # None: transformers' own detection
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=synced)
     answers = []

@@ -2,9 +2,10 @@
 
 `auto` turns keep mode on where it was measured and can run without more input (docs/design.md §7): a chat
 model — the tokenizer has a chat template and the model generates, so its own answers to the shipped
-instructions can be made — whose parameters are whole and not quantized (keep mode is untested under FSDP,
-ZeRO-3 and bitsandbytes; greedy generation on a 4-bit base failed inside bitsandbytes' CPU kernel in our
-tests), or whenever the user gave `keep_data`. Anywhere else the task's own factors are used, as before.
+instructions can be made — whose base is not quantized (keep mode is untested on bitsandbytes: greedy
+generation on a 4-bit base failed inside bitsandbytes' CPU kernel in our tests), or whenever the user gave
+`keep_data`. Under FSDP1, FSDP2 and ZeRO-3 it writes what the whole model writes given the same answers
+(tests/distributed). Anywhere else the task's own factors are used, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from torch import nn
 from fisher_core.config import FisherConfig
 from fisher_core.estimate.objective import can_generate, unwrapped
 from fisher_core.layers import layer_kind
-from fisher_core.sharded import sharding
 
 
 class KeepMode(NamedTuple):
@@ -31,17 +31,15 @@ def keep_mode(
     config: FisherConfig, tokenizer: Any | None, model: nn.Module, layers: Mapping[str, nn.Module]
 ) -> KeepMode:
     """`config.keep_knowledge` when it is a bool; for `auto` the first rule that applies, in this order: a selector
-    other than `natural` → off; `keep_data` given → on; sharded parameters or a quantized base (among the adapted
-    `layers`) → off; no tokenizer, or one without a chat template → off; a model that cannot generate → off; else
-    on (a chat model keeps its own answers)."""
+    other than `natural` → off; `keep_data` given → on; a quantized base (among the adapted `layers`) → off; no
+    tokenizer, or one without a chat template → off; a model that cannot generate → off; else on (a chat model
+    keeps its own answers; whole or sharded parameters alike)."""
     if config.keep_knowledge != "auto":
         return KeepMode(bool(config.keep_knowledge))
     if config.selector != "natural":
         return KeepMode(False, f"selector {config.selector!r} reads no mean gradient")
     if config.keep_data is not None:
         return KeepMode(True, "keep_data given")
-    if (kind := sharding(model)) is not None:
-        return KeepMode(False, f"untested on {kind}-sharded parameters; set keep_knowledge=True to use it there")
     quantized = sorted({layer_kind(m).name for m in layers.values() if not layer_kind(m).writable})
     if quantized:
         return KeepMode(False, f"untested on a {quantized[0]} base; set keep_knowledge=True to use it there")

@@ -1,4 +1,5 @@
-"""torchrun worker: Fisher init of a PEFT model sharded with FSDP2 (`fully_shard`) or FSDP1 vs the same model unsharded.
+"""torchrun worker: Fisher init of a PEFT model sharded with FSDP2 (`fully_shard`) or FSDP1 vs the same model unsharded,
+and keep mode generating the model's own answers on the sharded model vs those answers made whole and given.
 
 Usage: torchrun --nproc_per_node 2 fsdp_worker.py OUT_DIR
 Both runs see the same per-process batches; rank 0 saves the whole LoRA factors and base weights of both.
@@ -23,6 +24,7 @@ from tiny import tiny_llama, train_tokenizer
 
 from fisher_core import FisherConfig, export_adapter, initialize
 from fisher_core.keep import keep_mode
+from fisher_core.keep.answers import BATCH_SIZE, instructions, own_answer_batches, prompt_ids
 from fisher_core.layers import canonical_name
 from fisher_core.sharded import whole
 
@@ -38,10 +40,10 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """`shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root), "fsdp1" (FullyShardedDataParallel,
-    one unit) or "fsdp1-blocks" (a unit per block);
-    a "-ckpt" suffix: the blocks use gradient checkpointing, kept on for the statistics pass."""
+def sharded_model(shard: str) -> torch.nn.Module:
+    """The tiny PEFT Llama, `shard`: "" (not sharded), "fsdp2" (`fully_shard` per block and root), "fsdp1"
+    (FullyShardedDataParallel, one unit) or "fsdp1-blocks" (a unit per block); a "-ckpt" suffix: the blocks use
+    gradient checkpointing, kept on for the statistics pass."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     if shard.endswith("-ckpt"):
         shard = shard.removesuffix("-ckpt")
@@ -54,15 +56,25 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
         model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     elif shard == "fsdp1-blocks":
         model = fsdp1_per_block(model)
+    return model
+
+
+def whole_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`weights` by canonical name, FSDP1 units summoned whole."""
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model):
+            return {canonical_name(n): v for n, v in weights(model).items()}
+    return {canonical_name(n): v for n, v in weights(model).items()}
+
+
+def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """The init on a `sharded_model(shard)`, its whole weights, and what the default's keep mode would do there."""
+    model = sharded_model(shard)
     config = FisherConfig(progress=False, policy="preserve", num_batches=len(batches), stop_tol=None, selector=selector)
     chat = keep_mode(FisherConfig(), train_tokenizer(), model, {})  # what the default does with a chat model here
     with counting_whole_units(model) as whole_at_once:
         initialize(model, batches, config=config)
-    if shard.startswith("fsdp1"):
-        with FullyShardedDataParallel.summon_full_params(model):
-            out = {canonical_name(n): v for n, v in weights(model).items()}
-    else:
-        out = weights(model)
+    out = whole_weights(model)
     out["keep_auto"] = f"{'on' if chat.on else 'off'}: {chat.why}"
     if shard.startswith("fsdp1"):
         out["whole_at_once"] = torch.tensor(whole_at_once)
@@ -72,6 +84,25 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
         except ValueError as e:
             out["export_error"] = str(e)
     return out
+
+
+def keep_run(shard: str, batches: list[dict], keep_data: list[dict] | None = None) -> dict[str, torch.Tensor]:
+    """Keep mode on a `sharded_model(shard)`: the model's own answers generated there (every process answers
+    the same prompts, each forward a collective), or `keep_data` given."""
+    model = sharded_model(shard)
+    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, keep_knowledge=True,
+                          keep_data=keep_data)  # fmt: skip
+    initialize(model, batches, config=config, tokenizer=train_tokenizer())
+    return whole_weights(model)
+
+
+def own_answers_of_the_whole_model(batches: list[dict]) -> list[dict]:
+    """The keep batches a sharded run answers (`8 · len(batches)` instructions, the same on every process),
+    made by the whole model outside any collective: the oracle for generation under sharding."""
+    tokenizer = train_tokenizer()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    prompts = [prompt_ids(tokenizer, i) for i in instructions()[: BATCH_SIZE * len(batches)]]
+    return own_answer_batches(model, tokenizer, prompts, shared=False)
 
 
 @contextlib.contextmanager
@@ -140,6 +171,9 @@ def main(out: Path) -> None:
     runs += [("natural", "fsdp2-ckpt"), ("natural", "fsdp1-ckpt")]
     result = {f"{selector}/{shard}": run(selector, shard, mine) for selector, shard in runs}
     result["rank_budget_refusal"] = rank_budget_refusal(mine)
+    given = own_answers_of_the_whole_model(mine)
+    result["keep/"] = keep_run("", mine, given)
+    result |= {f"keep/{shard}": keep_run(shard, mine) for shard in ("fsdp2", "fsdp1", "fsdp1-blocks")}
     save_and_finish(result, out / "fsdp.pt")
 
 

@@ -1,4 +1,5 @@
-"""torchrun worker: Fisher init of a PEFT model partitioned by DeepSpeed ZeRO-3 vs the same model whole.
+"""torchrun worker: Fisher init of a PEFT model partitioned by DeepSpeed ZeRO-3 vs the same model whole, and
+keep mode generating the model's own answers on the partitioned model vs those answers given to the whole one.
 
 Usage: DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 zero3_worker.py OUT_DIR
 Both runs see the same per-process batches; rank 0 saves statistics, LoRA factors and base weights of both.
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fsdp_worker import TARGETS, my_batches, save_and_finish, weights
+from fsdp_worker import TARGETS, my_batches, own_answers_of_the_whole_model, save_and_finish, weights
 from tiny import tiny_llama, train_tokenizer
 
 from fisher_core import FisherConfig, estimate, export_adapter, initialize, select
@@ -68,6 +69,18 @@ def run(selector: str, zero3: bool, batches: list[dict], out: Path) -> dict:
     return result
 
 
+def keep_run(zero3: bool, batches: list[dict], keep_data: list[dict] | None = None) -> dict[str, torch.Tensor]:
+    """Keep mode, its whole weights: the model's own answers generated on partitioned parameters (every forward
+    a collective), or `keep_data` given to the whole model."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model = partitioned(model) if zero3 else model
+    config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, keep_knowledge=True,
+                          keep_data=keep_data)  # fmt: skip
+    initialize(model, batches, config=config, tokenizer=train_tokenizer())
+    with deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else torch.no_grad():
+        return {n: v.clone() for n, v in weights(model).items()}
+
+
 def checkpointed(batches: list[dict]) -> dict:
     """Statistics of the partitioned model with gradient checkpointing on (kept on for the pass)."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
@@ -86,6 +99,8 @@ def main(out: Path) -> None:
     mine = my_batches()
     result = {f"{s}/{z}": run(s, z, mine, out) for s in ("natural", "fwsvd") for z in (False, True)}
     result["natural/True-ckpt"] = checkpointed(mine)
+    result["keep/whole"] = keep_run(False, mine, own_answers_of_the_whole_model(mine))
+    result["keep/zero3"] = keep_run(True, mine)
     save_and_finish(result, out / "zero3.pt")
 
 
