@@ -53,14 +53,14 @@ class Share(NamedTuple):
     shared: bool
 
 
-def plan_share(available: int, num_batches: int, world: int, sharded: bool) -> Share:
-    """The instructions answered, at most `num_batches` batches a process: where the parameters are whole (DDP:
-    each process generates alone) and `num_batches · world` batches' worth split into equal whole batches, that
-    many, shared out — the set one process reading `num_batches · world` batches makes, so the statistics do not
-    depend on the process count; else `num_batches` batches' worth, every process answering all of them (under
-    FSDP/ZeRO-3 every forward is a collective). Every prompt a process answers is read."""
+def plan_share(available: int, num_batches: int, world: int) -> Share:
+    """The instructions answered, at most `num_batches` batches a process: where `num_batches · world` batches'
+    worth split into equal whole batches, that many, shared out — the set one process reading `num_batches · world`
+    batches makes, so the statistics do not depend on the process count, and every process makes the same number
+    of `generate` calls and forwards (on sharded parameters each is a collective); else `num_batches` batches'
+    worth, every process answering all of them. Every prompt a process answers is read."""
     count = min(available, BATCH_SIZE * num_batches * world)
-    if world > 1 and not sharded and math.ceil(count / BATCH_SIZE) % world == 0:
+    if world > 1 and math.ceil(count / BATCH_SIZE) % world == 0:
         return Share(count, True)
     return Share(min(available, BATCH_SIZE * num_batches), False)
 

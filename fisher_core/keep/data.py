@@ -28,7 +28,6 @@ from fisher_core.keep.answers import (
     plan_share,
     prompt_ids,
 )
-from fisher_core.sharded import sharding
 
 MAX_LENGTH = 512  # tokens per row of a keep_data file, as the CLI's default --max-length
 
@@ -68,7 +67,7 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
             "cannot generate (a causal LM can): pass keep_data (a JSONL file or batches with labels)"
         )
     available = instructions()
-    share = plan_share(len(available), config.num_batches, world_size(), model is not None and bool(sharding(model)))
+    share = plan_share(len(available), config.num_batches, world_size())
     read = available[: share.count]
     prompts = [prompt_ids(tokenizer, instruction) for instruction in read]
     settings = f"own-answers:greedy:{MAX_NEW_TOKENS}:{BATCH_SIZE}:{pad_id(tokenizer)}:{tokenizer.eos_token_id}"

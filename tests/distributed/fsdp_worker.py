@@ -1,5 +1,6 @@
 """torchrun worker: Fisher init of a PEFT model sharded with FSDP2 (`fully_shard`) or FSDP1 vs the same model unsharded,
-and keep mode generating the model's own answers on the sharded model vs those answers made whole and given.
+and keep mode generating the model's own answers on the sharded model (shared out over the processes) vs those
+answers made by the whole model and given.
 
 Usage: torchrun --nproc_per_node 2 fsdp_worker.py OUT_DIR
 Both runs see the same per-process batches; rank 0 saves the whole LoRA factors and base weights of both.
@@ -87,8 +88,8 @@ def run(selector: str, shard: str, batches: list[dict]) -> dict[str, torch.Tenso
 
 
 def keep_run(shard: str, batches: list[dict], keep_data: list[dict] | None = None) -> dict[str, torch.Tensor]:
-    """Keep mode on a `sharded_model(shard)`: the model's own answers generated there (every process answers
-    the same prompts, each forward a collective), or `keep_data` given."""
+    """Keep mode on a `sharded_model(shard)`: the model's own answers generated there (the processes share the
+    prompts out, each `generate` step a collective), or `keep_data` given."""
     model = sharded_model(shard)
     config = FisherConfig(progress=False, num_batches=len(batches), stop_tol=None, keep_knowledge=True,
                           keep_data=keep_data)  # fmt: skip
@@ -97,12 +98,12 @@ def keep_run(shard: str, batches: list[dict], keep_data: list[dict] | None = Non
 
 
 def own_answers_of_the_whole_model(batches: list[dict]) -> list[dict]:
-    """The keep batches a sharded run answers (`8 · len(batches)` instructions, the same on every process),
-    made by the whole model outside any collective: the oracle for generation under sharding."""
+    """This process's keep batches in a sharded run (`8 · len(batches) · processes` instructions shared out by
+    whole batches), made by the whole model outside any collective: the oracle for generation under sharding."""
     tokenizer = train_tokenizer()
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    prompts = [prompt_ids(tokenizer, i) for i in instructions()[: BATCH_SIZE * len(batches)]]
-    return own_answer_batches(model, tokenizer, prompts, shared=False)
+    prompts = [prompt_ids(tokenizer, i) for i in instructions()[: BATCH_SIZE * len(batches) * dist.get_world_size()]]
+    return own_answer_batches(model, tokenizer, prompts, shared=True)
 
 
 @contextlib.contextmanager

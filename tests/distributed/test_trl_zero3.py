@@ -1,7 +1,8 @@
 """TRL's SFTTrainer under DeepSpeed ZeRO-3 (one process, CPU, every parameter partitioned): the callback writes
-the same adapter as without DeepSpeed, that adapter survives the first optimizer step (DeepSpeed's fp32 master
-copies are refreshed; without that, a step at learning rate 0 puts the old adapter back), and the final save
-keeps the adapter with its record, exportable for the original base by `fisher-lora export`.
+the same adapter as without DeepSpeed (keep mode on: the own answers generated on partitioned parameters), that
+adapter survives the first optimizer step (DeepSpeed's fp32 master copies are refreshed; without that, a step at
+learning rate 0 puts the old adapter back), and the final save keeps the adapter with its record, exportable for
+the original base by `fisher-lora export`.
 
 Two processes are covered by `test_zero3.py` (fisher_core directly): accelerate 1.13 does not set up
 DeepSpeed's process group on CPU-only machines, so a 2-process Trainer run needs GPUs.

@@ -52,10 +52,8 @@ def main(mode: str, model_dir: str, out: Path) -> None:
     import trl_tiny
 
     extra = {"deepspeed": ZERO3, "use_cpu": False} if mode == "zero3" else {}
-    # the same init with and without ZeRO-3: keep mode off, since whole parameters under 2 processes share out the
-    # instructions and partitioned ones each answer the same (keep.answers.plan_share); keep mode on partitioned
-    # parameters is test_zero3.py's
-    fisher = {"num_batches": 2, "progress": False, "policy": "preserve", "keep_knowledge": False}
+    # the same init with and without ZeRO-3, keep mode on: the own answers generated on partitioned parameters
+    fisher = {"num_batches": 2, "progress": False, "policy": "preserve", "keep_knowledge": True}
     trainer, _ = trl_tiny.build(
         "sft", model_dir, out / mode, fisher=fisher, steps=1, batch_size=2, bf16=False, learning_rate=0.0, **extra
     )

@@ -250,9 +250,10 @@ def test_own_answers_are_chat_rendered_greedy_and_deterministic():
         assert torch.equal(first["input_ids"][row, start : start + len(answer)], torch.tensor(answer))
 
 
-def test_own_answer_prompts_are_shared_out_by_whole_batches_only_where_each_process_generates_alone():
-    """For 1–6 batches a process, 1–5 processes, whole or sharded: each process answers at most what its pass
-    reads (`num_batches` batches); where they are shared out, whole batches that together are exactly the prompts,
+def test_own_answer_prompts_are_shared_out_by_whole_batches_in_equal_numbers_of_batches():
+    """For 1–6 batches a process and 1–5 processes: each process answers at most what its pass reads
+    (`num_batches` batches) and every process the same number of batches (on sharded parameters each `generate`
+    and forward is a collective); where they are shared out, whole batches that together are exactly the prompts,
     the set one process reading `num_batches · processes` batches makes (the statistics do not depend on the
     count)."""
     from fisher_core.keep.answers import BATCH_SIZE, plan_share, process_share
@@ -260,18 +261,18 @@ def test_own_answer_prompts_are_shared_out_by_whole_batches_only_where_each_proc
     available = [[i] for i in range(len(instructions()))]
     batches = [available[i : i + BATCH_SIZE] for i in range(0, len(available), BATCH_SIZE)]
     assert process_share(available, 2, 1, shared=True) == batches[1] + batches[3]  # round-robin, whole batches
-    assert plan_share(32, 2, 2, sharded=False) == (32, True) and plan_share(32, 2, 2, sharded=True) == (16, False)
-    assert plan_share(32, 3, 3, sharded=False) == (24, False)  # 4 batches do not split over 3: 3 batches, not shared
+    assert plan_share(32, 2, 2) == (32, True) and plan_share(28, 2, 2) == (28, True)  # a short last batch
+    assert plan_share(32, 3, 3) == (24, False)  # 4 batches do not split over 3: 3 batches, not shared
     for num_batches in range(1, 7):
         for world in range(1, 6):
-            for sharded in (False, True):
-                share = plan_share(len(available), num_batches, world, sharded)
-                prompts = available[: share.count]
-                shares = [process_share(prompts, world, rank, share.shared) for rank in range(world)]
-                assert all(len(mine) <= BATCH_SIZE * num_batches for mine in shares), (num_batches, world, sharded)
-                if share.shared:
-                    assert sorted(p for mine in shares for p in mine) == prompts
-                    assert prompts == available[: plan_share(len(available), num_batches * world, 1, False).count]
+            share = plan_share(len(available), num_batches, world)
+            prompts = available[: share.count]
+            shares = [process_share(prompts, world, rank, share.shared) for rank in range(world)]
+            assert all(len(mine) <= BATCH_SIZE * num_batches for mine in shares), (num_batches, world)
+            assert len({-(-len(mine) // BATCH_SIZE) for mine in shares}) == 1, (num_batches, world)
+            if share.shared:
+                assert sorted(p for mine in shares for p in mine) == prompts
+                assert prompts == available[: plan_share(len(available), num_batches * world, 1).count]
 
 
 def test_own_answers_without_a_chat_template_use_the_plain_instruction():
