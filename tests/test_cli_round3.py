@@ -62,9 +62,12 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
     (tmp_path / "cache_dir").mkdir()
     cases = {
         "not utf-8": (["--data", tmp_path / "latin1.jsonl"], "latin1.jsonl:2 is not UTF-8"),
-        "unknown format": (["--data", tmp_path / "q.jsonl"], "q.jsonl:1: cannot tell the data format from the keys "
-                           "['question']: expected 'text', 'prompt'+'completion' or 'messages'; pass --text-field "
-                           "FIELD or --chat"),
+        "unknown format": (
+            ["--data", tmp_path / "q.jsonl"],
+            "q.jsonl:1: cannot tell the data format from the keys "
+            "['question']: expected 'text', 'prompt'+'completion' or 'messages'; pass --text-field "
+            "FIELD or --chat",
+        ),
         "bogus device": (["--device", "bogus"], "--device bogus: not a device name"),
         "meta device": (["--device", "meta"], "--device meta: this machine has no meta device"),
         "cache dir": (["--cache-path", tmp_path / "cache_dir"], "is a directory; pass a file path"),

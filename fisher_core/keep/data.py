@@ -74,4 +74,3 @@ def keep_data(config: FisherConfig, tokenizer: Any | None, model: nn.Module | No
     h = hashlib.sha256(settings.encode())
     h.update(repr(prompts).encode())
     return KeepData(h.hexdigest(), lambda model: own_answer_batches(model, tokenizer, prompts, share.shared))
-

@@ -330,11 +330,17 @@ def test_generated_keep_data_without_a_tokenizer_is_one_line_before_the_pass():
         ({"keep_knowledge": False, "keep_data": "__FILE__"}, "keep_data is only read with keep_knowledge=True"),
         ({"keep_data": "__FILE__", "selector": "subspace"}, "keep_data is read by keep_knowledge, which needs"),
         ({"keep_knowledge": True, "selector": "subspace"}, "use selector='natural'"),
-        ({"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long)}]},
-         "keep batch 0 has no 'labels'"),
-        ({"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long),
-                                                 "labels": torch.full((1, 3), -100)}]},
-         "every keep batch's labels are -100"),
+        (
+            {"keep_knowledge": True, "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long)}]},
+            "keep batch 0 has no 'labels'",
+        ),
+        (
+            {
+                "keep_knowledge": True,
+                "keep_data": [{"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.full((1, 3), -100)}],
+            },
+            "every keep batch's labels are -100",
+        ),
     ],
 )
 def test_bad_keep_settings_are_refused_naming_the_fix(kwargs, expected):
