@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fisher_core.config import FisherConfig
+from fisher_core.estimate.distributed import global_min
 from fisher_core.estimate.factors import FisherStats, LayerStats, group_of, shares_input
 from fisher_core.estimate.sums import FactorSketch, LowRank, is_finite
 from fisher_core.io import atomic_path
@@ -200,14 +201,40 @@ def save(
 def load_matching(
     path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str, weights: str
 ) -> FisherStats | None:
-    """The cached statistics if `path` exists and matches; None if it does not exist.
+    """The cached statistics if `path` exists and matches on every process; None on every process if it does not
+    exist on one (a cache on one node's local disk): then all of them compute the pass, which is a collective.
+    A collective under torch.distributed.
 
     `data`, `weights`: the `data_fingerprint` of the batches and the model's `fingerprint`.
 
     Raises `CacheMismatchError` naming the file and the first mismatch, or what makes it no valid cache for
     `modules` (a directory, unreadable, metadata or tensors missing, shapes that are not the layers',
-    non-finite values): delete the file or pass another `cache_path` to recompute.
+    non-finite values): delete the file or pass another `cache_path` to recompute. Every process raises when
+    one does.
     """
+    mismatch: CacheMismatchError | None = None
+    try:
+        cached = _load_local(path, modules, config, data, weights)
+    except CacheMismatchError as e:
+        mismatch, cached = e, None
+    agreed = global_min(-1 if mismatch else int(cached is not None))  # -1: a mismatch, 0: a miss, 1: a hit
+    if agreed == -1:
+        raise mismatch or CacheMismatchError(
+            f"statistics cache {path}: another process's copy does not match this run; delete it on every node "
+            "or set another cache_path to recompute"
+        )
+    if agreed == 0 or cached is None:
+        return None
+    logger.info("fisher-lora: reusing cached statistics from %s", path)
+    cached.meta["cache"] = str(path)
+    return cached
+
+
+def _load_local(
+    path: Path, modules: Mapping[str, nn.Module], config: FisherConfig, data: str, weights: str
+) -> FisherStats | None:
+    """This process's `load_matching`: the statistics at `path` if it exists and matches, None if it does not
+    exist; raises `CacheMismatchError` otherwise."""
     path = Path(path)
     if path.is_dir():
         raise CacheMismatchError(f"statistics cache {path} is a directory; set cache_path to a file path")
@@ -231,10 +258,7 @@ def load_matching(
             f"statistics cache {path} was computed from other model weights (fingerprint differs); "
             "delete the file or set another cache_path to recompute"
         )
-    stats = _checked_stats(path, tensors, meta, modules)
-    logger.info("fisher-lora: reusing cached statistics from %s", path)
-    stats.meta["cache"] = str(path)
-    return stats
+    return _checked_stats(path, tensors, meta, modules)
 
 
 def _checked_stats(

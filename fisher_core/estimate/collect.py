@@ -28,6 +28,8 @@ from fisher_core.estimate.distributed import (
     global_min,
     in_lockstep,
     is_main_process,
+    process_index,
+    world_size,
 )
 from fisher_core.estimate.factors import FisherStats, StatsAccumulator, shares_input
 from fisher_core.estimate.hooks import estimation_mode, replayed_layers, rooted
@@ -35,6 +37,7 @@ from fisher_core.estimate.objective import (
     Batch,
     LogitsFn,
     LossFn,
+    batch_seed,
     model_inputs,
     position_masks,
     sample_labels,
@@ -126,7 +129,7 @@ def _pass(
     if plan.sketch_rank < requested_sketch_rank(config, ranks):
         logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, plan.sketch_rank)
     acc = StatsAccumulator(shapes, config.needs_mean_grad, plan.sketched, plan.sketch_rank, config.seed, device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device)  # seeded per batch: `batch_seed`
     monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
     used, supervised, stopped_early = 0, 0, False
     with estimation_mode(model, plan.checkpoint_blocks) as blocks:
@@ -140,6 +143,7 @@ def _pass(
         )  # fmt: skip
         with recorders.attached(model, blocks):
             for batch in progress:
+                generator.manual_seed(batch_seed(config.seed, used * world_size() + process_index()))
                 supervised += _accumulate_batch(
                     model, _to_device(batch, device), recorders, config, loss_fn, logits_fn, generator
                 )

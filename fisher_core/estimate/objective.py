@@ -94,6 +94,13 @@ def sample_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of global batch `index`'s draws (sampled labels, position subsets): each batch's draws depend on
+    `seed` and its index only, so process `r` of `w` reading its `k`-th batch (global batch `k·w + r`) draws what
+    one process reading the processes' batches round-robin draws there, and no two processes share a stream."""
+    return (seed * 2**32 + index) % 2**63
+
+
 def position_masks(model: nn.Module, batch: Batch, positions: str) -> dict[str, Tensor | None]:
     """Per sequence, the [B, T] bool mask of the positions that count as samples (None: every position).
 

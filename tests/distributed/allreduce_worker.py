@@ -35,6 +35,23 @@ def global_batches() -> list[dict]:
     ]
 
 
+DRAWN = {"fisher_type": "true", "position_fraction": 0.5}  # a pass that draws labels and positions
+
+
+def drawn_and_node_local(model: torch.nn.Module, mine: list[dict], out: Path) -> dict:
+    """The `DRAWN` statistics of this rank's batches, and a cached rerun where only rank 0 finds the cache file
+    (as on another node's local disk): every rank must recompute rather than one return while the other passes."""
+    drawn = FisherConfig(progress=False, policy="preserve", num_batches=len(mine), **DRAWN)
+    stats = estimate(model, mine, target_modules=TARGETS, config=drawn)
+    local = out / ("stats.safetensors" if dist.get_rank() == 0 else "rank1-local/stats.safetensors")
+    plain = FisherConfig(progress=False, policy="preserve", num_batches=len(mine), selector="natural")
+    rerun = estimate(model, mine, target_modules=TARGETS, config=plain.model_copy(update={"cache_path": local}))
+    return {
+        "drawn": {n: (s.input_cov, s.grad_cov, s.num_tokens) for n, s in stats.items()},
+        "node_local": (rerun.meta.get("cache"), {n: s.grad_cov for n, s in rerun.items()}),
+    }
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -77,8 +94,10 @@ def main(out: Path) -> None:
         target_modules=TARGETS,
         config=cfg.model_copy(update={"memory_budget": dense + 1, "sketch_rank": 8}),
     )
+    extra = drawn_and_node_local(model, mine, out)
     torch.save(
         {
+            **extra,
             "budgeted": (
                 {n: [type(t).__name__ for t in (s.input_cov, s.grad_cov, s.mean_grad)] for n, s in budgeted.items()},
                 budgeted.meta["held_peak_bytes"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from allreduce_worker import TARGETS, global_batches
+from allreduce_worker import DRAWN, TARGETS, global_batches
 from tiny import tiny_llama
 
 from fisher_core import FisherConfig, estimate, select
@@ -72,3 +72,19 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
     (kinds0, held0), (kinds1, held1) = (r["budgeted"] for r in ranks)
     assert int(held0) != int(held1) and kinds0 == kinds1
     assert any(kind in ("FactorSketch", "LowRank") for kinds in kinds0.values() for kind in kinds)
+    # labels and positions drawn (true Fisher, half the positions): each global batch's draws are its own, so two
+    # processes draw what one process does on the same batches (before, both ranks drew from one stream)
+    drawn = estimate(model, batches, target_modules=TARGETS, config=cfg.model_copy(update=DRAWN))
+    for name, s in drawn.items():
+        for r in ranks:
+            a, g, tokens = r["drawn"][name]
+            assert tokens == s.num_tokens, name
+            for got, want in ((a, s.input_cov), (g, s.grad_cov)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # a cache only rank 0 finds (node-local disk): both recompute the same statistics, neither hangs
+    for r in ranks:
+        source, grad_covs = r["node_local"]
+        assert source is None
+        for name, s in single.items():
+            scale = float(s.grad_cov.abs().max())
+            torch.testing.assert_close(grad_covs[name], s.grad_cov, rtol=1e-5, atol=1e-5 * scale)
