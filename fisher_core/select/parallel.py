@@ -5,11 +5,13 @@ everywhere repeats the eigendecompositions `world_size` times. Instead the layer
 groups that share an input factor (q/k/v, gate/up: their `S_A` is decomposed once, by one process),
 groups are dealt out longest first to the least loaded process (LPT scheduling, deterministic), each
 process solves its own, and one `all_gather_object` gives every process every layer's candidates.
-The result is identical to a single process's: each layer's solve depends only on its statistics.
+The result is identical to a single process's: each layer's solve depends only on its statistics. A solve
+that raises is raised on every process, not only its owner (the others would wait in the gather).
 """
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Mapping
 
 import torch.distributed as dist
@@ -54,20 +56,36 @@ def solve_spread(
     if world == 1:
         return {name: solve(name) for name in names}
     owners = assign_owners(groups, costs, world)
-    rank = dist.get_rank()
-    local = {
-        name: (c.B.cpu(), c.A.cpu(), c.scores.cpu(), c.total)
-        for name in names
-        if owners[name] == rank
-        for c in (solve(name),)
-    }
-    gathered: list[dict | None] = [None] * world
-    dist.all_gather_object(gathered, local)
+    local: dict[str, tuple] = {}
+    failure: Exception | None = None
+    try:
+        for name in (n for n in names if owners[n] == dist.get_rank()):
+            c = solve(name)
+            local[name] = (c.B.cpu(), c.A.cpu(), c.scores.cpu(), c.total)
+    except Exception as e:  # every process raises, not only the owner (the others would wait here forever)
+        failure = e
+    said = (type(failure).__name__, str(failure)) if failure is not None else None
+    gathered: list[tuple[dict, tuple[str, str] | None] | None] = [None] * world
+    dist.all_gather_object(gathered, (local, said))
+    if failure is not None:
+        raise failure
+    raise_first_failure([(rank, part[1]) for rank, part in enumerate(gathered) if part is not None])
     merged: dict[str, tuple] = {}
     for part in gathered:
-        merged.update(part or {})
+        merged.update(part[0] if part is not None else {})
     out = {}
     for name in names:
         b, a, scores, total = merged[name]
         out[name] = Candidates(B=b, A=a, scores=scores, total=total)
     return out
+
+
+def raise_first_failure(said: list[tuple[int, tuple[str, str] | None]]) -> None:
+    """Raise what the first failing process raised — (rank, (exception type, message)) — as the same built-in
+    exception type (else `RuntimeError`), naming the process; nothing if none failed."""
+    for rank, failure in said:
+        if failure is not None:
+            kind, message = failure
+            cls = getattr(builtins, kind, None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError
+            raise cls(f"{message} (raised by process {rank} while selecting)")

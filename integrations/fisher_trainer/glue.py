@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from fisher_core import FisherConfig
+from fisher_core.estimate.distributed import global_max, global_min
 from fisher_core.estimate.objective import IGNORE_INDEX, Batch, LossFn
 from fisher_core.sharded import sharding
 from fisher_core.write import get_record, load_record, restore_offsets, save_record, to_original_base
@@ -180,21 +181,31 @@ class RecordInCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         record = get_record(self.model(), self.adapter_name)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and record is not None and record.changes_base and checkpoint.is_dir():
+        # wherever the trainer writes the checkpoint (`save_on_each_node`: each node's first process), not only
+        # on the world's first process: a resume on another node's disk must find the record too
+        if args.should_save and record is not None and record.changes_base and checkpoint.is_dir():
             save_record(record, checkpoint)
         return control
 
 
 def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default") -> str:
     """A resumed run: subtract the checkpoint's recorded base offsets from the freshly loaded original base
-    (no re-initialization). Returns what was done, for the log."""
-    if not checkpoint.is_dir():
+    (no re-initialization). Every process decides alike (one all-reduce), or all of them raise: a checkpoint or
+    record on some nodes' disks only would give the processes different bases (or hang a sharded restore).
+    Returns what was done, for the log."""
+    record = load_record(checkpoint) if checkpoint.is_dir() else None
+    found = -1 if not checkpoint.is_dir() else int(record is not None and record.changes_base)
+    if global_min(found) == -1:
         raise FileNotFoundError(
-            f"fisher-lora: resuming from {checkpoint}, which does not exist; fisher-lora needs the checkpoint's "
-            "fisher_init.safetensors: resume from a checkpoint under the run's output_dir"
+            f"fisher-lora: resuming from {checkpoint}, which does not exist on every process; fisher-lora needs the "
+            "checkpoint's fisher_init.safetensors: resume from a checkpoint under the run's output_dir"
         )
-    record = load_record(checkpoint)
-    if record is None or not record.changes_base:
+    if global_min(found) != global_max(found):
+        raise FileNotFoundError(
+            f"fisher-lora: resuming from {checkpoint}: its fisher_init.safetensors (the base offsets) is on some "
+            "processes' disks and not on others'; copy it into that checkpoint on every node"
+        )
+    if not found:
         return f"resuming from {checkpoint}, not re-initializing: it records no base offsets (policy zero)"
     restore_offsets(model, record, adapter_name)
     layers = sum(1 for o in record.offsets.values() if o)
@@ -219,7 +230,7 @@ class OriginalBaseAtTrainEnd(TrainerCallback):
         if record is None or not record.changes_base:
             return control
         if sharding(model) is not None:
-            if state.is_world_process_zero:
+            if args.should_save:  # where the trainer saves the adapter
                 record_for_offline_export(model, Path(args.output_dir), self.adapter_name)
             return control
         layers = to_original_base(model, self.adapter_name)

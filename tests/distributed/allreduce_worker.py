@@ -38,6 +38,18 @@ def global_batches() -> list[dict]:
 DRAWN = {"fisher_type": "true", "position_fraction": 0.5}  # a pass that draws labels and positions
 
 
+def planted_failure(natural, failing):
+    """The `natural` selector, raising `ValueError("planted")` on the layer whose statistics are `failing` (one
+    process solves it; every process must raise)."""
+
+    def selector(weight, layer_stats, *args):
+        if layer_stats is failing:
+            raise ValueError("planted")
+        return natural(weight, layer_stats, *args)
+
+    return selector
+
+
 def drawn_and_node_local(model: torch.nn.Module, mine: list[dict], out: Path) -> dict:
     """The `DRAWN` statistics of this rank's batches, and a cached rerun where only rank 0 finds the cache file
     (as on another node's local disk): every rank must recompute rather than one return while the other passes."""
@@ -74,6 +86,12 @@ def main(out: Path) -> None:
 
     selection.SELECTORS["natural"] = counted
     directions = select(stats, model, rank=4, config=cfg)
+    selection.SELECTORS["natural"] = planted_failure(natural, stats["model.layers.1.mlp.down_proj"])
+    try:
+        select(stats, model, rank=4, config=cfg)
+        raised = ""
+    except ValueError as e:
+        raised = str(e)
     selection.SELECTORS["natural"] = natural
     # shards of different lengths (1 and 3 batches), default config (early stopping on): no hang,
     # every process reads as many batches as the shortest shard
@@ -98,6 +116,7 @@ def main(out: Path) -> None:
     torch.save(
         {
             **extra,
+            "raised": raised,
             "budgeted": (
                 {n: [type(t).__name__ for t in (s.input_cov, s.grad_cov, s.mean_grad)] for n, s in budgeted.items()},
                 budgeted.meta["held_peak_bytes"],

@@ -59,6 +59,9 @@ def test_two_process_statistics_equal_one_process_on_the_same_global_data(tmp_pa
         # ... and it is the one a single process selects from the same statistics, though each rank solved half
         torch.testing.assert_close(b0, directions[name].B, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(a0, directions[name].A, rtol=1e-5, atol=1e-7)
+    # a solve that raises on its owner raises on both processes (before, the other waited in the gather)
+    assert ranks[0]["raised"].startswith("planted") and ranks[1]["raised"].startswith("planted")
+    assert {r["raised"] for r in ranks} & {"planted"} and any("raised by process" in r["raised"] for r in ranks)
     # the solves were spread over both ranks, q/v of a block (one shared input factor) on the same one
     solved_on = {name: i for i, r in enumerate(ranks) for name in r["solved"]}
     assert sorted(ranks[0]["solved"] + ranks[1]["solved"]) == sorted(single) and set(solved_on.values()) == {0, 1}

@@ -273,3 +273,21 @@ def test_axolotl_qlora_at_lr0_keeps_b_zero_and_the_loss_of_a_run_without_the_plu
     adapter = load_file(tmp_path / "fisher" / "adapter_model.safetensors")
     assert not any(v.any() for k, v in adapter.items() if "lora_B" in k)
     assert any(v.any() for k, v in adapter.items() if "lora_A" in k)
+
+
+def test_the_record_goes_wherever_the_trainer_writes_the_checkpoint(tiny_llama_dir, tmp_path):
+    """With `save_on_each_node` each node's first process writes the checkpoint (`args.should_save`); it writes the
+    base-offset record there too, not only the world's first process (a resume from another node's disk would
+    find no offsets). Here: the only process of a node that is not the world's first."""
+    from transformers import TrainerState
+
+    from fisher_core.write.record import RECORD_FILE
+    from fisher_trainer.glue import RecordInCheckpoints
+
+    trainer = _sft_trainer(tiny_llama_dir, tmp_path, save_on_each_node=True)
+    _via_trl(trainer, tmp_path)  # preserve: the base changed, so checkpoints need the record
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    state = TrainerState(is_world_process_zero=False, is_local_process_zero=True, global_step=3)
+    RecordInCheckpoints(lambda: trainer.model).on_save(trainer.args, state, trainer.control)
+    assert (checkpoint / RECORD_FILE).is_file()
