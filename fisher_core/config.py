@@ -67,11 +67,11 @@ class FisherConfig(BaseModel):
     stop_tol: float | None = Field(
         0.2,
         allow_inf_nan=False,
-        gt=0.0,
+        ge=0.0,
         description="Stop reading batches early once the statistics have converged: after 4, 8, 16, … batches "
         "every factor is probed with fixed random vectors, and the pass stops when the median factor's probe "
         "changed by less than this relative amount since the previous check (the data doubled since). "
-        "None reads all `num_batches`.",
+        "0 or None reads all `num_batches` (0 where None cannot be written: a CLI flag, Axolotl's YAML).",
     )
     positions: Positions = Field(
         "attention",
@@ -136,7 +136,8 @@ class FisherConfig(BaseModel):
         description="Choose directions that learn the task at the least cost to what the model knew: the task's "
         "mean gradient whitened by the K-FAC factors of `keep_data` instead of the task's (the EWC-optimal rank-r "
         "step, docs/design.md §7). Needs selector `natural`. `auto`: on where it was measured and can run, a chat "
-        "model (its tokenizer has a chat template, the model generates, its parameters are whole and not quantized) "
+        "model (its tokenizer has a chat template, the model generates, its parameters are not quantized; whole or "
+        "sharded by FSDP/ZeRO-3) "
         "or whenever `keep_data` is given; else the task's own factors (on SmolLM2 the task's factors fell behind "
         "LoRA at half its lr, keep mode held every copied-lr cell: BENCHMARKS.md).",
     )
@@ -149,6 +150,12 @@ class FisherConfig(BaseModel):
     seed: int = Field(0, description="Seeds label sampling and every random choice.")
     force: bool = Field(False, description="Re-initialize adapters that are no longer at their initial values.")
     progress: bool = Field(True, description="Show a progress bar while collecting statistics.")
+
+    @field_validator("stop_tol")
+    @classmethod
+    def _no_stop_at_zero(cls, value: float | None) -> float | None:
+        """0 is None: no change is below it, so the pass reads every batch (one spelling of "off")."""
+        return None if value == 0 else value
 
     @field_validator("keep_knowledge")
     @classmethod

@@ -53,6 +53,21 @@ def test_yaml_keys_become_fisher_config():
     assert fisher_config(cfg) == FisherConfig(selector="subspace", num_batches=8)
 
 
+def test_early_stopping_is_turned_off_by_zero_where_null_cannot_be_written():
+    """Axolotl drops null keys when it validates the YAML (`model_dump(exclude_none=True)`), so
+    `fisher_stop_tol: null` cannot reach the plugin; `0` turns early stopping off there, as `--stop-tol 0` does
+    on the command line (both were refused before: stop_tol had to be > 0)."""
+    from fisher_core.cli import build_parser
+    from fisher_core.cli import fisher_config as cli_config
+
+    assert FisherArgs(lora_init="fisher", fisher_stop_tol=0).fisher_stop_tol == 0
+    assert fisher_config({"lora_init": "fisher", "fisher_stop_tol": 0}).stop_tol is None
+    args = build_parser().parse_args(["init", "--model", "m", "--data", "d.jsonl", "--out", "o", "--stop-tol", "0"])
+    assert cli_config(args).stop_tol is None and FisherConfig(stop_tol=0.0) == FisherConfig(stop_tol=None)
+    with pytest.raises(ValidationError, match="stop_tol"):
+        FisherConfig(stop_tol=-0.1)
+
+
 def trainers():
     from axolotl.core.trainers.base import AxolotlTrainer
     from axolotl.core.training_args import AxolotlTrainingArguments
