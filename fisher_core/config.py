@@ -24,6 +24,11 @@ def default_sketch_rank(lora_rank: int) -> int:
     return max(128, 4 * lora_rank)
 
 
+def fisher_type_from_yaml(value: Any) -> Any:
+    """YAML reads an unquoted `fisher_type: true` as the boolean: it means the `true` Fisher; else `value`."""
+    return "true" if value is True else value
+
+
 class FisherConfig(BaseModel):
     """How statistics are collected and turned into LoRA directions (docs/design.md §1–§3)."""
 
@@ -150,6 +155,11 @@ class FisherConfig(BaseModel):
     seed: int = Field(0, description="Seeds label sampling and every random choice.")
     force: bool = Field(False, description="Re-initialize adapters that are no longer at their initial values.")
     progress: bool = Field(True, description="Show a progress bar while collecting statistics.")
+
+    @field_validator("fisher_type", mode="before")
+    @classmethod
+    def _yaml_true(cls, value: Any) -> Any:
+        return fisher_type_from_yaml(value)
 
     @field_validator("stop_tol")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from fisher_core import FisherConfig
+from fisher_core.config import fisher_type_from_yaml
 
 PREFIX = "fisher_"
 
@@ -40,6 +41,14 @@ class _LoraInitArgs(BaseModel):
     lora_init: Literal["fisher"] | None = Field(
         None, description="`fisher` initializes the LoRA adapter from Fisher statistics of the training data."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_true(cls, data: Any) -> Any:
+        key = PREFIX + "fisher_type"
+        if isinstance(data, Mapping) and key in data:
+            return {**data, key: fisher_type_from_yaml(data[key])}
+        return data
 
     @model_validator(mode="after")
     def _check_fisher_keys(self) -> _LoraInitArgs:

@@ -68,6 +68,15 @@ def test_early_stopping_is_turned_off_by_zero_where_null_cannot_be_written():
         FisherConfig(stop_tol=-0.1)
 
 
+def test_an_unquoted_true_fisher_type_in_yaml_means_the_true_fisher():
+    """`fisher_fisher_type: true` reaches the config as YAML's boolean (before: refused, "should be 'empirical'
+    or 'true'"); `false` stays refused (it names no Fisher type)."""
+    assert fisher_config({"lora_init": "fisher", "fisher_fisher_type": True}).fisher_type == "true"
+    assert FisherArgs(lora_init="fisher", fisher_fisher_type=True).fisher_fisher_type in (True, "true")
+    with pytest.raises(ValueError, match="fisher_fisher_type"):
+        fisher_config({"lora_init": "fisher", "fisher_fisher_type": False})
+
+
 def trainers():
     from axolotl.core.trainers.base import AxolotlTrainer
     from axolotl.core.training_args import AxolotlTrainingArguments
