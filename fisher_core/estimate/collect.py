@@ -130,6 +130,7 @@ def _pass(
         logger.info("fisher-lora: memory_budget=%d bytes: sketch rank lowered to %d to fit", budget, plan.sketch_rank)
     acc = StatsAccumulator(shapes, config.needs_mean_grad, plan.sketched, plan.sketch_rank, config.seed, device)
     generator = torch.Generator(device=device)  # seeded per batch: `batch_seed`
+    world, rank = world_size(), process_index()
     monitor = ConvergenceMonitor(config.stop_tol, config.seed) if config.stop_tol is not None else None
     used, supervised, stopped_early = 0, 0, False
     with estimation_mode(model, plan.checkpoint_blocks) as blocks:
@@ -143,7 +144,7 @@ def _pass(
         )  # fmt: skip
         with recorders.attached(model, blocks):
             for batch in progress:
-                generator.manual_seed(batch_seed(config.seed, used * world_size() + process_index()))
+                generator.manual_seed(batch_seed(config.seed, used * world + rank))
                 supervised += _accumulate_batch(
                     model, _to_device(batch, device), recorders, config, loss_fn, logits_fn, generator
                 )

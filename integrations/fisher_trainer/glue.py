@@ -195,12 +195,13 @@ def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default") ->
     Returns what was done, for the log."""
     record = load_record(checkpoint) if checkpoint.is_dir() else None
     found = -1 if not checkpoint.is_dir() else int(record is not None and record.changes_base)
-    if global_min(found) == -1:
+    least = global_min(found)
+    if least == -1:
         raise FileNotFoundError(
             f"fisher-lora: resuming from {checkpoint}, which does not exist on every process; fisher-lora needs the "
             "checkpoint's fisher_init.safetensors: resume from a checkpoint under the run's output_dir"
         )
-    if global_min(found) != global_max(found):
+    if least != global_max(found):
         raise FileNotFoundError(
             f"fisher-lora: resuming from {checkpoint}: its fisher_init.safetensors (the base offsets) is on some "
             "processes' disks and not on others'; copy it into that checkpoint on every node"
