@@ -96,7 +96,7 @@ class FisherLoRAPlugin(BasePlugin):
         trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: model, adapter))
         checkpoint = resume_checkpoint(cfg)
         if checkpoint is not None:
-            LOG.info(f"fisher-lora: {resume(model, checkpoint, adapter)}")
+            LOG.info(f"fisher-lora: {resume(model, checkpoint, adapter, policy=config.policy)}")
             return
         with plain_lora_forward(model) as undone:
             if undone:

@@ -188,11 +188,12 @@ class RecordInCheckpoints(TrainerCallback):
         return control
 
 
-def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default") -> str:
+def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default", *, policy: str = "zero") -> str:
     """A resumed run: subtract the checkpoint's recorded base offsets from the freshly loaded original base
     (no re-initialization). Every process decides alike (one all-reduce), or all of them raise: a checkpoint or
-    record on some nodes' disks only would give the processes different bases (or hang a sharded restore).
-    Returns what was done, for the log."""
+    record on some nodes' disks only would give the processes different bases (or hang a sharded restore). A
+    `preserve` run's checkpoint without its record is refused: its adapter was trained against a changed base,
+    and on the original one it would silently train a different model. Returns what was done, for the log."""
     record = load_record(checkpoint) if checkpoint.is_dir() else None
     found = -1 if not checkpoint.is_dir() else int(record is not None and record.changes_base)
     least = global_min(found)
@@ -205,6 +206,12 @@ def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default") ->
         raise FileNotFoundError(
             f"fisher-lora: resuming from {checkpoint}: its fisher_init.safetensors (the base offsets) is on some "
             "processes' disks and not on others'; copy it into that checkpoint on every node"
+        )
+    if not found and policy == "preserve":
+        raise FileNotFoundError(
+            f"fisher-lora: resuming a `preserve` run from {checkpoint}, which has no fisher_init.safetensors (the "
+            "base offsets its adapter was trained against): restore that file into the checkpoint, or resume with "
+            "policy zero if the checkpoint comes from a policy-zero run"
         )
     if not found:
         return f"resuming from {checkpoint}, not re-initializing: it records no base offsets (policy zero)"

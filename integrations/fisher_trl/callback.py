@@ -105,7 +105,7 @@ class FisherInitCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if state.global_step > 0:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name))
+            logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name, policy=self.config.policy))
             return
         trainer = self._trainer()
         report = initialize_in_trainer(

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fisher_core.write import load_record, restore_offsets
+from fisher_core.write.record import RECORD_FILE
 
 pytest.importorskip("axolotl")
 pytestmark = pytest.mark.slow
@@ -206,6 +207,17 @@ def test_resume_restores_offsets_and_does_not_reinitialize(fresh, resumed, tiny_
     continued = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()
     uninterrupted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), fresh[0]).eval()
     torch.testing.assert_close(logits(continued, ids), logits(uninterrupted, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_resuming_from_a_checkpoint_without_its_base_offsets_is_refused(tiny_llama_dir, work, fresh):
+    """`checkpoint-2` copied without `fisher_init.safetensors`: the preserve run's adapter was trained against the
+    changed base; resumed on the original one it would be a different model, so the run stops with one line."""
+    out = work / "resumed-without-record"
+    shutil.copytree(fresh[0] / "checkpoint-2", out / "checkpoint-2", ignore=shutil.ignore_patterns(RECORD_FILE))
+    overrides = {**FRESH, "output_dir": str(out), "auto_resume_from_checkpoints": True}
+    log = axolotl_train(axolotl_yaml("axolotl_sft.yml", tiny_llama_dir, work, **overrides), ok=False)
+    assert "resuming a `preserve` run from" in log and "no fisher_init.safetensors" in log, log[-3000:]
+    assert "'train_loss'" not in log
 
 
 def test_qlora_default_policy_leaves_the_4bit_base_untouched(qlora):

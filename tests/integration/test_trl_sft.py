@@ -140,6 +140,17 @@ def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path
             torch.testing.assert_close(final_resumed[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_resuming_a_preserve_run_from_a_checkpoint_without_its_record_is_refused(tiny_llama_dir, tmp_path):
+    """A checkpoint copied without fisher_init.safetensors: its adapter was trained against the changed base, so
+    resuming on the original one would train a different model silently (before: logged as "policy zero")."""
+    full, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=2, save_steps=2, **EXACT)
+    full.train()
+    (tmp_path / "checkpoint-2" / RECORD_FILE).unlink()
+    resumed, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=2, **EXACT)
+    with pytest.raises(FileNotFoundError, match=r"resuming a `preserve` run from .* no fisher_init\.safetensors"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
 def test_final_save_loads_on_original_base_and_reproduces_trained_model(tiny_llama_dir, tmp_path):
     trainer, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, steps=3, save_steps=3, **EXACT)
     trainer.train()
