@@ -36,8 +36,7 @@ from fisher_axolotl.args import fisher_config
 from fisher_axolotl.kernels import plain_lora_forward
 from fisher_core.write import load_record
 from fisher_trainer import (
-    OriginalBaseAtTrainEnd,
-    RecordInCheckpoints,
+    add_save_callbacks,
     check_before_work,
     initialize_in_trainer,
     resume,
@@ -92,8 +91,7 @@ class FisherLoRAPlugin(BasePlugin):
         check_before_work(trainer, config)
         model = trainer.model
         adapter = trainer_adapter(model)
-        trainer.add_callback(RecordInCheckpoints(lambda: model, adapter))
-        trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: model, adapter))
+        add_save_callbacks(trainer, lambda: model, adapter)
         checkpoint = resume_checkpoint(cfg)
         if checkpoint is not None:
             LOG.info(f"fisher-lora: {resume(model, checkpoint, adapter, policy=config.policy)}")

@@ -10,6 +10,7 @@ framework's hooks onto these functions.
 from fisher_trainer.glue import (
     OriginalBaseAtTrainEnd,
     RecordInCheckpoints,
+    add_save_callbacks,
     check_objective,
     check_step0_policy,
     policy_logits,
@@ -23,6 +24,7 @@ from fisher_trainer.run import check_before_work, check_train_set, initialize_in
 __all__ = [
     "OriginalBaseAtTrainEnd",
     "RecordInCheckpoints",
+    "add_save_callbacks",
     "check_before_work",
     "check_objective",
     "check_step0_policy",

@@ -14,7 +14,8 @@
   every random state (python, numpy, torch CPU and CUDA) as they were.
 - `RecordInCheckpoints`, `resume`, `OriginalBaseAtTrainEnd`: each checkpoint carries the base offsets; a
   resumed run restores them instead of re-initializing; when training ends the model becomes the ORIGINAL
-  base plus an adapter for it, so the final save needs nothing of ours.
+  base plus an adapter for it, so the final save needs nothing of ours. `add_save_callbacks` registers the
+  two callbacks ahead of the trainer's own (its reporters), so what they upload is already right.
 """
 
 from __future__ import annotations
@@ -186,6 +187,17 @@ class RecordInCheckpoints(TrainerCallback):
         if args.should_save and record is not None and record.changes_base and checkpoint.is_dir():
             save_record(record, checkpoint)
         return control
+
+
+def add_save_callbacks(trainer: Any, model: Callable[[], nn.Module], adapter_name: str = "default") -> None:
+    """Register `RecordInCheckpoints` and `OriginalBaseAtTrainEnd` AHEAD of every callback the trainer already
+    has: `report_to`'s trackers upload a checkpoint in their `on_save` and save the model in their
+    `on_train_end` (W&B with `WANDB_LOG_MODEL`); run after ours, they upload the checkpoint with its record
+    and, when training ends, the adapter for the original base rather than the raw one."""
+    callbacks = trainer.callback_handler.callbacks
+    for callback in (OriginalBaseAtTrainEnd(trainer, model, adapter_name), RecordInCheckpoints(model, adapter_name)):
+        trainer.add_callback(callback)  # the handler's own duplicate check, then to the front
+        callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
 
 
 def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default", *, policy: str = "zero") -> str:

@@ -38,8 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from fisher_core import FisherConfig, InitReport
 from fisher_core.estimate.objective import LogitsFn, LossFn
 from fisher_trainer import (
-    OriginalBaseAtTrainEnd,
-    RecordInCheckpoints,
+    add_save_callbacks,
     check_before_work,
     initialize_in_trainer,
     resume,
@@ -89,8 +88,7 @@ class FisherInitCallback(TrainerCallback):
         self.trainer = trainer
         self.adapter_name = self.adapter_name or trainer_adapter(self.model)
         trainer.add_callback(self)
-        trainer.add_callback(RecordInCheckpoints(lambda: self.model, self.adapter_name))
-        trainer.add_callback(OriginalBaseAtTrainEnd(trainer, lambda: self.model, self.adapter_name))
+        add_save_callbacks(trainer, lambda: self.model, self.adapter_name)
         return self
 
     @property

@@ -173,6 +173,40 @@ def test_final_save_loads_on_original_base_and_reproduces_trained_model(tiny_lla
         assert not torch.allclose(base(**inputs).logits, expected, atol=1e-4)  # training did move the model
 
 
+class Tracker(TrainerCallback):
+    """What `report_to`'s trackers do, registered before fisher-lora's callbacks as a trainer registers them: W&B
+    with `WANDB_LOG_MODEL` uploads each checkpoint folder in `on_save` and saves the model in `on_train_end`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.records = out, []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.records.append((Path(args.output_dir) / f"checkpoint-{state.global_step}" / RECORD_FILE).is_file())
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.save_pretrained(self.out)
+
+
+def test_a_tracker_saving_at_train_end_gets_the_adapter_for_the_original_base(tiny_llama_dir, tmp_path):
+    """Before: fisher-lora's callbacks ran after the trainer's reporters, which uploaded the raw adapter (a
+    different model on the original base) and checkpoints without their record."""
+    trainer, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path / "run", steps=3, save_steps=3, **EXACT)
+    tracker = Tracker(tmp_path / "uploaded")
+    trainer.add_callback(tracker)
+    FisherInitCallback(**FISHER).attach(trainer)
+    trainer.train()
+    assert tracker.records == [True]  # the checkpoint it uploaded carries the base offsets
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    trained = PeftModel.from_pretrained(original, tmp_path / "run" / "checkpoint-3")  # oracle: raw + offsets
+    restore_offsets(trained, load_record(tmp_path / "run" / "checkpoint-3"))
+    uploaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "uploaded")
+    with torch.no_grad():
+        expected = trained.eval()(**inputs).logits
+        torch.testing.assert_close(uploaded.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_second_train_continues_the_handed_back_model_without_reinitializing(tiny_llama_dir, tmp_path, caplog):
     trainer, callback = trl_tiny.build("sft", tiny_llama_dir, tmp_path, fisher=FISHER, **EXACT)
     trainer.train()
