@@ -236,8 +236,8 @@ class OriginalBaseAtTrainEnd(TrainerCallback):
     """When training ends, the model whose base the init changed (`preserve`, `force`) becomes the original base
     plus an adapter for it (`fisher_core.to_original_base`): every save after that — `trainer.save_model`,
     `save_pretrained`, `push_to_hub` — ships an adapter that loads on the original base, and nothing of the
-    trainer's is replaced. The trainer's optimizer and scheduler are dropped (they hold the reshaped
-    adapter's old Parameters), so a later `train()` builds fresh ones. A sharded model (FSDP, ZeRO-3) cannot be
+    trainer's is replaced. The trainer's optimizer, scheduler and data-parallel wrapper are dropped (they hold
+    the reshaped adapter's old Parameters), so a later `train()` builds fresh ones. A sharded model (FSDP, ZeRO-3) cannot be
     reshaped: its record goes to `output_dir` beside the adapter the trainer saves there, and the log names
     the `fisher-lora export` command."""
 
@@ -254,7 +254,10 @@ class OriginalBaseAtTrainEnd(TrainerCallback):
                 record_for_offline_export(model, Path(args.output_dir), self.adapter_name)
             return control
         layers = to_original_base(model, self.adapter_name)
+        # the optimizer, the scheduler and a DDP/DeepSpeed wrapper hold the reshaped adapter's old Parameters: a
+        # later `train()` builds and wraps afresh (how transformers itself resets its wrapping)
         self.trainer.optimizer, self.trainer.lr_scheduler = None, None
+        self.trainer.model_wrapped = self.trainer.model
         logger.info(
             "fisher-lora: the model is now the ORIGINAL base plus an adapter for it (%d layers, rank <= 2r, "
             "scale 1): any save of it loads with plain PeftModel.from_pretrained",

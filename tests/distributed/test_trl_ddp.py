@@ -56,3 +56,15 @@ def test_ddp_init_matches_single_process_over_same_global_batches(kind, runs):
         assert s["tokens"] == single["stats"][name]["tokens"], name
         for what in ("input_cov", "grad_cov", "mean_grad"):
             torch.testing.assert_close(s[what], single["stats"][name][what], rtol=1e-4, atol=1e-7, msg=f"{what} {name}")
+
+
+@pytest.mark.distributed
+def test_a_second_train_after_the_hand_back_keeps_the_ranks_in_step(runs):
+    """The SFT run (`preserve`) is reshaped onto the original base when training ends; a second `train()` must
+    wrap the reshaped adapter afresh. Before, the trainer kept the old DDP wrapper, whose reducer held the
+    replaced Parameters: the new adapter's gradients were never all-reduced and the ranks drifted apart."""
+    rank0, rank1 = (torch.load(runs / "ddp" / f"sft-rank{r}-again.pt") for r in (0, 1))
+    assert rank0["again"].keys() == rank1["again"].keys() == rank0["handed_back"].keys()
+    for name, value in rank0["again"].items():
+        assert torch.equal(value, rank1["again"][name]), f"ranks differ at {name} after the second train()"
+    assert any(not torch.equal(v, rank0["handed_back"][n]) for n, v in rank0["again"].items())  # it trained

@@ -1,5 +1,7 @@
 """torchrun worker: for each kind (sft, dpo) build a tiny trainer with FisherInitCallback, train one step, and
-save what each rank's adapter and statistics were when training began (`{kind}-rank{N}.pt` in OUT).
+save what each rank's adapter and statistics were when training began (`{kind}-rank{N}.pt` in OUT). The SFT run
+(`preserve`: handed back on the original base when training ends) then trains once more and saves each rank's
+adapter after it (`sft-rank{N}-again.pt`).
 
     torchrun --nproc_per_node 2 tests/distributed/trl_ddp_worker.py sft,dpo MODEL_DIR OUT BATCH NUM_BATCHES
 """
@@ -24,7 +26,9 @@ class SaveInitialState(TrainerCallback):
         trainer.add_callback(self)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        lora = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if "lora_" in n}
+        if self.path.exists():  # a second train(): the state when the first began is kept
+            return
+        lora = lora_state(self.trainer.model)
         stats = {
             n: {"input_cov": s.input_cov, "grad_cov": s.grad_cov, "mean_grad": s.mean_grad, "tokens": s.num_tokens}
             for n, s in self.fisher.report.stats.items()
@@ -43,6 +47,14 @@ def run(kind: str, model_dir: str, out: Path, batch_size: int, num_batches: int)
     rank = dist.get_rank() if dist.is_initialized() else 0
     SaveInitialState(trainer, callback, out / f"{kind}-rank{rank}.pt")
     trainer.train()
+    if kind == "sft":
+        handed_back = lora_state(trainer.model)
+        trainer.train()
+        torch.save({"handed_back": handed_back, "again": lora_state(trainer.model)}, out / f"sft-rank{rank}-again.pt")
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 if __name__ == "__main__":
