@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 from fisher_core import FisherConfig
 from fisher_core.estimate.distributed import global_max, global_min
@@ -39,6 +40,7 @@ from fisher_core.estimate.objective import IGNORE_INDEX, Batch, LossFn
 from fisher_core.sharded import sharding
 from fisher_core.write import get_record, load_record, restore_offsets, save_record, to_original_base
 from fisher_core.write.export import record_for_offline_export
+from fisher_core.write.record import InitRecord
 
 logger = logging.getLogger("fisher_trainer")
 # Trainer attributes that `compute_loss` appends metrics or token counts to (transformers, Axolotl, TRL).
@@ -200,15 +202,30 @@ def add_save_callbacks(trainer: Any, model: Callable[[], nn.Module], adapter_nam
         callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
 
 
-def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default", *, policy: str = "zero") -> str:
+def resume(
+    model: nn.Module,
+    checkpoint: Path,
+    adapter_name: str = "default",
+    *,
+    policy: str = "zero",
+    log_history: list[dict] | None = None,
+) -> str:
     """A resumed run: subtract the checkpoint's recorded base offsets from the freshly loaded original base
     (no re-initialization). Every process decides alike (one all-reduce), or all of them raise: a checkpoint or
     record on some nodes' disks only would give the processes different bases (or hang a sharded restore). A
     `preserve` run's checkpoint without its record is refused: its adapter was trained against a changed base,
-    and on the original one it would silently train a different model. Returns what was done, for the log."""
-    record = load_record(checkpoint) if checkpoint.is_dir() else None
-    found = -1 if not checkpoint.is_dir() else int(record is not None and record.changes_base)
+    and on the original one it would silently train a different model. `log_history`, the resumed trainer
+    state's, where the caller only guessed `checkpoint` (a callback is not told which one the Trainer resumed):
+    a checkpoint whose `trainer_state.json` logged otherwise is another run's, refused. Returns what was done,
+    for the log."""
+    record, found = _found(checkpoint, log_history)
     least = global_min(found)
+    if least == -2:
+        raise FileNotFoundError(
+            f"fisher-lora: {checkpoint} is not the checkpoint this run resumed (its trainer_state.json logged "
+            "another run), and fisher-lora reads its fisher_init.safetensors from there: resume from a "
+            "checkpoint under the run's output_dir"
+        )
     if least == -1:
         raise FileNotFoundError(
             f"fisher-lora: resuming from {checkpoint}, which does not exist on every process; fisher-lora needs the "
@@ -232,14 +249,30 @@ def resume(model: nn.Module, checkpoint: Path, adapter_name: str = "default", *,
     return f"resuming from {checkpoint}, not re-initializing: base offsets of {layers} layers restored"
 
 
+def _found(checkpoint: Path, log_history: list[dict] | None) -> tuple[InitRecord | None, int]:
+    """The checkpoint's record and what this process found: -2 another run's checkpoint (its logged history is
+    not `log_history`), -1 no checkpoint, 0 no base offsets, 1 base offsets."""
+    if not checkpoint.is_dir():
+        return None, -1
+    state = checkpoint / TRAINER_STATE_NAME
+    if (
+        log_history is not None
+        and state.is_file()
+        and TrainerState.load_from_json(str(state)).log_history != log_history
+    ):
+        return None, -2
+    record = load_record(checkpoint)
+    return record, int(record is not None and record.changes_base)
+
+
 class OriginalBaseAtTrainEnd(TrainerCallback):
     """When training ends, the model whose base the init changed (`preserve`, `force`) becomes the original base
     plus an adapter for it (`fisher_core.to_original_base`): every save after that — `trainer.save_model`,
     `save_pretrained`, `push_to_hub` — ships an adapter that loads on the original base, and nothing of the
     trainer's is replaced. The trainer's optimizer, scheduler and data-parallel wrapper are dropped (they hold
-    the reshaped adapter's old Parameters), so a later `train()` builds fresh ones. A sharded model (FSDP, ZeRO-3) cannot be
-    reshaped: its record goes to `output_dir` beside the adapter the trainer saves there, and the log names
-    the `fisher-lora export` command."""
+    the reshaped adapter's old Parameters), so a later `train()` builds fresh ones. A sharded model (FSDP,
+    ZeRO-3) cannot be reshaped: its record goes to `output_dir` beside the adapter the trainer saves there,
+    and the log names the `fisher-lora export` command."""
 
     def __init__(self, trainer: Any, model: Callable[[], nn.Module], adapter_name: str = "default") -> None:
         self.trainer, self.model, self.adapter_name = trainer, model, adapter_name

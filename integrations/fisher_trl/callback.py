@@ -103,7 +103,10 @@ class FisherInitCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if state.global_step > 0:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            logger.info("fisher-lora: %s", resume(self.model, checkpoint, self.adapter_name, policy=self.config.policy))
+            done = resume(
+                self.model, checkpoint, self.adapter_name, policy=self.config.policy, log_history=state.log_history
+            )
+            logger.info("fisher-lora: %s", done)
             return
         trainer = self._trainer()
         report = initialize_in_trainer(

@@ -140,6 +140,24 @@ def test_resume_restores_offsets_without_reinitializing(tiny_llama_dir, tmp_path
             torch.testing.assert_close(final_resumed[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_resuming_another_runs_checkpoint_at_the_same_step_is_refused(tiny_llama_dir, tmp_path):
+    """The Trainer does not tell callbacks which checkpoint it resumed; the callback reads `output_dir`'s
+    `checkpoint-N`. Resumed from another run's checkpoint-2 while output_dir holds this run's own, it would
+    restore this run's base offsets under the other run's adapter (before: silently)."""
+    for name, batches in (("mine", 2), ("other", 1)):
+        fisher = {**FISHER, "num_batches": batches}
+        trainer, _ = trl_tiny.build(
+            "sft", tiny_llama_dir, tmp_path / name, fisher=fisher, steps=2, save_steps=2, **EXACT
+        )
+        trainer.train()
+    mine, other = (load_record(tmp_path / n / "checkpoint-2") for n in ("mine", "other"))
+    name = next(iter(mine.offsets))
+    assert not torch.allclose(mine.offsets[name][0].delta(), other.offsets[name][0].delta())  # different bases
+    resumed, _ = trl_tiny.build("sft", tiny_llama_dir, tmp_path / "mine", fisher=FISHER, steps=3, save_steps=2, **EXACT)
+    with pytest.raises(FileNotFoundError, match=r"is not the checkpoint this run resumed"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-2"))
+
+
 def test_resuming_a_preserve_run_from_a_checkpoint_without_its_record_is_refused(tiny_llama_dir, tmp_path):
     """A checkpoint copied without fisher_init.safetensors: its adapter was trained against the changed base, so
     resuming on the original one would train a different model silently (before: logged as "policy zero")."""
