@@ -230,7 +230,7 @@ def test_the_verdict_lines_judge_the_library_default_of_the_presets_model(tmp_pa
 
 def test_a_preset_with_lr_from_runs_every_seed_at_the_lr_the_other_preset_chose(tmp_path, monkeypatch):
     """`smol-long` runs each method at the lr `smol` chose on the mean over seeds (here not seed 0's best), seed by
-    seed, and nothing once those are recorded."""
+    seed, the methods already begun first, and nothing once those are recorded."""
     from dataclasses import asdict
 
     from benchmarks.quality import protocol
@@ -246,6 +246,8 @@ def test_a_preset_with_lr_from_runs_every_seed_at_the_lr_the_other_preset_chose(
         (m, lr, s) for s in preset.seeds for m, lr in (("lora", 2e-3), ("fisher-keep", 1e-3))
     ]
     assert protocol.plan(preset, [asdict(k) for k in todo]) == []
+    begun = [(k.method, k.lr, k.seed) for k in protocol.plan(preset, [asdict(todo[1])])]
+    assert begun == [("fisher-keep", 1e-3, 1), ("fisher-keep", 1e-3, 2)] + [("lora", 2e-3, s) for s in preset.seeds]
 
 
 def test_keep_energy_kappa_is_the_share_of_input_energy_a_captures_over_a_direction_blind_a():

@@ -334,13 +334,15 @@ def ablation_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
 
 
 def follow_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
-    """Every seed (seed by seed) at the lr that the `lr_from` preset's records chose for each method and task."""
+    """Every seed (seed by seed) at the lr that the `lr_from` preset's records chose for each method and task; the
+    methods already begun first (a run cut short then has their seeds complete, not more methods at one seed)."""
     source = PRESETS[preset.lr_from]
     theirs = load(results_path(preset.lr_from))
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    begun = {(r["task"], r["method"]) for r in records}
     todo = [RunKey(task, method, lr, s) for s in preset.seeds for task in preset.tasks for method in preset.methods
             if (lr := chosen_lr(source, theirs, task, method))]  # fmt: skip
-    return [key for key in todo if key not in done]
+    return sorted((key for key in todo if key not in done), key=lambda k: (k.task, k.method) not in begun)
 
 
 def plan(preset: Preset, records: list[dict]) -> list[RunKey]:
