@@ -22,7 +22,8 @@ def run_protocol(preset: str, out: Path, workers: int) -> list[dict]:
          "--workers", str(workers)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[done.stderr.find("Traceback") :][:3000] if "Traceback" in done.stderr \
+        else done.stderr[-3000:]  # fmt: skip
     return [json.loads(line) for line in (out / "protocol.jsonl").read_text().splitlines()]
 
 
@@ -59,7 +60,12 @@ def test_tiny_causal_protocol_trains_sft_and_dpo_with_a_separate_reference_for_p
 
 @pytest.mark.slow
 def test_gpu_script_stops_at_its_budget_and_still_writes_tables(tmp_path):
-    """`gpu.sh` on CPU at the tiny preset with a budget too short to finish: what finished is tabled."""
+    """`gpu.sh` on CPU at the tiny preset with a budget too short to finish: what finished is tabled, its own
+    workers are stopped, and another protocol run's worker of the same preset on the machine is left running."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", "benchmarks.quality.protocol", "--preset", "tiny",
+         "--worker", "--out", str(tmp_path / "another-run")],
+    )  # fmt: skip
     env = {
         **os.environ,
         "PRESET": "tiny",
@@ -71,8 +77,14 @@ def test_gpu_script_stops_at_its_budget_and_still_writes_tables(tmp_path):
     done = subprocess.run(
         ["bash", "benchmarks/quality/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "runs recorded" in done.stdout and (tmp_path / "tables.md").is_file()
+    try:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "runs recorded" in done.stdout and (tmp_path / "tables.md").is_file()
+        assert other.poll() is None, "gpu.sh stopped another run's worker"
+        mine = subprocess.run(["pgrep", "-f", f"--worker --out {tmp_path}$"], capture_output=True, text=True)
+        assert mine.stdout == "", f"workers of the stopped run still running: {mine.stdout}"
+    finally:
+        other.kill()
 
 
 @pytest.mark.parametrize("preset_name", ["tiny", "cpu", "lm"])

@@ -22,7 +22,6 @@ mkdir -p "$OUT"
 "$PYTHON" -c "import torch, transformers, peft; print('gpu.sh:', torch.__version__, transformers.__version__, peft.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 timeout --signal=INT "$BUDGET_S" "$PYTHON" -m benchmarks.quality.protocol --preset "$PRESET" --workers "$WORKERS" --out "$OUT" \
   >"$OUT/protocol.log" 2>&1
-status=$?
-pkill -f "benchmarks.quality.protocol --preset $PRESET --worker" 2>/dev/null || true
+status=$?  # on the INT the protocol stops its own workers (a run in flight is redone on resume)
 "$PYTHON" -m benchmarks.quality.protocol --preset "$PRESET" --out "$OUT" --tables-only >>"$OUT/protocol.log" 2>&1
 echo "gpu.sh: $(grep -c . "$OUT/protocol.jsonl") runs recorded ($([ $status = 124 ] && echo "stopped at ${BUDGET_S}s" || echo "exit $status")); tables: $OUT/tables.md"

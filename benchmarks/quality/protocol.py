@@ -160,7 +160,7 @@ SMOL = Preset(
     sizes=(400, 24, 32),
     eval_at=(0.1, 0.25, 0.5, 1.0),
     robust=("lora", "fisher-zero", "fisher-zero-act", "fisher"),
-    extend=2,
+    extend=3,
     ablations=(),
     lr_on_mean=True,
     # the copied-lr question (LoRA, the default) and the forgetting question (issue 27: the knowledge-keeping mode
@@ -554,6 +554,22 @@ def prepare(preset: Preset, path: Path) -> None:
             untuned.write_text(json.dumps(untuned_probes(preset), indent=1))
 
 
+def run_workers(cmd: list[str], count: int) -> None:
+    """`count` worker processes until each is done; stopped (SIGTERM) if this process is interrupted, so a stop
+    (Ctrl-C, `timeout --signal=INT`) ends this run's workers and no other's. A run a worker was in is not
+    recorded and runs again on resume."""
+    procs = [subprocess.Popen(cmd) for _ in range(count)]
+    try:
+        codes = [code for p in procs if (code := p.wait())]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    if codes:
+        raise SystemExit(f"a worker failed (exit status {', '.join(map(str, codes))}); rerun to resume")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -571,9 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(PRESETS[args.preset], results_path(args.preset, args.out))
         cmd = [sys.executable, "-m", "benchmarks.quality.protocol", "--preset", args.preset, "--worker"]
         cmd += ["--out", str(args.out)] if args.out else []
-        procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
-        if any(p.wait() for p in procs):
-            raise SystemExit("a worker failed; rerun to resume")
+        run_workers(cmd, args.workers)
     from benchmarks.quality.report import write
 
     write(results_path(args.preset, args.out), PRESETS[args.preset])
