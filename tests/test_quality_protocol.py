@@ -104,6 +104,24 @@ def test_the_plan_runs_only_the_presets_methods_and_ablations_and_ends(preset_na
     assert {r["method"] for r in records} <= set(preset.methods) | set(preset.ablations)
 
 
+@pytest.mark.parametrize("preset_name", ["tiny", "smol"])
+def test_robustness_runs_beyond_the_grids_reach_never_move_loras_lr(preset_name):
+    """Validation loss falling ever lower with the lr (best at the lowest edge, past every extension): LoRA's lr stops
+    at the grid's reach, its ½× robustness cell runs once, and the plan ends there (it once walked LoRA's lr down
+    one robustness halving at a time, 13 halvings on the `tiny` smoke run)."""
+    from benchmarks.quality.protocol import PRESETS, chosen_lr, plan
+
+    preset = PRESETS[preset_name]
+    records: list[dict] = []
+    while todo := plan(preset, records):
+        records += [{**key.__dict__, "curve": [{"step": 1, "val_loss": key.lr}]} for key in todo]
+        assert len(records) < 2000
+    reach = preset.lr_grid[0] / 2**preset.extend
+    for task in preset.tasks:
+        assert chosen_lr(preset, records, task, "lora") == reach
+        assert min(r["lr"] for r in records if r["task"] == task) == reach / 2  # the ½× cell, once
+
+
 def test_lr_on_mean_runs_every_seed_at_every_lr_and_extends_where_the_mean_is_best_at_an_edge():
     """`lr_on_mean` (the smol preset's rule): all seeds at each grid lr, the lr chosen on the mean over seeds, one
     more lr (all seeds) beyond an edge where the mean is best there — even when seed 0 alone is best inside."""

@@ -253,8 +253,12 @@ def best_lr(records: list[dict], task: str, method: str) -> float | None:
 def competing(preset: Preset, records: list[dict], task: str, method: str) -> list[dict]:
     """The runs whose lrs compete for `method`'s lr on `task`: seed 0's, or with `lr_on_mean` those at the lrs
     that ran every seed of the preset (none yet: the lrs with the most seeds), so a one-seed mean never beats a
-    three-seed one."""
-    mine = [r for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r]
+    three-seed one. Only lrs the grid can reach compete (`extend` halvings/doublings beyond its edges): a
+    robustness run at ½× or 2× default LoRA's lr beyond that reach never moves LoRA's lr, so those cells are run once.
+    """
+    low, high = preset.lr_grid[0] / 2**preset.extend, preset.lr_grid[-1] * 2**preset.extend
+    mine = [r for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r
+            and low * (1 - 1e-9) <= r["lr"] <= high * (1 + 1e-9)]  # fmt: skip
     if not preset.lr_on_mean:
         return [r for r in mine if r["seed"] == preset.seeds[0]]
     seeds: dict[float, set[int]] = {}
