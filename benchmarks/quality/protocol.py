@@ -202,7 +202,14 @@ PRESETS = {
     ),
     # the smoke tests' size (tests/test_quality_protocol.py): seconds a run, not evidence
     "smol-tiny": replace(
-        SMOL, **SMOKE, tasks=("smol-dialogue",), methods=("lora", "fisher-zero"), seeds=(0,), batch_size=2, first=()
+        SMOL,
+        **SMOKE,
+        tasks=("smol-dialogue",),
+        methods=("lora", "fisher-zero"),
+        seeds=(0,),
+        batch_size=2,
+        first=(),
+        robust=(),  # two runs, not six: the robustness stage has its smoke test at the `tiny` preset
     ),
     "tiny": Preset(
         **SMOKE,
