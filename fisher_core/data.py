@@ -72,8 +72,7 @@ def detect_format(row: dict[str, Any], text_field: str | None, chat: bool) -> Fo
     if "text" in row:
         return "text"
     raise FormatError(
-        f"cannot tell the data format from the keys {sorted(row)}: expected 'text', 'prompt'+'completion' "
-        "or 'messages'"
+        f"cannot tell the data format from the keys {sorted(row)}: expected 'text', 'prompt'+'completion' or 'messages'"
     )
 
 
