@@ -4,6 +4,7 @@ tables and plot written. Seconds, not evidence."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -81,10 +82,19 @@ def test_gpu_script_stops_at_its_budget_and_still_writes_tables(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "runs recorded" in done.stdout and (tmp_path / "tables.md").is_file()
         assert other.poll() is None, "gpu.sh stopped another run's worker"
-        mine = subprocess.run(["pgrep", "-f", f"--worker --out {tmp_path}$"], capture_output=True, text=True)
-        assert mine.stdout == "", f"workers of the stopped run still running: {mine.stdout}"
+        mine = [c for c in _command_lines() if c.endswith(f"--worker --out {tmp_path}")]
+        assert not mine, f"workers of the stopped run still running: {mine}"
     finally:
         other.kill()
+
+
+def _command_lines() -> list[str]:
+    """Every live process's command line (Linux /proc; no procps needed)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip())
+    return lines
 
 
 @pytest.mark.parametrize("preset_name", ["tiny", "cpu", "lm"])
