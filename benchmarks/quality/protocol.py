@@ -257,15 +257,21 @@ def best_lr(records: list[dict], task: str, method: str) -> float | None:
     return min(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr])) if by_lr else None
 
 
+def reach(preset: Preset) -> tuple[float, float]:
+    """The lowest and highest lr the grid may run: `extend` halvings/doublings beyond its edges (exact in floats)."""
+    return preset.lr_grid[0] / 2**preset.extend, preset.lr_grid[-1] * 2**preset.extend
+
+
 def competing(preset: Preset, records: list[dict], task: str, method: str) -> list[dict]:
     """The runs whose lrs compete for `method`'s lr on `task`: seed 0's, or with `lr_on_mean` those at the lrs
     that ran every seed of the preset (none yet: the lrs with the most seeds), so a one-seed mean never beats a
     three-seed one. Only lrs the grid can reach compete (`extend` halvings/doublings beyond its edges): a
     robustness run at ½× or 2× default LoRA's lr beyond that reach never moves LoRA's lr, so those cells are run once.
     """
-    low, high = preset.lr_grid[0] / 2**preset.extend, preset.lr_grid[-1] * 2**preset.extend
-    mine = [r for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r
-            and low * (1 - 1e-9) <= r["lr"] <= high * (1 + 1e-9)]  # fmt: skip
+    low, high = reach(preset)
+    mine = [
+        r for r in records if (r["task"], r["method"]) == (task, method) and "curve" in r and low <= r["lr"] <= high
+    ]
     if not preset.lr_on_mean:
         return [r for r in mine if r["seed"] == preset.seeds[0]]
     seeds: dict[float, set[int]] = {}
@@ -288,6 +294,7 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
     chosen lr sits there; the `first` tiers first, then task by task, seed by seed."""
     seeds = preset.seeds if preset.lr_on_mean else preset.seeds[:1]
     done = {RunKey(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    low, high = reach(preset)
     todo = []
     for method in preset.methods:
         for task in preset.tasks:
@@ -298,9 +305,9 @@ def grid_runs(preset: Preset, records: list[dict]) -> list[RunKey]:
                 todo += missing
                 continue
             best = chosen_lr(preset, [r for r in records if r["seed"] in seeds and r["lr"] in ran], task, method)
-            if best == ran[0] and best / 2 >= preset.lr_grid[0] / 2**preset.extend:
+            if best == ran[0] and best / 2 >= low:
                 todo += [RunKey(task, method, best / 2, s) for s in seeds]
-            elif best == ran[-1] and best * 2 <= preset.lr_grid[-1] * 2**preset.extend:
+            elif best == ran[-1] and best * 2 <= high:
                 todo += [RunKey(task, method, best * 2, s) for s in seeds]
     order = {name: i for i, name in enumerate(preset.methods)}
     tasks = {name: i for i, name in enumerate(preset.tasks)}
